@@ -1,0 +1,211 @@
+"""The one definition of every engine and server option.
+
+`EngineConfig` is a msgspec Struct: build it from Python (`EngineConfig(model_path=...)`)
+or from the command line (`EngineConfig.from_cli(argv)`). Flag names follow SGLang's
+(`--model-path`, `--mem-fraction-static`, ...), so its users' command lines work here.
+Each field's help text lives in `_HELP`; the CLI is generated from the fields, so a new
+option is added in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Literal, Optional
+
+import msgspec
+
+
+class ConfigError(ValueError):
+    """An option has a value that cannot work; the message names the option."""
+
+
+class EngineConfig(msgspec.Struct, kw_only=True):
+    # --- model ---
+    model_path: Optional[str] = None
+    tokenizer_path: Optional[str] = None
+    load_format: Literal["auto", "safetensors", "pt", "gguf", "dummy"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    quantization: Optional[str] = None
+    context_length: Optional[int] = None
+    trust_remote_code: bool = False
+    chat_template: Optional[str] = None
+    served_model_name: Optional[str] = None
+    skip_tokenizer_init: bool = False
+    is_embedding: bool = False
+    revision: Optional[str] = None
+
+    # --- device and memory ---
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mem_fraction_static: Optional[float] = None
+    cpu_kv_budget_gb: float = 2.0
+    max_running_requests: Optional[int] = None
+    max_total_tokens: Optional[int] = None
+    max_queued_requests: Optional[int] = None
+    chunked_prefill_size: Optional[int] = None
+    max_prefill_tokens: int = 16384
+    schedule_policy: Literal["lpm", "dfs-weight", "fcfs", "lof", "random"] = "lpm"
+    schedule_conservativeness: float = 1.0
+    disable_radix_cache: bool = False
+    disable_overlap_schedule: bool = False
+    random_seed: Optional[int] = None
+    debug_check_integrity: bool = False
+
+    # --- kernels ---
+    attention_backend: Optional[Literal["torch", "triton", "flashinfer"]] = None
+    sampling_backend: Optional[Literal["pytorch", "flashinfer"]] = None
+    grammar_backend: Literal["xgrammar", "none"] = "xgrammar"
+    disable_jump_forward: bool = False
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: Optional[int] = None
+    enable_torch_compile: bool = False
+
+    # --- parallelism ---
+    tp_size: int = 1
+    dp_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: Optional[str] = None
+    enable_p2p_check: bool = False
+
+    # --- server ---
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: Optional[str] = None
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_requests: bool = False
+    max_request_body_mb: float = 32.0
+    tool_call_parser: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values that cannot work, naming the option."""
+        positive = ("context_length", "max_running_requests", "max_total_tokens",
+                    "max_queued_requests", "cuda_graph_max_bs")
+        for name in positive:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{_flag(name)} must be positive, got {value}")
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size <= 0 \
+                and self.chunked_prefill_size != -1:
+            raise ConfigError("--chunked-prefill-size must be positive (or -1 to disable)")
+        if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
+            raise ConfigError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
+        if self.cpu_kv_budget_gb <= 0:
+            raise ConfigError("--cpu-kv-budget-gb must be positive")
+        for name in ("tp_size", "dp_size", "nnodes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)} must be >= 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank must be in [0, {self.nnodes})")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"--port must be in [0, 65535], got {self.port}")
+
+    # ------------------------------------------------------------------ CLI
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        defaults = cls()
+        for field in msgspec.structs.fields(cls):
+            name = field.name
+            flags = [f"--{_flag(name)}"] + _ALIASES.get(name, [])
+            default = getattr(defaults, name)
+            help_text = _HELP.get(name, "")
+            annotation = field.type
+            if annotation is bool:
+                parser.add_argument(*flags, dest=name, action="store_true", help=help_text)
+                continue
+            choices = _literal_choices(annotation)
+            kind = _scalar_type(annotation)
+            parser.add_argument(*flags, dest=name, type=kind, choices=choices, default=default,
+                                help=f"{help_text} (default: {default})".strip())
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None, prog: str = "asgl serve") -> "EngineConfig":
+        parser = argparse.ArgumentParser(prog=prog)
+        cls.add_cli_args(parser)
+        return cls.from_namespace(parser.parse_args(argv))
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "EngineConfig":
+        names = {f.name for f in msgspec.structs.fields(cls)}
+        return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+    def replace(self, **changes: Any) -> "EngineConfig":
+        return msgspec.structs.replace(self, **changes)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _literal_choices(annotation: Any) -> list | None:
+    args = getattr(annotation, "__args__", None)
+    if getattr(annotation, "__origin__", None) is Literal:
+        return list(args)
+    if args:  # Optional[Literal[...]]
+        for arg in args:
+            if getattr(arg, "__origin__", None) is Literal:
+                return list(arg.__args__)
+    return None
+
+
+def _scalar_type(annotation: Any) -> type:
+    choices = _literal_choices(annotation)
+    if choices:
+        return type(choices[0])
+    args = getattr(annotation, "__args__", None) or (annotation,)
+    for arg in args:
+        if arg in (int, float, str):
+            return arg
+    return str
+
+
+_ALIASES: dict[str, list[str]] = {
+    "model_path": ["--model"],
+    "tp_size": ["--tp", "--tensor-parallel-size"],
+    "dp_size": ["--dp", "--data-parallel-size"],
+    "dist_init_addr": ["--nccl-init-addr", "--nccl-init"],
+}
+
+_HELP: dict[str, str] = {
+    "model_path": "HF model directory, a .gguf file, or a preset name with --load-format dummy; "
+                  "default: the embedded SmolLM2-135M-Instruct",
+    "tokenizer_path": "tokenizer directory (default: the model's)",
+    "load_format": "how to read weights; 'dummy' makes random weights for a preset config",
+    "dtype": "weight and activation dtype; auto = bfloat16 on CUDA, float32 on the CPU",
+    "kv_cache_dtype": "KV cache dtype; auto = the model dtype",
+    "quantization": "weight quantization method (e.g. fp8)",
+    "context_length": "maximum tokens of prompt + output (default: the model's)",
+    "trust_remote_code": "allow code from the model directory to run",
+    "chat_template": "a built-in template name or a Jinja file for chat requests",
+    "served_model_name": "model name reported by the OpenAI API",
+    "skip_tokenizer_init": "take and return token ids only",
+    "is_embedding": "serve an embedding model (prefill only)",
+    "device": "cpu, cuda, or auto (cuda when available)",
+    "mem_fraction_static": "fraction of GPU memory for weights + KV pool (default 0.88)",
+    "cpu_kv_budget_gb": "KV pool size on the CPU, in GiB",
+    "max_running_requests": "most requests decoding at once",
+    "max_total_tokens": "KV pool capacity in tokens (overrides the memory-based size)",
+    "max_queued_requests": "most requests waiting; more get HTTP 503",
+    "chunked_prefill_size": "most prompt tokens per step; longer prompts are split (-1: off)",
+    "max_prefill_tokens": "most prompt tokens admitted in one step",
+    "schedule_policy": "order of waiting requests",
+    "disable_radix_cache": "turn off prefix caching",
+    "disable_overlap_schedule": "prepare each step only after the previous one finished",
+    "random_seed": "seed for requests that give none",
+    "debug_check_integrity": "check KV memory ownership after every step (slow; for tests)",
+    "attention_backend": "attention kernels (default: flashinfer on CUDA, torch on the CPU)",
+    "sampling_backend": "sampling kernels",
+    "grammar_backend": "constrained decoding backend",
+    "tp_size": "tensor parallel size",
+    "dp_size": "data parallel replicas",
+    "dist_init_addr": "host:port of rank 0 for multi-node runs",
+    "host": "address to listen on",
+    "port": "port to listen on",
+    "api_key": "require 'Authorization: Bearer KEY' on every route but /health",
+    "log_level": "logging level",
+    "max_request_body_mb": "largest accepted request body",
+    "tool_call_parser": "tool-call format of the model (hermes, llama3)",
+}

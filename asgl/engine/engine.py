@@ -1,0 +1,390 @@
+"""Engine: the async in-process API.
+
+    engine = Engine(model_path=None)          # the embedded SmolLM2 by default
+    await engine.start()
+    out = await engine.generate("Hello", SamplingParams(max_new_tokens=16))
+    async for chunk in engine.generate_stream("Hello", {"temperature": 0}):
+        print(chunk.text, end="")
+    await engine.shutdown()
+
+Thread model (docs/architecture.md): everything here runs on the event loop, which
+tokenizes, schedules, applies results, detokenizes and streams; the `DeviceWorker` thread
+runs `ModelRunner.step`. With overlap on, step N+1 is scheduled and submitted before step
+N's results are applied, so the device never waits for this Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import time
+import uuid
+from typing import Any, AsyncIterator, Optional, Union
+
+import msgspec
+
+from asgl.config import EngineConfig
+from asgl.engine.kv_pool import ReqToTokenPool, TokenSlotAllocator
+from asgl.engine.output_processor import apply_step_output, finish_aborted
+from asgl.engine.outputs import GenerateOutput, RequestStream, StreamChunk
+from asgl.engine.req import Req
+from asgl.engine.sampling_params import InvalidRequest, SamplingParams
+from asgl.engine.scheduler import NEED_DRAIN, ScheduledBatch, Scheduler
+from asgl.engine.worker import DeviceWorker
+
+logger = logging.getLogger(__name__)
+
+PromptType = Union[str, list[int], None]
+# Tokenizing this many characters can take milliseconds: do it off the loop.
+_OFFLOAD_TOKENIZE_CHARS = 4096
+
+
+class EngineNotRunning(RuntimeError):
+    pass
+
+
+class Engine:
+    def __init__(self, config: Optional[EngineConfig] = None, **options: Any):
+        self.config = config.replace(**options) if config is not None else EngineConfig(**options)
+        self._started = False
+        self._closing = False
+        self._streams: dict[str, RequestStream] = {}
+        self._wake: Optional[asyncio.Event] = None
+        self._loop_task: Optional[asyncio.Task] = None
+        self._rid_counter = itertools.count()
+
+    # ------------------------------------------------------------------ life cycle
+    async def start(self) -> "Engine":
+        if self._started:
+            return self
+        from asgl.engine.model_runner import ModelRunner
+        from asgl.engine.tokenizer import load_tokenizer
+        from asgl.models.loader import resolve_model
+
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        self.worker = DeviceWorker()
+        self.source = await loop.run_in_executor(None, resolve_model, cfg)
+        self.tokenizer = None
+        if not cfg.skip_tokenizer_init:
+            self.tokenizer = await loop.run_in_executor(None, load_tokenizer, self.source,
+                                                        cfg.trust_remote_code)
+        self.runner = await self.worker.run(ModelRunner, cfg, self.source)
+        hf = self.source.hf_config
+        capacity = self.runner.kv_capacity()
+        context_len = cfg.context_length or getattr(hf, "max_position_embeddings", 4096)
+        if context_len > capacity:
+            logger.warning("context length %d exceeds the KV pool (%d tokens): capped",
+                           context_len, capacity)
+            context_len = capacity
+        self.context_len = context_len
+        on_cpu = self.runner.device.type == "cpu"
+        max_running = cfg.max_running_requests or (64 if on_cpu else 1024)
+        await self.worker.run(self.runner.init_memory, capacity, max_running, context_len)
+        chunk = cfg.chunked_prefill_size or (2048 if on_cpu else 8192)
+        self._memory_args = dict(capacity=capacity, max_running=max_running, on_cpu=on_cpu,
+                                 chunk=context_len if chunk == -1 else chunk)
+        self._init_memory_state()
+        self.overlap = not cfg.disable_overlap_schedule
+        self.vocab_size = self.runner.vocab_size
+        self.eos_ids = frozenset(self.source.eos_token_ids or ())
+        self._seed_rng = random.Random(cfg.random_seed)
+        self._wake = asyncio.Event()
+        self._loop_task = loop.create_task(self._run_loop(), name="asgl-scheduler")
+        self._started = True
+        logger.info("KV pool: %d tokens; context %d; max running %d; chunk %d; overlap %s",
+                    capacity, context_len, max_running, self._memory_args["chunk"], self.overlap)
+        return self
+
+    def _init_memory_state(self) -> None:
+        """(Re)create the slot allocator, request table, prefix cache and scheduler."""
+        from asgl.engine.radix_cache import RadixCache
+
+        cfg, m = self.config, self._memory_args
+        self.req_pool = ReqToTokenPool(m["max_running"], self.context_len,
+                                       track_writes=not m["on_cpu"])
+        self.allocator = TokenSlotAllocator(m["capacity"])
+        self.cache = RadixCache(self.req_pool, self.allocator, disable=cfg.disable_radix_cache)
+        self.scheduler = Scheduler(
+            req_pool=self.req_pool, allocator=self.allocator, cache=self.cache,
+            max_running=m["max_running"], chunk_size=m["chunk"],
+            max_prefill_tokens=max(cfg.max_prefill_tokens, m["chunk"]),
+            context_len=self.context_len, policy=cfg.schedule_policy,
+            check_integrity=cfg.debug_check_integrity, seed=cfg.random_seed or 0)
+
+    async def shutdown(self) -> None:
+        if not self._started:
+            return
+        self._closing = True
+        for rid in list(self._streams):
+            self.abort(rid)
+        self._wake.set()
+        if self._loop_task is not None:
+            try:
+                await asyncio.wait_for(self._loop_task, timeout=30)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._loop_task.cancel()
+        self.worker.shutdown()
+        self._started = False
+
+    async def __aenter__(self) -> "Engine":
+        return await self.start()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.shutdown()
+
+    # ------------------------------------------------------------------ requests
+    async def generate(self, prompt: PromptType = None,
+                       sampling_params: Union[SamplingParams, dict, None] = None, *,
+                       input_ids: Optional[list[int]] = None, rid: Optional[str] = None,
+                       return_logprob: bool = False, logprob_start_len: int = -1,
+                       top_logprobs_num: int = 0) -> Union[GenerateOutput, list[GenerateOutput]]:
+        """Generate to completion. With n > 1 in the sampling params, a list of n outputs."""
+        stream = await self._submit(prompt, sampling_params, input_ids, rid, return_logprob,
+                                    logprob_start_len, top_logprobs_num)
+        try:
+            texts = [[] for _ in range(stream.n)]
+            ids = [[] for _ in range(stream.n)]
+            reasons: list[Optional[dict]] = [None] * stream.n
+            while not stream.done:
+                chunk = await stream.queue.get()
+                texts[chunk.index].append(chunk.text)
+                ids[chunk.index].extend(chunk.token_ids)
+                if chunk.finished:
+                    reasons[chunk.index] = chunk.finish_reason
+        finally:
+            if not stream.done:
+                self.abort(stream.rid)
+            self._streams.pop(stream.rid, None)
+        outs = [self._final_output(stream, i, "".join(texts[i]), ids[i], reasons[i])
+                for i in range(stream.n)]
+        return outs[0] if stream.n == 1 else outs
+
+    async def generate_stream(self, prompt: PromptType = None,
+                              sampling_params: Union[SamplingParams, dict, None] = None, *,
+                              input_ids: Optional[list[int]] = None, rid: Optional[str] = None,
+                              return_logprob: bool = False, logprob_start_len: int = -1,
+                              top_logprobs_num: int = 0) -> AsyncIterator[StreamChunk]:
+        """Yield StreamChunks (deltas) as tokens are produced; the last one has finished=True
+        for each of the n choices. Leaving the loop early aborts the request."""
+        stream = await self._submit(prompt, sampling_params, input_ids, rid, return_logprob,
+                                    logprob_start_len, top_logprobs_num)
+        try:
+            while not stream.done:
+                yield await stream.queue.get()
+            while not stream.queue.empty():
+                yield stream.queue.get_nowait()
+        finally:
+            if not stream.done:
+                self.abort(stream.rid)
+            self._streams.pop(stream.rid, None)
+
+    def abort(self, rid: str) -> bool:
+        """Abort a request; its KV memory is released within one step. False if unknown."""
+        stream = self._streams.get(rid)
+        if stream is None:
+            return False
+        for req in stream.reqs:
+            if not req.finished:
+                self.scheduler.abort(req)
+                finish_aborted(req)
+        self._wake.set()
+        return True
+
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequest("this engine has no tokenizer: send input_ids", "text")
+        return self.tokenizer.encode(text)
+
+    # ------------------------------------------------------------------ internals
+    async def _submit(self, prompt, sampling_params, input_ids, rid, return_logprob,
+                      logprob_start_len, top_logprobs_num) -> RequestStream:
+        if not self._started or self._closing:
+            raise EngineNotRunning("the engine is not running: call `await engine.start()`")
+        sp = _as_sampling_params(sampling_params)
+        sp.validate(self.vocab_size)
+        ids = await self._prompt_ids(prompt, input_ids)
+        if top_logprobs_num < 0 or top_logprobs_num > 20:
+            raise InvalidRequest("top_logprobs_num must be in [0, 20]", "top_logprobs_num")
+        if logprob_start_len >= len(ids):
+            raise InvalidRequest(f"logprob_start_len {logprob_start_len} is not inside the "
+                                 f"prompt of {len(ids)} tokens", "logprob_start_len")
+        if rid is None:
+            rid = uuid.uuid4().hex
+        elif rid in self._streams:
+            raise InvalidRequest(f"request id {rid!r} is already in use", "rid")
+        max_new = self.context_len - len(ids)
+        if sp.max_new_tokens is not None:
+            max_new = min(max_new, sp.max_new_tokens)
+        stream = RequestStream(rid, sp.n)
+        detok_factory = self._detok_factory(sp)
+        base_seed = sp.seed if sp.seed is not None else self._seed_rng.getrandbits(62)
+        now = time.monotonic()
+        for i in range(sp.n):
+            req_sp = sp if sp.max_new_tokens == max_new else _replace(sp, max_new_tokens=max_new)
+            req = Req(rid=rid if sp.n == 1 else f"{rid}-{i}", prompt_ids=ids, sampling=req_sp,
+                      seed=(base_seed + i) % (1 << 63), eos_ids=self.eos_ids,
+                      return_logprob=return_logprob,
+                      logprob_start_len=logprob_start_len if return_logprob else -1,
+                      top_logprobs_num=top_logprobs_num if return_logprob else 0,
+                      arrival_time=now)
+            req.sink, req.sink_index = stream, i
+            req.detok = detok_factory(ids) if detok_factory else None
+            stream.reqs.append(req)
+        self._streams[rid] = stream
+        if max_new == 0 and not return_logprob:
+            for req in stream.reqs:
+                req.finish_reason = _length()
+                stream.put(StreamChunk(index=req.sink_index, text="", token_ids=[],
+                                       finished=True, finish_reason=req.finish_reason.to_json()))
+            return stream
+        for req in stream.reqs:
+            self.scheduler.add(req)
+        self._wake.set()
+        return stream
+
+    async def _prompt_ids(self, prompt: PromptType, input_ids: Optional[list[int]]) -> list[int]:
+        if input_ids is None and isinstance(prompt, list):
+            prompt, input_ids = None, prompt
+        if input_ids is not None:
+            if prompt is not None:
+                raise InvalidRequest("give either a text prompt or input_ids, not both", "text")
+            ids = list(input_ids)
+            bad = [t for t in ids if not isinstance(t, int) or t < 0 or t >= self.vocab_size]
+            if bad:
+                raise InvalidRequest(f"input_ids contains {bad[0]!r}, outside the vocabulary "
+                                     f"of {self.vocab_size} tokens", "input_ids")
+        elif isinstance(prompt, str):
+            if len(prompt) > _OFFLOAD_TOKENIZE_CHARS:
+                ids = await asyncio.get_running_loop().run_in_executor(None, self.tokenize, prompt)
+            else:
+                ids = self.tokenize(prompt)
+        else:
+            raise InvalidRequest("a prompt (text or input_ids) is required", "text")
+        if not ids:
+            raise InvalidRequest("the prompt is empty", "text")
+        if len(ids) >= self.context_len:
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens, but the context length is "
+                                 f"{self.context_len} (prompt + output)", "text")
+        return ids
+
+    def _detok_factory(self, sp: SamplingParams):
+        if self.tokenizer is None:
+            return None
+        from asgl.engine.detokenizer import IncrementalDetokenizer
+
+        def make(prompt_ids: list[int]):
+            return IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, skip_special_tokens=sp.skip_special_tokens,
+                spaces_between_special_tokens=sp.spaces_between_special_tokens,
+                stop_strings=sp.stop_strings, no_stop_trim=sp.no_stop_trim)
+        return make
+
+    def _final_output(self, stream: RequestStream, i: int, text: str, ids: list[int],
+                      reason: Optional[dict]) -> GenerateOutput:
+        req = stream.reqs[i]
+        out = GenerateOutput(rid=req.rid, index=i, text=text, output_ids=ids,
+                             finish_reason=reason, prompt_tokens=len(req.prompt_ids),
+                             completion_tokens=len(ids), cached_tokens=req.num_cached)
+        if req.return_logprob:
+            out.output_token_logprobs = list(req.output_logprobs)
+            out.output_top_logprobs = list(req.output_top_logprobs) if req.top_logprobs_num else None
+            if req.logprob_start_len >= 0:
+                first = [(None, req.prompt_ids[0])] if req.logprob_start_len == 0 else []
+                out.input_token_logprobs = first + list(req.prompt_logprobs)
+                if req.top_logprobs_num:
+                    out.input_top_logprobs = ([None] if first else []) + list(req.prompt_top_logprobs)
+        return out
+
+    # ------------------------------------------------------------------ the step loop
+    async def _run_loop(self) -> None:
+        inflight: Optional[tuple[ScheduledBatch, asyncio.Future]] = None
+        sched = self.scheduler
+        while True:
+            if inflight is None and not sched.has_work():
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                batch = sched.schedule(allow_retract=inflight is None)
+                future = None
+                if batch is not None and batch is not NEED_DRAIN:
+                    future = self._submit_step(batch)
+                if inflight is not None:
+                    self._apply(inflight[0], await inflight[1])
+                    inflight = None
+                if future is not None:
+                    if self.overlap:
+                        inflight = (batch, future)
+                    else:
+                        self._apply(batch, await future)
+                elif batch is None and sched.has_work():
+                    # nothing can run now (e.g. waiting for memory): don't spin
+                    await asyncio.sleep(0.002)
+            except Exception:  # a bug here must not hang every waiting request
+                logger.exception("scheduler step failed; aborting all requests")
+                self._fail_all()
+                inflight = None
+            await asyncio.sleep(0)  # let HTTP handlers and streams run
+
+    def _submit_step(self, batch: ScheduledBatch) -> asyncio.Future:
+        from asgl.engine.sampler import SamplingBatch
+
+        sampling = None
+        if batch.sampling_reqs:
+            sampling = SamplingBatch.from_reqs(
+                batch.sampling_reqs, self.vocab_size, self.runner.device,
+                step_offsets=[r.num_inflight - 1 for r in batch.sampling_reqs])
+        writes = self.req_pool.take_writes()
+        return self.worker.run(self.runner.step, batch.forward, sampling,
+                               self.req_pool.req_to_token, writes)
+
+    def _apply(self, batch: ScheduledBatch, out) -> None:
+        apply_step_output(batch, out, self.context_len)
+        self.scheduler.finish_step(batch)
+
+    def _fail_all(self) -> None:
+        for stream in list(self._streams.values()):
+            for req in stream.reqs:
+                if not req.finished:
+                    req.finish_reason = _abort("internal error")
+                    finish_aborted(req)
+        # Start over with empty memory so that new requests can still be served.
+        self._init_memory_state()
+
+    # ------------------------------------------------------------------ introspection
+    def memory_state(self) -> dict:
+        return {"capacity": self.allocator.capacity, "free": self.allocator.available(),
+                "cached": self.cache.total_size(), "running": len(self.scheduler.running),
+                "waiting": len(self.scheduler.waiting)}
+
+
+def _as_sampling_params(sp: Union[SamplingParams, dict, None]) -> SamplingParams:
+    if sp is None:
+        return SamplingParams()
+    if isinstance(sp, SamplingParams):
+        return sp
+    if isinstance(sp, dict):
+        try:
+            return msgspec.convert(sp, SamplingParams, strict=False)
+        except msgspec.ValidationError as e:
+            raise InvalidRequest(f"invalid sampling_params: {e}", "sampling_params") from None
+    raise InvalidRequest("sampling_params must be an object", "sampling_params")
+
+
+def _replace(sp: SamplingParams, **changes: Any) -> SamplingParams:
+    return msgspec.structs.replace(sp, **changes)
+
+
+def _length():
+    from asgl.engine.req import FinishReason
+    return FinishReason("length")
+
+
+def _abort(message: str):
+    from asgl.engine.req import FinishReason
+    return FinishReason("abort", message=message)

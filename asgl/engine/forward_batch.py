@@ -1,0 +1,136 @@
+"""ForwardBatch: everything one forward pass needs, on the device.
+
+Owner: the scheduler builds it (through `ForwardBatch.build`) from its CPU-side batch;
+the model runner, the models and the attention backends only read it.
+
+Layout: B requests, T = sum(extend_lens) new tokens, flattened without padding.
+Request i owns tokens [extend_start_loc[i], extend_start_loc[i] + extend_lens[i]) of
+`input_ids`/`positions`/`out_cache_loc`; its KV after this step covers positions
+[0, seq_lens[i]) and lives at `req_to_token[req_pool_indices[i], :seq_lens[i]]`, of which
+the first `prefix_lens[i]` were already in the pool (radix-cache hit, earlier chunks, or
+earlier decode steps).
+
+A decode request is simply one with extend_len == 1; MIXED batches hold both kinds.
+Encoder models (no KV cache) run with `kv_pool=None` and `out_cache_loc=None`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+if TYPE_CHECKING:
+    from asgl.engine.kv_pool import KVPool
+    from asgl.kernels.attention.base import AttentionBackend
+
+
+class ForwardMode(enum.IntEnum):
+    EXTEND = 1  # every request brings >= 1 new prompt token (prefill / chunk / prefix hit)
+    DECODE = 2  # every request brings exactly one token that was sampled last step
+    MIXED = 3  # both kinds in one pass (chunked prefill alongside decodes)
+    ENCODE = 4  # non-causal encoder pass without KV cache (embedding models)
+
+    @property
+    def is_decode(self) -> bool:
+        return self == ForwardMode.DECODE
+
+
+@dataclass
+class ForwardBatch:
+    mode: ForwardMode
+    batch_size: int
+    # [T] token ids; decode tokens not yet known on the host are negative placeholders
+    # (-1 - k means "the token sampled for row k of the previous step"), resolved by the
+    # model runner on the device before the model sees them (overlap scheduling).
+    input_ids: torch.Tensor
+    positions: torch.Tensor  # [T] int64
+    out_cache_loc: Optional[torch.Tensor]  # [T] int64 KV slots the new tokens are written to
+    req_pool_indices: torch.Tensor  # [B] int64 rows of req_to_token
+    seq_lens: torch.Tensor  # [B] int64
+    prefix_lens: torch.Tensor  # [B] int64
+    extend_lens: torch.Tensor  # [B] int64
+    extend_start_loc: torch.Tensor  # [B] int64
+    # Host copies, for backends that loop on the CPU (torch) and for planning (flashinfer).
+    seq_lens_cpu: list[int]
+    prefix_lens_cpu: list[int]
+    extend_lens_cpu: list[int]
+    # Rows of the [T, hidden] output for which logits are computed, in order.
+    logits_indices: torch.Tensor
+    # Rows of the logits to sample from: one per sampling request (a request whose last
+    # new token completes its known tokens), in the SamplingBatch's order.
+    sample_rows: torch.Tensor
+    req_to_token: Optional[torch.Tensor] = None
+    kv_pool: Optional["KVPool"] = None
+    attn_backend: Optional["AttentionBackend"] = None
+    # Free-form per-step state a backend builds in `prepare` (plans, index buffers).
+    attn_state: Any = None
+    # Sampling tensors for the requests that sample (see asgl/engine/sampler.py).
+    sampling: Any = None
+    # Prompt logprobs: logits rows whose next-token logprob is asked for, the target token
+    # of each row, and the most top alternatives any request wants (0: none).
+    prompt_lp_rows: Optional[torch.Tensor] = None
+    prompt_lp_targets: Optional[torch.Tensor] = None
+    prompt_lp_topk: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> "ForwardBatch":
+        """Move every tensor field to `device` (non-blocking); called in the worker thread."""
+        for name in ("input_ids", "positions", "out_cache_loc", "req_pool_indices", "seq_lens",
+                     "prefix_lens", "extend_lens", "extend_start_loc", "logits_indices",
+                     "sample_rows", "prompt_lp_rows", "prompt_lp_targets"):
+            value = getattr(self, name)
+            if value is not None and value.device != device:
+                setattr(self, name, value.to(device, non_blocking=True))
+        return self
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @classmethod
+    def build(cls, *, mode: ForwardMode, input_ids: list[int], positions: list[int],
+              out_cache_loc: torch.Tensor | None, req_pool_indices: list[int],
+              prefix_lens: list[int], extend_lens: list[int], logits_rows: list[int],
+              sample_rows: list[int], device: torch.device, req_to_token=None, kv_pool=None,
+              attn_backend=None, sampling=None) -> "ForwardBatch":
+        """Assemble from host lists: one pinned host tensor per field, copied non-blocking."""
+        pin = device.type == "cuda"
+
+        def dev(values, dtype=torch.int64):
+            t = torch.tensor(values, dtype=dtype)
+            if pin:
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+
+        seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+        starts, acc = [], 0
+        for e in extend_lens:
+            starts.append(acc)
+            acc += e
+        batch = cls(
+            mode=mode,
+            batch_size=len(extend_lens),
+            input_ids=dev(input_ids),
+            positions=dev(positions),
+            out_cache_loc=None if out_cache_loc is None else out_cache_loc.to(device, non_blocking=True),
+            req_pool_indices=dev(req_pool_indices),
+            seq_lens=dev(seq_lens),
+            prefix_lens=dev(prefix_lens),
+            extend_lens=dev(extend_lens),
+            extend_start_loc=dev(starts),
+            seq_lens_cpu=seq_lens,
+            prefix_lens_cpu=list(prefix_lens),
+            extend_lens_cpu=list(extend_lens),
+            logits_indices=dev(logits_rows),
+            sample_rows=dev(sample_rows),
+            req_to_token=req_to_token,
+            kv_pool=kv_pool,
+            attn_backend=attn_backend,
+            sampling=sampling,
+        )
+        if attn_backend is not None:
+            attn_backend.prepare(batch)
+        return batch

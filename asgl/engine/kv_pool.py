@@ -1,0 +1,157 @@
+"""Token-level KV memory: page size 1, as in SGLang.
+
+Three pieces, each with a narrow contract:
+
+- `ReqToTokenPool`: a table `req_to_token[row, pos] -> slot`; one row per running request.
+  `alloc()` returns a row or None when all rows are taken; `free(row)` gives it back.
+- `TokenSlotAllocator`: a free list of KV slot indices. `alloc(n)` returns a LongTensor of
+  `n` slots or None when fewer than `n` are free (the caller evicts from the radix cache or
+  retracts a request, then tries again); `free(slots)` returns them. Slot 0 is never handed
+  out: it is the padding slot that CUDA-graph batches write their dummy tokens to.
+- `KVPool`: per-layer K and V buffers `[num_slots, kv_heads, head_dim]` read and written by
+  the attention backends through slot indices.
+
+The allocator keeps its free list on the CPU: allocation decisions are made by the
+scheduler on the CPU, and slot tensors are moved to the device with the batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ReqToTokenPool:
+    """The table lives on the CPU, where the scheduler and the radix cache read it.
+
+    With `track_writes`, every write is also queued so that the model runner can replay it
+    on its device copy (`take_writes`) at the start of the next step, in the worker thread.
+    """
+
+    def __init__(self, max_reqs: int, max_context_len: int, device: torch.device | str = "cpu",
+                 track_writes: bool = False):
+        self.size = max_reqs
+        self.max_context_len = max_context_len
+        self.req_to_token = torch.zeros((max_reqs, max_context_len), dtype=torch.int64,
+                                        device=device)
+        self._free_rows: list[int] = list(range(max_reqs - 1, -1, -1))
+        self.track_writes = track_writes
+        self._writes: list[tuple[int, int, torch.Tensor]] = []
+
+    def alloc(self) -> int | None:
+        """A free row, or None when every row is in use."""
+        return self._free_rows.pop() if self._free_rows else None
+
+    def free(self, row: int) -> None:
+        self._free_rows.append(row)
+
+    def available(self) -> int:
+        return len(self._free_rows)
+
+    def write(self, row: int, start: int, slots: torch.Tensor) -> None:
+        """Record that positions [start, start + len(slots)) of `row` live in `slots`."""
+        self.req_to_token[row, start:start + slots.numel()] = slots
+        if self.track_writes:
+            self._writes.append((row, start, slots))
+
+    def take_writes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(rows, cols, slots) of the writes since the last call, for the device copy."""
+        if not self._writes:
+            return None
+        rows = torch.cat([torch.full((s.numel(),), r, dtype=torch.int64) for r, _, s in self._writes])
+        cols = torch.cat([torch.arange(c, c + s.numel(), dtype=torch.int64) for _, c, s in self._writes])
+        vals = torch.cat([s.to(torch.int64) for _, _, s in self._writes])
+        self._writes.clear()
+        return rows, cols, vals
+
+
+class TokenSlotAllocator:
+    """Free list of KV slots 1..capacity (slot 0 is the padding slot)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._free = torch.arange(1, capacity + 1, dtype=torch.int64)
+        self._num_free = capacity
+        # Freed slots are appended to a list of tensors and merged lazily, so that freeing
+        # many small runs is O(1) each.
+        self._released: list[torch.Tensor] = []
+        self._num_released = 0
+
+    def available(self) -> int:
+        return self._num_free + self._num_released
+
+    def used(self) -> int:
+        return self.capacity - self.available()
+
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """`n` free slots (CPU LongTensor), or None if fewer than `n` are free."""
+        if n > self._num_free:
+            self._merge()
+            if n > self._num_free:
+                return None
+        out = self._free[self._num_free - n:self._num_free]
+        self._num_free -= n
+        return out.clone()
+
+    def free(self, slots: torch.Tensor) -> None:
+        if slots.numel() == 0:
+            return
+        self._released.append(slots.detach().to("cpu", torch.int64).reshape(-1))
+        self._num_released += slots.numel()
+
+    def _merge(self) -> None:
+        if not self._released:
+            return
+        live = self._free[:self._num_free]
+        self._free = torch.cat([live] + self._released)
+        self._num_free = self._free.numel()
+        self._released.clear()
+        self._num_released = 0
+
+    def free_slot_set(self) -> set[int]:
+        """For integrity checks in tests (slow)."""
+        self._merge()
+        return set(self._free[:self._num_free].tolist())
+
+    def reset(self) -> None:
+        self.__init__(self.capacity)
+
+
+class KVPool:
+    """K and V for `num_slots` tokens in every layer. Index 0 is the padding slot."""
+
+    def __init__(self, num_tokens: int, num_layers: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, v_head_dim: int | None = None):
+        self.num_tokens = num_tokens
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape_k = (num_tokens + 1, num_kv_heads, head_dim)
+        shape_v = (num_tokens + 1, num_kv_heads, self.v_head_dim)
+        self.k_buffers = [torch.zeros(shape_k, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape_v, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        v_head_dim: int | None = None) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return num_layers * num_kv_heads * (head_dim + (v_head_dim or head_dim)) * elem
+
+    def get_kv(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k_buffers[layer_id], self.v_buffers[layer_id]
+
+    def set_kv(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               k_scale: float | None = None, v_scale: float | None = None) -> None:
+        """Write K/V of shape [T, kv_heads, head_dim] for T tokens into `slots`."""
+        if k_scale is not None:
+            k = k / k_scale
+        if v_scale is not None:
+            v = v / v_scale
+        if self.dtype.is_floating_point and self.dtype.itemsize == 1:
+            # float8 e4m3fn has no infinity: an overflow would become NaN, so saturate.
+            limit = torch.finfo(self.dtype).max
+            k, v = k.clamp(-limit, limit), v.clamp(-limit, limit)
+        self.k_buffers[layer_id][slots] = k.to(self.dtype)
+        self.v_buffers[layer_id][slots] = v.to(self.dtype)

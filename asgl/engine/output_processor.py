@@ -1,0 +1,89 @@
+"""Applies one step's results to its requests: append tokens, check stops, stream deltas.
+
+Runs on the event loop after the worker returns a step. With overlap scheduling the
+results arrive one step late, so a request may already be finished (a stop found in the
+previous step, or an abort): its extra token is discarded here.
+"""
+
+from __future__ import annotations
+
+from asgl.engine.model_runner import StepOutput
+from asgl.engine.outputs import StreamChunk
+from asgl.engine.req import FinishReason, Req
+from asgl.engine.scheduler import ScheduledBatch
+
+
+def apply_step_output(batch: ScheduledBatch, out: StepOutput, context_len: int) -> None:
+    for (req, first_pos, count, offset) in batch.prompt_lp_spans:
+        _add_prompt_logprobs(req, out, first_pos, count, offset)
+    for k, req in enumerate(batch.sampling_reqs):
+        req.num_inflight -= 1
+        if req.finished:
+            continue
+        if req.max_new_tokens == 0:  # prompt-logprob-only request: nothing is generated
+            _finish(req, FinishReason("length"))
+            continue
+        token = out.next_ids[k]
+        req.output_ids.append(token)
+        logprob = top = None
+        if req.return_logprob and out.logprobs is not None:
+            logprob = [(out.logprobs[k], token)]
+            req.output_logprobs.append(logprob[0])
+            if req.top_logprobs_num and out.top_ids is not None:
+                n = req.top_logprobs_num
+                top = [list(zip(out.top_values[k][:n], out.top_ids[k][:n]))]
+                req.output_top_logprobs.append(top[0])
+        reason = _stop_reason(req, token, context_len)
+        text = ""
+        if req.detok is not None and not (reason and reason.matched == token):
+            text, matched = req.detok.step([token])
+            if matched is not None:
+                reason = FinishReason("stop", matched=matched)
+        if reason is not None:
+            if req.detok is not None and not isinstance(reason.matched, str):
+                text += req.detok.flush()  # text held back for a stop string that never came
+                if req.detok.matched_stop is not None:  # completed by the flushed bytes
+                    reason = FinishReason("stop", matched=req.detok.matched_stop)
+            req.finish_reason = reason
+        if req.sink is not None:
+            req.sink.put(StreamChunk(index=req.sink_index, text=text, token_ids=[token],
+                                     finished=reason is not None,
+                                     finish_reason=reason.to_json() if reason else None,
+                                     logprobs=logprob, top_logprobs=top))
+
+
+def _stop_reason(req: Req, token: int, context_len: int) -> FinishReason | None:
+    sp = req.sampling
+    if sp.stop_token_ids and token in sp.stop_token_ids:
+        return FinishReason("stop", matched=token)
+    if not sp.ignore_eos and token in req.eos_ids:
+        return FinishReason("stop", matched=token)
+    if len(req.output_ids) >= req.max_new_tokens or req.seq_len >= context_len:
+        return FinishReason("length")
+    return None
+
+
+def _finish(req: Req, reason: FinishReason) -> None:
+    req.finish_reason = reason
+    if req.sink is not None:
+        req.sink.put(StreamChunk(index=req.sink_index, text="", token_ids=[], finished=True,
+                                 finish_reason=reason.to_json()))
+
+
+def finish_aborted(req: Req) -> None:
+    """Tell the consumer of an aborted request that it ended."""
+    if req.sink is not None and req.finish_reason is not None:
+        req.sink.put(StreamChunk(index=req.sink_index, text="", token_ids=[], finished=True,
+                                 finish_reason=req.finish_reason.to_json()))
+
+
+def _add_prompt_logprobs(req: Req, out: StepOutput, first_pos: int, count: int,
+                         start: int) -> None:
+    values = out.prompt_logprobs[start:start + count]
+    targets = req.prompt_ids[first_pos:first_pos + count]
+    req.prompt_logprobs.extend(zip(values, targets))
+    if req.top_logprobs_num and out.prompt_top_ids is not None:
+        n = req.top_logprobs_num
+        for row in range(start, start + count):
+            req.prompt_top_logprobs.append(
+                list(zip(out.prompt_top_values[row][:n], out.prompt_top_ids[row][:n])))

@@ -1,0 +1,371 @@
+"""Scheduler: decides, each step, which tokens of which requests the next forward pass computes.
+
+It schedules tokens, not phases: every request has `fill_ids` (prompt + output) and
+`num_computed`; a step gives each scheduled request `extend` new tokens. A decode is
+extend == 1; a prefill chunk, a prefix-cache hit or a resumed (retracted) request is just
+a larger extend starting at a later position. So K concurrent requests of N new tokens
+each take at most N + K forward passes.
+
+Batch types and owners: the scheduler owns `ScheduledBatch` (CPU: which requests, how
+many tokens, which rows sample); its `forward` field is the `ForwardBatch` with host
+tensors that the model runner moves to the device in the worker thread.
+
+Overlap: with one step in flight, the next step is scheduled before the in-flight
+results are known. A request whose last token is still in flight gets a placeholder id
+(-1 - k: "the token sampled for row k of the previous step"), resolved on the device.
+Anything that must see the real tokens (retraction) asks the driver to drain first
+(`schedule` returns `NEED_DRAIN`).
+
+Memory: every KV slot is free, owned by the radix cache, or private to one running
+request (its tail beyond the cached prefix). Allocation failures evict unlocked cache
+leaves first, then retract the most recently admitted running request, which goes back
+to the front of the queue with its output so far and later resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from asgl.engine.forward_batch import ForwardBatch, ForwardMode
+from asgl.engine.kv_pool import ReqToTokenPool, TokenSlotAllocator
+from asgl.engine.req import FinishReason, Req, ReqState
+
+logger = logging.getLogger(__name__)
+
+NEED_DRAIN = "need_drain"
+# lpm costs a prefix match per waiting request per step; past this queue length the
+# ordering is not worth it (SGLang does the same).
+LPM_MAX_QUEUE = 128
+# A request waiting longer than this goes first whatever the policy: nobody starves.
+STARVATION_SECONDS = 10.0
+
+
+@dataclass
+class ScheduledBatch:
+    reqs: list[Req]
+    extend_lens: list[int]
+    sampling_reqs: list[Req]
+    # (req, first prompt position scored, count, offset in the step's prompt logprobs)
+    prompt_lp_spans: list[tuple[Req, int, int, int]]
+    forward: ForwardBatch
+    decode_only: bool = False
+
+
+@dataclass
+class SchedulerStats:
+    num_steps: int = 0
+    num_forward_tokens: int = 0
+    num_retractions: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    step_times: list = field(default_factory=list)
+
+
+class Scheduler:
+    def __init__(self, *, req_pool: ReqToTokenPool, allocator: TokenSlotAllocator, cache,
+                 max_running: int, chunk_size: int, max_prefill_tokens: int, context_len: int,
+                 policy: str = "lpm", check_integrity: bool = False, seed: int = 0):
+        self.req_pool = req_pool
+        self.allocator = allocator
+        self.cache = cache
+        self.max_running = max_running
+        self.chunk_size = chunk_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.context_len = context_len
+        self.policy = policy
+        self.check = check_integrity
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.stats = SchedulerStats()
+        self._rng = random.Random(seed)
+        # Expected share of each running request's remaining max_new_tokens that will
+        # really be used; admission keeps that much room free (SGLang's new_token_ratio).
+        self.new_token_ratio = 0.5
+        self._min_ratio, self._ratio_decay = 0.1, 0.002
+
+    # ------------------------------------------------------------------ queue
+    def add(self, req: Req) -> None:
+        req.state = ReqState.WAITING
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, req: Req) -> None:
+        """Finish `req` as aborted; its memory is released as soon as no step uses it."""
+        if req.finished:
+            return
+        req.finish_reason = FinishReason("abort", message="aborted")
+        if req.state == ReqState.WAITING:
+            self.waiting.remove(req)
+            self._release(req)
+        elif req.num_inflight == 0:
+            self.running.remove(req)
+            self._release(req)
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self, allow_retract: bool = True):
+        """The next ScheduledBatch, None when there is nothing to run, or NEED_DRAIN."""
+        plan: list[tuple[Req, int]] = []  # (req, extend)
+        budget = self.chunk_size
+        # 1. running requests: one decode token each, or their next prefill chunk.
+        for req in list(self.running):
+            if req.finished:
+                continue
+            pending = req.seq_len + req.num_inflight - req.num_computed
+            if pending <= 0 or len(req.output_ids) + req.num_inflight >= req.max_new_tokens:
+                continue  # its last token is still being processed
+            if pending == 1 and req.num_inflight + len(req.output_ids) > 0:
+                plan.append((req, 1))
+            elif budget > 0:
+                take = min(pending, budget)
+                budget -= take
+                plan.append((req, take))
+        need = sum(n for _, n in plan)
+        if need and not self._reserve(need):
+            if not allow_retract:
+                return NEED_DRAIN
+            plan = self._retract_until_fits(plan)
+            if not plan and not self.waiting:
+                return None
+        # 2. admit waiting requests while the budget, the rows and the memory allow.
+        admitted = self._admit(budget, reserved=need if plan else 0)
+        plan.extend(admitted)
+        if not plan:
+            return None
+        return self._build(plan)
+
+    def _reserve(self, n: int) -> bool:
+        """Make sure `n` slots are free, evicting cached prefixes if needed."""
+        if self.allocator.available() >= n:
+            return True
+        self.cache.evict(n - self.allocator.available())
+        return self.allocator.available() >= n
+
+    def _retract_until_fits(self, plan: list[tuple[Req, int]]) -> list[tuple[Req, int]]:
+        while plan and not self._reserve(sum(n for _, n in plan)):
+            victim = max((r for r, _ in plan), key=lambda r: r.arrival_time)
+            plan = [(r, n) for r, n in plan if r is not victim]
+            self._retract(victim)
+        return plan
+
+    def _retract(self, req: Req) -> None:
+        assert req.num_inflight == 0, "retraction needs the real tokens: drain first"
+        self.running.remove(req)
+        self.cache.cache_finished_req(req)  # keeps its KV as a cached prefix for the resume
+        req.num_computed = 0
+        req.cache_node = None
+        req.state = ReqState.WAITING
+        req.num_retractions += 1
+        self.stats.num_retractions += 1
+        self.waiting.insert(0, req)
+        self.new_token_ratio = min(1.0, self.new_token_ratio + 0.1)
+        logger.debug("retracted %s at %d tokens", req.rid, req.seq_len)
+
+    def _order_waiting(self) -> None:
+        if len(self.waiting) < 2:
+            return
+        now = time.monotonic()
+        policy = self.policy
+        if policy in ("lpm", "dfs-weight") and len(self.waiting) > LPM_MAX_QUEUE:
+            policy = "fcfs"
+        if policy in ("lpm", "dfs-weight"):
+            lens = {id(r): self.cache.match_prefix(r.fill_ids, max_len=len(r.fill_ids) - 1,
+                                                   peek=True).length for r in self.waiting}
+            key = lambda r: -lens[id(r)]  # noqa: E731
+        elif policy == "lof":
+            key = lambda r: -r.max_new_tokens  # noqa: E731
+        elif policy == "random":
+            self._rng.shuffle(self.waiting)
+            key = None
+        else:
+            key = None
+        if key is not None:
+            self.waiting.sort(key=key)  # stable: arrival order among equals
+        # Starving requests first, in arrival order.
+        old = [r for r in self.waiting if now - r.arrival_time > STARVATION_SECONDS]
+        if old:
+            rest = [r for r in self.waiting if now - r.arrival_time <= STARVATION_SECONDS]
+            self.waiting = sorted(old, key=lambda r: r.arrival_time) + rest
+
+    def _admit(self, budget: int, reserved: int) -> list[tuple[Req, int]]:
+        admitted: list[tuple[Req, int]] = []
+        if not self.waiting or budget <= 0:
+            return admitted
+        self._order_waiting()
+        prefill_tokens = 0
+        # room the running requests are expected to grow into
+        headroom = sum(min(r.max_new_tokens - len(r.output_ids), self.context_len - r.seq_len)
+                       for r in self.running if not r.finished) * self.new_token_ratio
+        for req in list(self.waiting):
+            if budget <= 0 or prefill_tokens >= self.max_prefill_tokens:
+                break
+            if len(self.running) >= self.max_running or self.req_pool.available() == 0:
+                break
+            key = req.fill_ids
+            max_match = len(key) - 1  # at least one token must be computed to sample
+            if req.logprob_start_len >= 0:
+                max_match = min(max_match, req.logprob_start_len)
+            match = self.cache.match_prefix(key, max_len=max_match)
+            extend = min(len(key) - match.length, budget)
+            growth = min(req.max_new_tokens - len(req.output_ids), self.context_len - len(key))
+            want = extend + reserved + headroom + growth * self.new_token_ratio
+            if self.allocator.available() + self.cache.evictable_size() < want and self.running:
+                break  # would likely force a retraction soon: wait for memory instead
+            self.cache.inc_lock(match.node)
+            if not self._reserve(extend + reserved):
+                self.cache.dec_lock(match.node)
+                break
+            row = self.req_pool.alloc()
+            req.req_pool_idx = row
+            req.cache_node = match.node
+            if match.length:
+                self.req_pool.write(row, 0, match.slots)
+            req.num_computed = match.length
+            if req.num_retractions == 0:
+                req.num_cached = match.length
+                self.stats.prompt_tokens += len(req.prompt_ids)
+                self.stats.cached_tokens += match.length
+            req.state = ReqState.RUNNING
+            self.waiting.remove(req)
+            self.running.append(req)
+            admitted.append((req, extend))
+            budget -= extend
+            prefill_tokens += extend
+            reserved += extend
+            headroom += growth * self.new_token_ratio
+        return admitted
+
+    # ------------------------------------------------------------------ build
+    def _build(self, plan: list[tuple[Req, int]]) -> ScheduledBatch:
+        total = sum(n for _, n in plan)
+        slots = self.allocator.alloc(total)
+        assert slots is not None, "memory was reserved before building"
+        input_ids: list[int] = []
+        positions: list[int] = []
+        rows: list[int] = []
+        prefix_lens: list[int] = []
+        extend_lens: list[int] = []
+        logits_rows: list[int] = []
+        sample_rows: list[int] = []
+        sampling_reqs: list[Req] = []
+        lp_rows: list[int] = []
+        lp_targets: list[int] = []
+        lp_spans: list[tuple[Req, int, int, int]] = []
+        lp_topk = 0
+        offset = 0
+        num_decodes = 0
+        placeholders = False
+        for req, n in plan:
+            start = req.num_computed
+            known = req.fill_ids
+            ids = known[start:start + n]
+            if len(ids) < n:  # the last token is in flight: a placeholder for it
+                ids = ids + [-1 - req.extra_sample_row]
+                placeholders = True
+            input_ids.extend(ids)
+            positions.extend(range(start, start + n))
+            self.req_pool.write(req.req_pool_idx, start, slots[offset:offset + n])
+            rows.append(req.req_pool_idx)
+            prefix_lens.append(start)
+            extend_lens.append(n)
+            # prompt logprobs: row at position p scores prompt token p + 1
+            if req.logprob_start_len >= 0:
+                lo = max(start, max(req.logprob_start_len, 1, req.prompt_lp_next) - 1)
+                hi = min(start + n, len(req.prompt_ids) - 1)
+                if hi > lo:
+                    lp_spans.append((req, lo + 1, hi - lo, len(lp_rows)))
+                    req.prompt_lp_next = hi + 1
+                    for p in range(lo, hi):
+                        lp_rows.append(len(logits_rows))
+                        logits_rows.append(offset + p - start)
+                        lp_targets.append(req.prompt_ids[p + 1])
+                    lp_topk = max(lp_topk, req.top_logprobs_num)
+            req.num_computed = start + n
+            if req.num_computed == req.seq_len + req.num_inflight:
+                sample_rows.append(len(logits_rows))
+                logits_rows.append(offset + n - 1)
+                sampling_reqs.append(req)
+            if n == 1 and start >= len(req.prompt_ids):
+                num_decodes += 1
+            offset += n
+        for k, req in enumerate(sampling_reqs):
+            req.extra_sample_row = k
+            req.num_inflight += 1
+        for req, _ in plan:
+            req.inflight_steps += 1
+        decode_only = num_decodes == len(plan)
+        mode = (ForwardMode.DECODE if decode_only else
+                ForwardMode.MIXED if num_decodes else ForwardMode.EXTEND)
+        forward = ForwardBatch.build(
+            mode=mode, input_ids=input_ids, positions=positions, out_cache_loc=slots,
+            req_pool_indices=rows, prefix_lens=prefix_lens, extend_lens=extend_lens,
+            logits_rows=logits_rows, sample_rows=sample_rows, device=torch.device("cpu"))
+        forward.extra["placeholders"] = placeholders
+        if lp_rows:
+            forward.prompt_lp_rows = torch.tensor(lp_rows, dtype=torch.int64)
+            forward.prompt_lp_targets = torch.tensor(lp_targets, dtype=torch.int64)
+            forward.prompt_lp_topk = lp_topk
+        self.stats.num_steps += 1
+        self.stats.num_forward_tokens += total
+        if decode_only:
+            self.new_token_ratio = max(self._min_ratio, self.new_token_ratio - self._ratio_decay)
+        return ScheduledBatch(reqs=[r for r, _ in plan], extend_lens=extend_lens,
+                              sampling_reqs=sampling_reqs, prompt_lp_spans=lp_spans,
+                              forward=forward, decode_only=decode_only)
+
+    # ------------------------------------------------------------------ results
+    def finish_step(self, batch: ScheduledBatch) -> list[Req]:
+        """Bookkeeping after the step's results were applied to its requests.
+
+        Releases requests that finished (their memory goes to the cache or the free list),
+        caches the computed prefix of requests that just prefilled, and returns the
+        released requests.
+        """
+        released = []
+        for req, n in zip(batch.reqs, batch.extend_lens):
+            req.inflight_steps -= 1
+            if req.finished:
+                if req.inflight_steps == 0 and req.state == ReqState.RUNNING:
+                    self.running.remove(req)
+                    self._release(req)
+                    released.append(req)
+            elif n > 1 and req.inflight_steps == 0:
+                # a prefill (chunk) finished: make its prefix visible to other requests
+                self.cache.cache_unfinished_req(req)
+        if self.check:
+            self.check_integrity()
+        return released
+
+    def _release(self, req: Req) -> None:
+        if req.req_pool_idx is not None:
+            # Only tokens whose KV was computed go into the cache.
+            self.cache.cache_finished_req(req)
+        req.state = ReqState.FINISHED
+        req.cache_node = None
+
+    def release_finished_idle(self) -> None:
+        """Release finished requests that no step uses (aborts between steps)."""
+        for req in [r for r in self.running if r.finished and r.inflight_steps == 0]:
+            self.running.remove(req)
+            self._release(req)
+
+    # ------------------------------------------------------------------ checks
+    def check_integrity(self) -> None:
+        running = [r for r in self.running if r.req_pool_idx is not None]
+        self.cache.check_integrity(running)
+        rows = {r.req_pool_idx for r in running}
+        assert len(rows) == len(running), "two running requests share a req_to_token row"
+        assert self.req_pool.available() + len(rows) == self.req_pool.size, "leaked rows"
+
+    def is_idle_and_clean(self) -> bool:
+        """True when nothing runs and every slot is free or cached (for tests)."""
+        return (not self.running and not self.waiting and
+                self.allocator.available() + self.cache.total_size() == self.allocator.capacity)

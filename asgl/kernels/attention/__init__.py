@@ -1,0 +1,32 @@
+"""Attention backends behind one interface (see base.py); pick one with
+`create_attention_backend(name)`."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from asgl.kernels.attention.base import AttentionBackend, AttentionSpec
+
+
+def _torch(**kw: Any) -> AttentionBackend:
+    from asgl.kernels.attention.torch_native import TorchNativeBackend
+    return TorchNativeBackend(**kw)
+
+
+# Imported lazily: the triton and flashinfer backends need packages the CPU machines lack.
+_BACKENDS: dict[str, Callable[..., AttentionBackend]] = {"torch": _torch}
+
+
+def register_attention_backend(name: str, factory: Callable[..., AttentionBackend]) -> None:
+    _BACKENDS[name] = factory
+
+
+def create_attention_backend(name: str, **kw: Any) -> AttentionBackend:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; "
+                         f"choices: {', '.join(sorted(_BACKENDS))}")
+    return _BACKENDS[name](**kw)
+
+
+__all__ = ["AttentionBackend", "AttentionSpec", "create_attention_backend",
+           "register_attention_backend"]

