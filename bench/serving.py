@@ -23,7 +23,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional
 
 import aiohttp
@@ -123,22 +123,21 @@ def _payload(args: argparse.Namespace, req: Request) -> tuple[str, dict]:
     return "/v1/completions", {**common, "prompt": req.prompt}
 
 
-def _delta(args: argparse.Namespace, event: dict, state: dict) -> tuple[bool, Optional[int]]:
-    """(did this event carry new output, completion tokens if it reports them)."""
+def _delta(args: argparse.Namespace, event: dict, state: dict) -> tuple[bool, Optional[dict]]:
+    """(did this event carry new output, the token counts if it reports them)."""
     if args.backend == "asgl":
         text = event.get("text", "")
         ids = event.get("output_ids")
         grew = len(ids) > state.get("n", 0) if ids is not None else len(text) > state.get("n", 0)
         state["n"] = len(ids) if ids is not None else len(text)
-        return grew, event.get("meta_info", {}).get("completion_tokens")
+        return grew, event.get("meta_info")
     usage = event.get("usage")
-    done = usage.get("completion_tokens") if usage else None
     choices = event.get("choices") or []
     if not choices:
-        return False, done
+        return False, usage
     c = choices[0]
     piece = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
-    return bool(piece), done
+    return bool(piece), usage
 
 
 async def send(session: aiohttp.ClientSession, args: argparse.Namespace,
@@ -164,7 +163,7 @@ async def send(session: aiohttp.ClientSession, args: argparse.Namespace,
                 if "error" in event:
                     res.error = str(event["error"])[:200]
                     return res
-                grew, tokens = _delta(args, event, state)
+                grew, counts = _delta(args, event, state)
                 now = time.perf_counter()
                 if grew:
                     chunks += 1
@@ -173,8 +172,9 @@ async def send(session: aiohttp.ClientSession, args: argparse.Namespace,
                     else:
                         res.itl.append(now - last)
                     last = now
-                if tokens is not None:
-                    res.output_len = tokens
+                if counts:  # what the server counted beats what we meant to send
+                    res.output_len = counts.get("completion_tokens", res.output_len)
+                    res.prompt_len = counts.get("prompt_tokens", res.prompt_len)
         res.e2e = time.perf_counter() - start
         res.output_len = res.output_len or chunks
         res.ok = True
@@ -292,7 +292,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                   help="generate exactly the output length (default on)")
+                   help="generate exactly the output length (default on; an SGLang/vLLM "
+                        "extension field: use --no-ignore-eos against servers without it)")
     p.add_argument("--tokenizer", default=None,
                    help="HF tokenizer to build text prompts of exact length (OpenAI backends)")
     p.add_argument("--seed", type=int, default=0)

@@ -32,6 +32,8 @@ SGLANG_DEFAULT_PORT = 30000
 
 def port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the server binds: a port that only has connections in TIME_WAIT is free
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -116,6 +118,12 @@ class ServerProcess:
         mem = self.memory_state()
         assert mem["free"] == mem["capacity"], mem
 
+    def assert_clean_log(self) -> None:
+        """No tracebacks or errors logged so far (bad input must not look like a bug)."""
+        bad = [line for line in self.log().splitlines()
+               if "Traceback" in line or " ERROR " in line]
+        assert not bad, "\n".join(bad[:10]) + "\n" + self.log()[-3000:]
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> Optional[int]:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -144,7 +152,8 @@ def shared_server(name: str, args: list[str], port: Optional[int] = None,
 @atexit.register
 def _stop_all() -> None:
     for server in _servers.values():
-        server.stop()
+        if server.stop() in (0, -signal.SIGTERM):  # keep the logs of servers that failed
+            os.unlink(server.log_file.name)
 
 
 @pytest.fixture(scope="session")

@@ -556,5 +556,5 @@ class CacheMachine(RuleBasedStateMachine):
 
 
 CacheMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=50,
-                                          deadline=None)
+                                          deadline=None, report_multiple_bugs=False)
 TestCacheMachine = CacheMachine.TestCase

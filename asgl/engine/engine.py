@@ -73,15 +73,18 @@ class Engine:
                                                         cfg.trust_remote_code)
         self.runner = await self.worker.run(ModelRunner, cfg, self.source)
         hf = self.source.hf_config
-        capacity = self.runner.kv_capacity()
+        on_cpu = self.runner.device.type == "cpu"
+        max_running = cfg.max_running_requests or (64 if on_cpu else 1024)
         context_len = cfg.context_length or getattr(hf, "max_position_embeddings", 4096)
+        capacity = self.runner.kv_capacity()
+        if not cfg.max_total_tokens:
+            # more than every running request at full context could never be used
+            capacity = min(capacity, max_running * context_len)
         if context_len > capacity:
             logger.warning("context length %d exceeds the KV pool (%d tokens): capped",
                            context_len, capacity)
             context_len = capacity
         self.context_len = context_len
-        on_cpu = self.runner.device.type == "cpu"
-        max_running = cfg.max_running_requests or (64 if on_cpu else 1024)
         await self.worker.run(self.runner.init_memory, capacity, max_running, context_len)
         chunk = cfg.chunked_prefill_size or (2048 if on_cpu else 8192)
         self._memory_args = dict(capacity=capacity, max_running=max_running, on_cpu=on_cpu,
@@ -315,13 +318,13 @@ class Engine:
                 if batch is not None and batch is not NEED_DRAIN:
                     future = self._submit_step(batch)
                 if inflight is not None:
-                    self._apply(inflight[0], await inflight[1])
+                    self._apply(inflight[0], await self._finish(inflight[1]))
                     inflight = None
                 if future is not None:
                     if self.overlap:
                         inflight = (batch, future)
                     else:
-                        self._apply(batch, await future)
+                        self._apply(batch, await self._finish(future))
                 elif batch is None and sched.has_work():
                     # nothing can run now (e.g. waiting for memory): don't spin
                     await asyncio.sleep(0.002)
@@ -342,6 +345,14 @@ class Engine:
         writes = self.req_pool.take_writes()
         return self.worker.run(self.runner.step, batch.forward, sampling,
                                self.req_pool.req_to_token, writes)
+
+    async def _finish(self, future: asyncio.Future):
+        """A step's output; on the GPU the worker returns once the step is launched, and
+        its host results are waited for on the worker's waiter thread, off the loop."""
+        out = await future
+        if out.wait is not None:
+            out = await self.worker.finish(out.wait)
+        return out
 
     def _apply(self, batch: ScheduledBatch, out) -> None:
         apply_step_output(batch, out, self.context_len)

@@ -33,6 +33,10 @@ class ReqToTokenPool:
         self.max_context_len = max_context_len
         self.req_to_token = torch.zeros((max_reqs, max_context_len), dtype=torch.int64,
                                         device=device)
+        # numpy view of a CPU table: slice writes through it cost ~1 us instead of ~15 us
+        # for a torch slice assignment (the scheduler makes one per request per step)
+        self._table_np = self.req_to_token.numpy() if self.req_to_token.device.type == "cpu" \
+            else None
         self._free_rows: list[int] = list(range(max_reqs - 1, -1, -1))
         self.track_writes = track_writes
         self._writes: list[tuple[int, int, torch.Tensor]] = []
@@ -49,7 +53,10 @@ class ReqToTokenPool:
 
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
         """Record that positions [start, start + len(slots)) of `row` live in `slots`."""
-        self.req_to_token[row, start:start + slots.numel()] = slots
+        if self._table_np is not None and slots.device.type == "cpu":
+            self._table_np[row, start:start + slots.numel()] = slots.numpy()
+        else:
+            self.req_to_token[row, start:start + slots.numel()] = slots
         if self.track_writes:
             self._writes.append((row, start, slots))
 
@@ -57,8 +64,14 @@ class ReqToTokenPool:
         """(rows, cols, slots) of the writes since the last call, for the device copy."""
         if not self._writes:
             return None
-        rows = torch.cat([torch.full((s.numel(),), r, dtype=torch.int64) for r, _, s in self._writes])
-        cols = torch.cat([torch.arange(c, c + s.numel(), dtype=torch.int64) for _, c, s in self._writes])
+        # A few tensor ops whatever the number of writes (a decode step makes one per request).
+        lens = torch.tensor([s.numel() for _, _, s in self._writes], dtype=torch.int64)
+        heads = torch.tensor([[r, c] for r, c, _ in self._writes], dtype=torch.int64)
+        total = int(lens.sum())
+        first = torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens, output_size=total)
+        rows = torch.repeat_interleave(heads[:, 0], lens, output_size=total)
+        cols = torch.repeat_interleave(heads[:, 1], lens, output_size=total) + \
+            torch.arange(total, dtype=torch.int64) - first
         vals = torch.cat([s.to(torch.int64) for _, _, s in self._writes])
         self._writes.clear()
         return rows, cols, vals

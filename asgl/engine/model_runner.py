@@ -4,6 +4,17 @@ Everything here runs in the device's worker thread (asgl/engine/worker.py): the
 constructor loads the model there, so the device, the inference mode and (later) the
 CUDA streams and graphs all belong to that thread. `step` takes a ForwardBatch with host
 tensors, runs the forward pass and the sampler, and returns plain Python results.
+
+On CUDA (the GPU path):
+- memory is planned in order: weights, then a reserve for activations and CUDA graphs
+  (1 - --mem-fraction-static of the card), then the KV pool from what is left;
+- each step's host tensors travel in one pinned buffer and one copy; the scheduler's
+  request-to-token writes are replayed on the device copy of the table;
+- decode batches replay CUDA graphs (cuda_graph_runner.py) when the attention backend
+  supports them; the only host sync is reading back the sampled ids at the end of the step
+  (pinned copy + event), which the worker thread waits on while the event loop works;
+- CUDA events around every step measure the GPU's busy time and its idle gaps between
+  steps (`gpu_stats`).
 """
 
 from __future__ import annotations
@@ -11,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -19,7 +30,7 @@ from asgl.config import EngineConfig
 from asgl.engine.forward_batch import ForwardBatch
 from asgl.engine.kv_pool import KVPool
 from asgl.engine.logprobs import compute_prompt_logprobs
-from asgl.kernels.attention import create_attention_backend
+from asgl.kernels.attention import AttentionBackend, create_attention_backend
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +47,10 @@ class StepOutput:
     prompt_top_ids: Optional[list[list[int]]] = None
     prompt_top_values: Optional[list[list[float]]] = None
     forward_seconds: float = 0.0
+    extra_sample: Any = None  # the sampler's device output until host results are filled
+    # GPU: set while the step is in flight; call it (off the event loop) to wait for the
+    # GPU and fill the lists above. None once filled, and always on the CPU.
+    wait: Optional[Callable[[], "StepOutput"]] = None
 
 
 def resolve_device(cfg: EngineConfig) -> torch.device:
@@ -60,7 +75,8 @@ class ModelRunner:
 
         self.cfg = cfg
         self.device = resolve_device(cfg)
-        if self.device.type == "cuda":
+        self.on_cuda = self.device.type == "cuda"
+        if self.on_cuda:
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(cfg, self.device)
         torch.set_grad_enabled(False)
@@ -69,6 +85,8 @@ class ModelRunner:
         arch = list(getattr(hf_config, "architectures", None) or [])
         model_cls = get_model_class(arch)
         t0 = time.perf_counter()
+        # Parameters are created directly on the device in the model dtype (torch.empty):
+        # dummy weights are then drawn there, which takes well under a second for 8B.
         with torch.device(self.device):
             prev = torch.get_default_dtype()
             torch.set_default_dtype(self.dtype)
@@ -81,24 +99,61 @@ class ModelRunner:
         else:
             model.load_weights(source.iter_weights())
         self.model = model.to(self.dtype).eval()
-        logger.info("model %s loaded in %.1fs (%s, %s)", arch[0] if arch else "?",
-                    time.perf_counter() - t0, self.device, str(self.dtype).replace("torch.", ""))
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+        logger.info("model %s loaded in %.1fs (%s, %s, %.2f GiB of weights)",
+                    arch[0] if arch else "?", time.perf_counter() - t0, self.device,
+                    str(self.dtype).replace("torch.", ""), self.weight_bytes / 2**30)
         self.vocab_size = int(hf_config.vocab_size)
         self.sampler = Sampler()
-        self.attn_backend = create_attention_backend(cfg.attention_backend or "torch")
+        self.attn_backend = self._create_attention_backend()
         self.kv_pool: Optional[KVPool] = None
         self.req_to_token: Optional[torch.Tensor] = None
         self.last_next_ids: Optional[torch.Tensor] = None
+        self.graph_runner = None
+        self.gpu_stats = GpuStepStats()
+
+    def _create_attention_backend(self) -> AttentionBackend:
+        """The configured backend; on CUDA flashinfer by default when it can run this model,
+        else torch (the reference: correct everywhere, slow on a GPU)."""
+        from asgl.layers.attention import Attention
+
+        name = self.cfg.attention_backend or ("flashinfer" if self.on_cuda else "torch")
+        if name == "torch":
+            return create_attention_backend("torch")
+        specs = [m.spec for m in self.model.modules() if isinstance(m, Attention)]
+        kwargs: dict[str, Any] = {}
+        if name == "flashinfer":  # plans need the model's head shapes and dtypes up front
+            s = specs[0]
+            kwargs = dict(device=self.device, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+                          head_dim=s.head_dim, dtype=self.dtype, kv_dtype=self.kv_dtype())
+        try:
+            backend = create_attention_backend(name, **kwargs)
+            for spec in specs:
+                if hasattr(backend, "check_spec"):
+                    backend.check_spec(spec)
+        except (ImportError, NotImplementedError) as exc:
+            if self.cfg.attention_backend:  # asked for explicitly: say why it cannot run
+                raise
+            logger.warning("attention backend %s unavailable (%s): using torch", name, exc)
+            return create_attention_backend("torch")
+        logger.info("attention backend: %s", name)
+        return backend
 
     # ------------------------------------------------------------------ memory
     def kv_capacity(self) -> int:
-        """How many tokens the KV pool can hold, from the config's memory budget."""
+        """How many tokens the KV pool can hold, from the config's memory budget.
+
+        On CUDA: the pool gets `total * mem_fraction_static` minus what the weights (and
+        anything else allocated so far) already use; the remaining `1 - fraction` of the
+        card is left for activations, the request table, CUDA graphs and workspaces."""
         m = self.model
         kv_dtype = self.kv_dtype()
         per_token = KVPool.bytes_per_token(m.num_layers, m.num_kv_heads, m.head_dim, kv_dtype)
         if self.cfg.max_total_tokens:
             return self.cfg.max_total_tokens
-        if self.device.type == "cuda":
+        if self.on_cuda:
             free, total = torch.cuda.mem_get_info(self.device)
             frac = self.cfg.mem_fraction_static or 0.88
             used = total - free
@@ -106,7 +161,13 @@ class ModelRunner:
             if budget <= per_token * 16:
                 raise RuntimeError("not enough GPU memory left for the KV cache: "
                                    "raise --mem-fraction-static")
-            return int(budget // per_token)
+            tokens = int(budget // per_token)
+            logger.info("GPU memory plan: %.1f GiB card, %.1f GiB in use (weights %.1f), "
+                        "%.1f GiB reserved for activations/graphs (1 - %.2f), KV pool %.1f GiB "
+                        "= %d tokens (%d KiB each)", total / 2**30, used / 2**30,
+                        self.weight_bytes / 2**30, total * (1 - frac) / 2**30, frac,
+                        budget / 2**30, tokens, per_token // 1024)
+            return tokens
         return int(self.cfg.cpu_kv_budget_gb * (1 << 30) // per_token)
 
     def kv_dtype(self) -> torch.dtype:
@@ -118,17 +179,38 @@ class ModelRunner:
         return _DTYPES[name]
 
     def init_memory(self, num_tokens: int, max_reqs: int, context_len: int) -> None:
+        """Allocate the KV pool and the device request table, then capture CUDA graphs
+        (here, in the worker thread, before the engine serves anything)."""
         m = self.model
         self.kv_pool = KVPool(num_tokens, m.num_layers, m.num_kv_heads, m.head_dim,
                               self.kv_dtype(), self.device)
         if self.device.type != "cpu":
             self.req_to_token = torch.zeros((max_reqs, context_len), dtype=torch.int64,
                                             device=self.device)
+        if self.on_cuda:
+            self._maybe_capture_graphs(max_reqs)
+
+    def _maybe_capture_graphs(self, max_reqs: int) -> None:
+        from asgl.engine.cuda_graph_runner import CudaGraphRunner, backend_supports_graphs
+
+        if self.cfg.disable_cuda_graph:
+            return
+        if not backend_supports_graphs(self.attn_backend):
+            logger.info("CUDA graphs off: the %s attention backend cannot be captured",
+                        self.attn_backend.name)
+            return
+        max_bs = min(self.cfg.cuda_graph_max_bs or 512, max_reqs)
+        with torch.inference_mode():
+            runner = CudaGraphRunner(self, max_bs)
+            runner.capture()
+        self.graph_runner = runner
 
     # ------------------------------------------------------------------ step
     def step(self, batch: ForwardBatch, sampling: Any, req_to_token_host: torch.Tensor,
              table_writes=None) -> StepOutput:
         with torch.inference_mode():
+            if self.on_cuda:
+                return self._step_cuda(batch, sampling, table_writes)
             return self._step(batch, sampling, req_to_token_host, table_writes)
 
     def _step(self, batch, sampling, req_to_token_host, table_writes) -> StepOutput:
@@ -141,21 +223,80 @@ class ModelRunner:
                 rows, cols, vals = (t.to(self.device, non_blocking=True) for t in table_writes)
                 table[rows, cols] = vals
         batch.to(self.device)
+        self._attach(batch, table)
+        logits = self._logits(batch, self._input_ids(batch))
+        out = self._sample(batch, logits, sampling)
+        self._fill_host_results(out, batch, logits, sampling)
+        out.forward_seconds = time.perf_counter() - t0
+        return out
+
+    def _step_cuda(self, batch, sampling, table_writes) -> StepOutput:
+        """Launch the step and return at once; `out.wait` (run by the engine off the loop,
+        on DeviceWorker.finish) blocks until the GPU is done and fills the host lists.
+
+        So the worker launches step N+1 while step N still runs: the GPU never waits for
+        Python between steps, and the worker's launches never convoy the loop's Python on
+        the GIL (the loop is waiting for N's results meanwhile, in another thread)."""
+        t0 = time.perf_counter()
+        _upload(batch, table_writes, self.device)
+        if table_writes is not None:
+            rows, cols, vals = batch.extra.pop("table_writes")
+            self.req_to_token[rows, cols] = vals
+        self._attach(batch, self.req_to_token)
+        ids = self._input_ids(batch)
+        graph = self.graph_runner
+        if graph is not None and not graph.can_run(batch):
+            graph = None
+        if graph is not None:
+            graph.prepare(batch, ids)
+        else:
+            self.attn_backend.prepare(batch)
+        start = _timing_event()  # after host-side planning: gaps before it are GPU idle
+        hidden = graph.launch(batch) if graph is not None else \
+            self.model(ids, batch.positions, batch)
+        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        out = self._sample(batch, logits, sampling)
+        pending = _PendingResults(out, batch, logits, start, self.gpu_stats,
+                                  decode=batch.mode.is_decode, graph=graph is not None)
+        out.wait = pending.wait
+        out.forward_seconds = time.perf_counter() - t0
+        return out
+
+    # ------------------------------------------------------------------ pieces
+    def _attach(self, batch: ForwardBatch, table: torch.Tensor) -> None:
         batch.req_to_token = table
         batch.kv_pool = self.kv_pool
         batch.attn_backend = self.attn_backend
+
+    def _input_ids(self, batch: ForwardBatch) -> torch.Tensor:
         ids = batch.input_ids
         if batch.extra.get("placeholders"):
             # placeholders (-1 - k) point at the previous step's k-th sampled token
             ids = torch.where(ids < 0, self.last_next_ids[(-1 - ids).clamp(min=0)], ids)
+        return ids
+
+    def _logits(self, batch: ForwardBatch, ids: torch.Tensor) -> torch.Tensor:
         self.attn_backend.prepare(batch)
         hidden = self.model(ids, batch.positions, batch)
-        logits = self.model.compute_logits(hidden[batch.logits_indices])
+        return self.model.compute_logits(hidden[batch.logits_indices])
+
+    def _sample(self, batch: ForwardBatch, logits: torch.Tensor, sampling: Any) -> StepOutput:
+        """Sample on the device; `next_ids` stays a device tensor until the caller reads it."""
         out = StepOutput(next_ids=[])
         if batch.sample_rows.numel():
             sample_out = self.sampler.sample(logits[batch.sample_rows], sampling)
             self.last_next_ids = sample_out.next_token_ids
-            out.next_ids = sample_out.next_token_ids.tolist()
+            out.next_ids = sample_out.next_token_ids
+            out.extra_sample = sample_out
+        return out
+
+    def _fill_host_results(self, out: StepOutput, batch: ForwardBatch, logits: torch.Tensor,
+                           sampling: Any) -> None:
+        if not isinstance(out.next_ids, list):
+            out.next_ids = out.next_ids.tolist()
+        sample_out = out.extra_sample
+        out.extra_sample = None
+        if sample_out is not None:
             if sample_out.logprobs is not None:
                 out.logprobs = sample_out.logprobs.tolist()
             if getattr(sample_out, "top_logprobs_ids", None) is not None:
@@ -167,5 +308,130 @@ class ModelRunner:
             out.prompt_logprobs = lp.token_logprobs.tolist()
             if lp.top_ids is not None:
                 out.prompt_top_ids, out.prompt_top_values = lp.top_ids.tolist(), lp.top_values.tolist()
-        out.forward_seconds = time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------- GPU helpers
+_UPLOAD_FIELDS = ("input_ids", "positions", "out_cache_loc", "req_pool_indices", "seq_lens",
+                  "prefix_lens", "extend_lens", "extend_start_loc", "logits_indices",
+                  "sample_rows", "prompt_lp_rows", "prompt_lp_targets")
+
+
+def _upload(batch: ForwardBatch, table_writes, device: torch.device) -> None:
+    """Move the batch's host int64 tensors (and the table writes) to `device` in one pinned
+    buffer and one non-blocking copy; the fields become views of the device copy."""
+    names = [n for n in _UPLOAD_FIELDS if getattr(batch, n) is not None]
+    parts = [getattr(batch, n).reshape(-1) for n in names]
+    if table_writes is not None:
+        parts.extend(table_writes)
+    sizes = [p.numel() for p in parts]
+    pinned = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=True)
+    torch.cat([p.to(torch.int64) for p in parts], out=pinned)
+    views = pinned.to(device, non_blocking=True).split(sizes)
+    for name, view in zip(names, views):
+        setattr(batch, name, view)
+    if table_writes is not None:
+        batch.extra["table_writes"] = views[len(names):]
+
+
+def _timing_event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def _to_host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A pinned host copy, queued now (read after the step's `done` event)."""
+    if t is None:
+        return None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+class _PendingResults:
+    """One launched step's results on their way to the host.
+
+    Every device result is copied into pinned host memory in stream order right after the
+    step, then `done` is recorded; `wait` only synchronizes on that event, so it never
+    waits behind a later step that is already queued."""
+
+    def __init__(self, out: StepOutput, batch: ForwardBatch, logits: torch.Tensor,
+                 start: torch.cuda.Event, stats: "GpuStepStats", *, decode: bool, graph: bool):
+        self.out, self.start, self.stats = out, start, stats
+        self.decode, self.graph = decode, graph
+        sample = out.extra_sample
+        out.extra_sample = None
+        self.ids = None if isinstance(out.next_ids, list) else _to_host(out.next_ids)
+        self.logprobs = self.top_ids = self.top_values = None
+        if sample is not None:
+            self.logprobs = _to_host(sample.logprobs)
+            self.top_ids = _to_host(getattr(sample, "top_logprobs_ids", None))
+            self.top_values = _to_host(getattr(sample, "top_logprobs_values", None))
+        self.prompt = None
+        if batch.prompt_lp_rows is not None:
+            lp = compute_prompt_logprobs(logits[batch.prompt_lp_rows], batch.prompt_lp_targets,
+                                         batch.prompt_lp_topk)
+            self.prompt = (_to_host(lp.token_logprobs), _to_host(lp.top_ids),
+                           _to_host(lp.top_values))
+        self.done = _timing_event()
+
+    def wait(self) -> StepOutput:
+        self.done.synchronize()
+        out = self.out
+        if self.ids is not None:
+            out.next_ids = self.ids.tolist()
+        if self.logprobs is not None:
+            out.logprobs = self.logprobs.tolist()
+        if self.top_ids is not None:
+            out.top_ids, out.top_values = self.top_ids.tolist(), self.top_values.tolist()
+        if self.prompt is not None:
+            values, top_ids, top_values = self.prompt
+            out.prompt_logprobs = values.tolist()
+            if top_ids is not None:
+                out.prompt_top_ids, out.prompt_top_values = top_ids.tolist(), top_values.tolist()
+        self.stats.account(self.start, self.done, self.decode, self.graph)
+        out.wait = None
         return out
+
+
+class GpuStepStats:
+    """GPU time per step and idle gaps between steps, from CUDA events.
+
+    Each step records `start` right before its first kernel (after host-side planning) and
+    `done` after its last copy. Events complete when the GPU reaches them, so
+    start(N+1) - done(N) is how long the GPU sat idle waiting for the host between two
+    steps (0 when step N+1 was queued before step N finished). Accounted in order, after
+    each step's `done`, by the thread that waits for results: no extra host syncs."""
+
+    def __init__(self) -> None:
+        self.steps = self.decode_steps = self.graph_steps = 0
+        self.busy_ms = self.idle_ms = 0.0
+        self.decode_busy_ms = self.decode_idle_ms = 0.0
+        self._prev_done: Optional[torch.cuda.Event] = None
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def account(self, start: torch.cuda.Event, done: torch.cuda.Event, decode: bool,
+                graph: bool) -> None:
+        busy = start.elapsed_time(done)
+        gap = max(self._prev_done.elapsed_time(start), 0.0) if self._prev_done is not None else 0.0
+        self._prev_done = done
+        self.steps += 1
+        self.busy_ms += busy
+        self.idle_ms += gap
+        if decode:
+            self.decode_steps += 1
+            self.graph_steps += int(graph)
+            self.decode_busy_ms += busy
+            self.decode_idle_ms += gap
+
+    def summary(self) -> dict:
+        total = self.busy_ms + self.idle_ms
+        decode_total = self.decode_busy_ms + self.decode_idle_ms
+        return {"steps": self.steps, "decode_steps": self.decode_steps,
+                "graph_steps": self.graph_steps,
+                "graph_share": self.graph_steps / max(self.decode_steps, 1),
+                "gpu_busy_ms": round(self.busy_ms, 1), "gpu_idle_ms": round(self.idle_ms, 1),
+                "gpu_idle_share": self.idle_ms / total if total else 0.0,
+                "decode_idle_share": self.decode_idle_ms / decode_total if decode_total else 0.0}

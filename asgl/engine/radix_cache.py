@@ -23,6 +23,18 @@ root, so keys of different namespaces never share nodes or slots. A request's na
 
 With `disable=True` (`--disable-radix-cache`) the same interface caches nothing: matches
 are empty, inserts free what they are given and finished requests free all their slots.
+
+What the scheduler must do:
+
+- A request's slots are `req_to_token[req.req_pool_idx, :req.num_computed]`: num_computed
+  counts every position with an allocated slot (it may run one past `fill_ids` while the
+  input token is in flight; only `fill_ids[:num_computed]` is ever cached).
+- Admission: `m = match_prefix(...)`, then `inc_lock(m.node)` *before* allocating or
+  evicting, write `m.slots` to row[:m.length], set `req.cache_node = m.node`,
+  `req.num_computed = m.length`. A peek's node must not be locked.
+- `cache_unfinished_req` only when no step in flight still writes the request's KV;
+  `cache_finished_req` (finish, abort, retraction) only when no step uses it any more.
+- Never free a request's slots below `depth(req.cache_node)`: they are the tree's.
 """
 
 from __future__ import annotations
@@ -90,9 +102,10 @@ def _common_len(node_key: tuple, key: Sequence[int], start: int) -> int:
     return i
 
 
-def _check(cond: bool, msg: str) -> None:
+def _check(cond: bool, msg: str, *args) -> None:
+    """Assert; `msg.format(*args)` is only built on failure (node reprs are not free)."""
     if not cond:
-        raise AssertionError(f"radix cache integrity: {msg}")
+        raise AssertionError("radix cache integrity: " + (msg.format(*args) if args else msg))
 
 
 class RadixCache:
@@ -126,7 +139,7 @@ class RadixCache:
 
     @property
     def hit_rate(self) -> float:
-        return self.num_matched_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
+        return self.num_matched_tokens / max(self.num_queried_tokens, 1)
 
     # ------------------------------------------------------------------ tree
     def match_prefix(self, key: Sequence[int], namespace: Optional[str] = None,
@@ -224,7 +237,7 @@ class RadixCache:
     def dec_lock(self, node: Optional[TreeNode]) -> None:
         """Undo one `inc_lock(node)`."""
         while node is not None and not node.is_root:
-            _check(node.lock_ref > 0, f"dec_lock below zero on {node}")
+            _check(node.lock_ref > 0, "dec_lock below zero on {}", node)
             if node.lock_ref == 1:
                 self._evictable += len(node.key)
                 self._protected -= len(node.key)
@@ -296,7 +309,7 @@ class RadixCache:
                 cached = self.insert(req.fill_ids[:n], slots[:n], _namespace(req))
                 assert cached >= d, "the request's locked prefix is not in the tree"
                 self.allocator.free(slots[d:cached])  # duplicates of cached tokens
-                pass  # computed for a token that never came
+                self.allocator.free(slots[n:])  # computed for a token that never came
             self.req_to_token_pool.free(row)
             req.req_pool_idx = None
         self.dec_lock(req.cache_node)
@@ -369,62 +382,73 @@ class RadixCache:
         """Raise AssertionError unless every slot is free, private to exactly one of
         `running_reqs` (requests holding a req_to_token row) or owned by exactly one node,
         and every node's lock count equals the holders (requests' cache_node plus
-        `extra_locked`) in its subtree. Slow: for tests and --debug-check-integrity."""
+        `extra_locked`) in its subtree. For tests and --debug-check-integrity: O(capacity)."""
         running_reqs = list(running_reqs)
-        cap = self.allocator.capacity
-        free = self.allocator.free_slot_set()
-        _check(len(free) == self.allocator.available(), "a slot is twice in the free list")
-        owner: dict[int, str] = dict.fromkeys(free, "the free list")
-
-        def claim(slots: torch.Tensor, who: str) -> None:
-            for s in slots.tolist():
-                _check(1 <= s <= cap, f"{who} holds slot {s}, outside 1..{cap}")
-                _check(s not in owner, f"slot {s} is owned by both {owner.get(s)} and {who}")
-                owner[s] = who
-
+        owners: list[tuple[object, torch.Tensor]] = [("the free list", self._free_slots())]
+        _check(owners[0][1].numel() == self.allocator.available(), "a slot freed twice")
         holders: Counter = Counter()
         for node in [r.cache_node for r in running_reqs] + list(extra_locked):
             while node is not None and not node.is_root:
                 holders[node] += 1
                 node = node.parent
-        sizes = [0, 0]
+        sizes = [0, 0]  # [evictable, protected]
         for node in self._nodes():
             if node.is_root:
                 _check(self._roots.get(node.namespace) is node and not node.key,
-                       f"bad root {node}")
+                       "bad root {}", node)
                 continue
-            _check(len(node.key) == node.value.numel() > 0, f"{node}: key/slot lengths")
-            _check(node.parent.children.get(node.key[0]) is node, f"{node}: bad parent link")
-            _check(node.depth == node.parent.depth + len(node.key), f"{node}: bad depth")
-            _check(node.lock_ref >= 0, f"{node}: negative lock count")
-            _check(node.lock_ref == holders[node],
-                   f"{node}: lock count {node.lock_ref} != {holders[node]} holders")
+            _check(len(node.key) == node.value.numel() > 0, "{}: key/slot lengths", node)
+            _check(node.parent.children.get(node.key[0]) is node, "{}: bad parent link", node)
+            _check(node.depth == node.parent.depth + len(node.key), "{}: bad depth", node)
+            _check(node.lock_ref >= 0, "{}: negative lock count", node)
+            _check(node.lock_ref == holders[node], "{}: lock count != {} holders", node,
+                   holders[node])
             sizes[node.lock_ref > 0] += len(node.key)
-            claim(node.value, f"tree {node}")
+            owners.append((node, node.value))
         _check(sizes == [self._evictable, self._protected],
-               f"evictable/protected {sizes} != counters "
-               f"{[self._evictable, self._protected]}")
-        num_tree = len(owner) - len(free)
+               f"evictable/protected {sizes} != counters {[self._evictable, self._protected]}")
+        num_tree = sum(len(v) for _, v in owners[1:])
         for req in running_reqs:
-            _check(req.req_pool_idx is not None, f"running {req.rid} has no row")
+            _check(req.req_pool_idx is not None, "running {} has no row", req.rid)
             row = self._row_slots(req.req_pool_idx, req.num_computed)
             node, path = req.cache_node, []
             d = _depth(node)
-            _check(d <= req.num_computed, f"{req.rid} locks {d} > num_computed tokens")
+            _check(d <= req.num_computed, "{} locks {} > num_computed tokens", req.rid, d)
             while node is not None and not node.is_root:
                 _check(node.parent.children.get(node.key[0]) is node,
-                       f"{req.rid} holds detached {node}")
+                       "{} holds detached {}", req.rid, node)
                 path.append(node.value)
                 node = node.parent
             _check(node is None or not path or self._roots.get(node.namespace) is node,
-                   f"{req.rid} holds a node of a flushed tree")
-            tree_part = torch.cat(path[::-1]) if path else _EMPTY
-            _check(torch.equal(row[:d], tree_part),
-                   f"{req.rid}: row does not match its cached prefix")
-            claim(row[d:], f"request {req.rid}")
-        num_private = len(owner) - len(free) - num_tree
-        _check(len(owner) == cap, f"free {len(free)} + private {num_private} + tree "
-               f"{num_tree} = {len(owner)} != capacity {cap}: slots leaked")
+                   "{} holds a node of a flushed tree", req.rid)
+            _check(torch.equal(row[:d], torch.cat(path[::-1]) if path else _EMPTY),
+                   "{}: row does not match its cached prefix", req.rid)
+            owners.append((f"request {req.rid}", row[d:]))
+        self._check_partition(owners, num_tree)
+
+    def _free_slots(self) -> torch.Tensor:
+        fast = getattr(self.allocator, "free_slots", None)  # a tensor, if the allocator has it
+        if fast is not None:
+            return fast()
+        return torch.tensor(list(self.allocator.free_slot_set()), dtype=torch.int64)
+
+    def _check_partition(self, owners: list[tuple[object, torch.Tensor]], num_tree: int) -> None:
+        """Every slot 1..capacity appears exactly once among the owners (free list first)."""
+        cap = self.allocator.capacity
+        every = torch.cat([v for _, v in owners])
+        bad = every[(every < 1) | (every > cap)]
+        if bad.numel():
+            who = next(w for w, v in owners if (v == bad[0]).any())
+            _check(False, "{} holds slot {}, outside 1..{}", who, bad[0].item(), cap)
+        twice = (torch.bincount(every, minlength=cap + 1) > 1).nonzero().flatten()
+        if twice.numel():
+            s = twice[0].item()
+            who = [w for w, v in owners for _ in range(int((v == s).sum()))]
+            _check(False, "slot {} is owned by both {} and {}", s, who[0], who[1])
+        num_free = owners[0][1].numel()
+        num_private = every.numel() - num_free - num_tree
+        _check(every.numel() == cap, f"free {num_free} + private {num_private} + tree {num_tree}"
+               f" = {every.numel()} != capacity {cap}: slots leaked")
 
 
 def _namespace(req) -> Optional[str]:

@@ -44,6 +44,9 @@ NEED_DRAIN = "need_drain"
 LPM_MAX_QUEUE = 128
 # A request waiting longer than this goes first whatever the policy: nobody starves.
 STARVATION_SECONDS = 10.0
+# A waiting request sharing this many not-yet-cached tokens with one admitted in the same
+# step waits one step and then hits the cache instead of computing them again.
+SHARED_PREFIX_MIN = 16
 
 
 @dataclass
@@ -66,6 +69,16 @@ class SchedulerStats:
     cached_tokens: int = 0
     generated_tokens: int = 0
     step_times: list = field(default_factory=list)
+
+
+def _shares_uncached_prefix(key: list[int], cached: int,
+                            admitted: list[tuple[Req, int]]) -> bool:
+    """Whether `key` shares at least SHARED_PREFIX_MIN uncached tokens with a request
+    admitted in this step (n > 1 siblings, identical prompts arriving together)."""
+    if len(key) - cached < SHARED_PREFIX_MIN:
+        return False
+    probe = key[cached:cached + SHARED_PREFIX_MIN]
+    return any(r.fill_ids[cached:cached + SHARED_PREFIX_MIN] == probe for r, _ in admitted)
 
 
 class Scheduler:
@@ -214,6 +227,8 @@ class Scheduler:
             if req.logprob_start_len >= 0:
                 max_match = min(max_match, req.logprob_start_len)
             match = self.cache.match_prefix(key, max_len=max_match)
+            if _shares_uncached_prefix(key, match.length, admitted):
+                continue  # a request admitted this step computes it: hit the cache next step
             extend = min(len(key) - match.length, budget)
             growth = min(req.max_new_tokens - len(req.output_ids), self.context_len - len(key))
             want = extend + reserved + headroom + growth * self.new_token_ratio
@@ -289,6 +304,11 @@ class Scheduler:
                         lp_targets.append(req.prompt_ids[p + 1])
                     lp_topk = max(lp_topk, req.top_logprobs_num)
             req.num_computed = start + n
+            if start < len(req.prompt_ids):
+                # Publish the prompt prefix now, so requests admitted from the next step on
+                # reuse it even while this step is in flight: every later step runs after
+                # this one has written the KV, and the request's lock keeps it from eviction.
+                self.cache.cache_unfinished_req(req)
             if req.num_computed == req.seq_len + req.num_inflight:
                 sample_rows.append(len(logits_rows))
                 logits_rows.append(offset + n - 1)
@@ -325,21 +345,16 @@ class Scheduler:
     def finish_step(self, batch: ScheduledBatch) -> list[Req]:
         """Bookkeeping after the step's results were applied to its requests.
 
-        Releases requests that finished (their memory goes to the cache or the free list),
-        caches the computed prefix of requests that just prefilled, and returns the
-        released requests.
+        Releases requests that finished (their memory goes to the cache or the free list)
+        and returns them.
         """
         released = []
-        for req, n in zip(batch.reqs, batch.extend_lens):
+        for req in batch.reqs:
             req.inflight_steps -= 1
-            if req.finished:
-                if req.inflight_steps == 0 and req.state == ReqState.RUNNING:
-                    self.running.remove(req)
-                    self._release(req)
-                    released.append(req)
-            elif n > 1 and req.inflight_steps == 0:
-                # a prefill (chunk) finished: make its prefix visible to other requests
-                self.cache.cache_unfinished_req(req)
+            if req.finished and req.inflight_steps == 0 and req.state == ReqState.RUNNING:
+                self.running.remove(req)
+                self._release(req)
+                released.append(req)
         if self.check:
             self.check_integrity()
         return released

@@ -30,10 +30,17 @@ class DeviceWorker:
             sys.setswitchinterval(_SWITCH_INTERVAL_S)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=name,
                                             initializer=_init_worker_thread)
+        # Waits for launched GPU steps (StepOutput.wait) so that neither the loop nor the
+        # launching thread blocks on the device.
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-wait")
 
     def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
         """Run `fn(*args)` on the worker thread; await the result on the loop."""
         return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def finish(self, fn: Callable[[], Any]) -> asyncio.Future:
+        """Run `fn()` (a step's `wait`) on the waiter thread; await the result on the loop."""
+        return asyncio.get_running_loop().run_in_executor(self._waiter, fn)
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` on the worker thread and wait for it (no event loop needed)."""
@@ -41,3 +48,4 @@ class DeviceWorker:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._waiter.shutdown(wait=True, cancel_futures=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from typing import Optional
 
@@ -39,9 +40,17 @@ async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None) -> N
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():  # a second Ctrl-C: don't wait for the grace period
+            logger.warning("%s again: exiting now", sig.name)
+            os._exit(1)
+        logger.info("%s received", sig.name)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
             pass
     engine = Engine(config)
@@ -55,7 +64,11 @@ async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None) -> N
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            logger.error("cannot listen on %s:%d: %s", config.host, config.port, e)
+            raise SystemExit(1) from None
         logger.info("asgl is serving %s on http://%s:%d (context %d tokens)",
                     app[STATE].model_name, config.host, config.port, engine.context_len)
         await stop.wait()

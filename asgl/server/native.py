@@ -21,7 +21,7 @@ from asgl.engine.sampling_params import SamplingParams
 from asgl.server import limits
 from asgl.server.errors import ApiError, bad_request
 from asgl.server.generation import Choice, Generation, Job, merged_events, run_all
-from asgl.server.io import json_response, read_json
+from asgl.server.jsonio import json_response, read_json
 from asgl.server.prompts import tokenize_all
 from asgl.server.protocol import AbortRequest, GenerateRequest, GenerateResponse, MetaInfo
 from asgl.server.sse import SSEWriter, stream_events

@@ -16,7 +16,7 @@ from msgspec import UNSET
 from asgl.server import limits
 from asgl.server.errors import bad_request
 from asgl.server.generation import Choice, Generation, Job, merged_events, run_all
-from asgl.server.io import json_response, read_json
+from asgl.server.jsonio import json_response, read_json
 from asgl.server.openai_common import (chat_logprobs, check_stream_options, finish_reason,
                                        new_id, now, response_model, sampling_params, usage)
 from asgl.server.prompts import messages_to_dicts, render_chat, tokenize_rendered
@@ -73,8 +73,7 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     fmt = req.response_format
     if fmt is not None and fmt.get("type") != "text":
         raise bad_request(f"response_format {fmt.get('type')!r} is not supported yet (only "
-                          f"'text'); for constrained output use the `regex` or `ebnf` "
-                          f"extension fields", "response_format")
+                          f"'text')", "response_format")
     if req.modalities not in (None, ["text"]) or req.audio is not None:
         raise bad_request("only text output is supported", "modalities")
     for name in ("prediction", "reasoning_effort", "web_search_options"):

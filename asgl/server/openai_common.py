@@ -13,7 +13,7 @@ from asgl.engine.sampling_params import SamplingParams
 from asgl.server import limits
 from asgl.server.errors import ApiError, bad_request
 from asgl.server.generation import Generation
-from asgl.server.io import json_response
+from asgl.server.jsonio import json_response
 from asgl.server.protocol import (ChoiceLogprobs, CompletionLogprobs, ModelCard, ModelList,
                                   PromptTokensDetails, TokenLogprob, TopLogprob, Usage,
                                   _SamplingFields)

@@ -16,7 +16,7 @@ from msgspec import UNSET
 from asgl.server import limits
 from asgl.server.errors import bad_request
 from asgl.server.generation import Choice, Generation, Job, merged_events, run_all
-from asgl.server.io import json_response, read_json
+from asgl.server.jsonio import json_response, read_json
 from asgl.server.openai_common import (check_stream_options, completion_logprobs,
                                        finish_reason, new_id, now, response_model,
                                        sampling_params, usage)
@@ -108,10 +108,9 @@ class _View:
         prefix = self.prompt_text(k) if self.echo else ""
         logprobs = None
         if self.logprobs:
-            pairs, tops = list(c.logprobs), list(c.top_logprobs)
+            pairs, tops = c.logprobs, c.top_logprobs
             if self.echo:
-                pairs = (c.input_logprobs or []) + pairs
-                tops = (c.input_top_logprobs or [None] * (len(pairs) - len(tops))) + tops
+                pairs, tops = _with_prompt(c, pairs, tops)
             logprobs, _ = completion_logprobs(self.state.token_texts, pairs, tops, 0)
         return CompletionChoice(index=k * n + c.index, text=prefix + c.text, logprobs=logprobs,
                                 finish_reason=finish_reason(c.finish_reason))
@@ -129,9 +128,7 @@ class _View:
                 if self.echo:
                     text = self.prompt_text(k) + text
                     if self.logprobs:
-                        in_pairs = c.input_logprobs or []
-                        pairs = in_pairs + pairs
-                        tops = (c.input_top_logprobs or [None] * len(in_pairs)) + tops
+                        pairs, tops = _with_prompt(c, pairs, tops)
             if not (text or pairs or chunk.finished):
                 continue  # nothing to tell yet (text held back by a possible stop string)
             logprobs = None
@@ -146,3 +143,11 @@ class _View:
         if include_usage:
             await sse.send(CompletionResponse(id=self.id, created=self.created, model=self.model,
                                               choices=[], usage=usage(self.gens)))
+
+
+def _with_prompt(c: Choice, pairs: list, tops: list) -> tuple[list, list]:
+    """Output logprobs preceded by the prompt's (echo): rows stay aligned by position."""
+    prompt = c.input_logprobs or []
+    prompt_tops = c.input_top_logprobs or [None] * len(prompt)
+    tops = list(tops) + [None] * (len(pairs) - len(tops))  # no top rows when logprobs=0
+    return prompt + list(pairs), prompt_tops + tops

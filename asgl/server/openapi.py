@@ -9,7 +9,8 @@ import msgspec
 from aiohttp import web
 
 import asgl
-from asgl.server.io import json_response
+from asgl.engine.sampling_params import SamplingParams
+from asgl.server.jsonio import json_response
 from asgl.server.protocol import (AbortRequest, ChatCompletionRequest, CompletionRequest,
                                   GenerateRequest)
 
@@ -28,6 +29,7 @@ ROUTES = [
     ("get", "/metrics", None, "Prometheus metrics"),
 ]
 
+_REF = "#/components/schemas/{name}"
 _ERROR = {"description": "an OpenAI-style error body: {\"error\": {message, type, param, code}}"}
 
 
@@ -35,8 +37,14 @@ _ERROR = {"description": "an OpenAI-style error body: {\"error\": {message, type
 def openapi_document() -> dict:
     structs = [s for _, _, s, _ in ROUTES if s is not None]
     (refs, components) = msgspec.json.schema_components(
-        structs, ref_template="#/components/schemas/{name}")
+        structs + [SamplingParams], ref_template=_REF)
     ref_of = dict(zip(structs, refs))
+    # /generate takes sampling_params as free-form objects (unknown keys get a 400 naming
+    # them); describe them by the SamplingParams struct they are decoded into.
+    components["SamplingParams"]["additionalProperties"] = False
+    sp = {"$ref": _REF.format(name="SamplingParams")}
+    components["GenerateRequest"]["properties"]["sampling_params"] = {
+        "anyOf": [sp, {"type": "array", "items": sp}, {"type": "null"}], "default": None}
     paths: dict = {}
     for method, path, struct, summary in ROUTES:
         op: dict = {"summary": summary,

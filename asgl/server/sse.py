@@ -14,7 +14,7 @@ from typing import Awaitable, Callable, Optional
 from aiohttp import web
 
 from asgl.server.errors import ApiError, classify, error_body
-from asgl.server.io import encode
+from asgl.server.jsonio import encode
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ async def stream_events(request: web.Request,
     sse = SSEWriter(request)
     try:
         await produce(sse)
+    except ConnectionResetError:
+        raise  # the client is gone (its request was aborted on the way out): nothing to say
     except Exception as e:
         if not sse.started:
             raise

