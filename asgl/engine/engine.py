@@ -46,6 +46,10 @@ class EngineNotRunning(RuntimeError):
 
 
 class Engine:
+    # Constrained decoding (regex / json_schema / ebnf) is not wired in yet: the server
+    # rejects such requests while this is False.
+    supports_grammar = False
+
     def __init__(self, config: Optional[EngineConfig] = None, **options: Any):
         self.config = config.replace(**options) if config is not None else EngineConfig(**options)
         self._started = False
@@ -60,7 +64,7 @@ class Engine:
         if self._started:
             return self
         from asgl.engine.model_runner import ModelRunner
-        from asgl.engine.tokenizer import load_tokenizer
+        from asgl.engine.tokenizer import load_tokenizer, resolve_chat_template
         from asgl.models.loader import resolve_model
 
         cfg = self.config
@@ -93,6 +97,7 @@ class Engine:
         self.overlap = not cfg.disable_overlap_schedule
         self.vocab_size = self.runner.vocab_size
         self.eos_ids = frozenset(self.source.eos_token_ids or ())
+        self.chat_template = resolve_chat_template(cfg.chat_template, self.source)
         self._seed_rng = random.Random(cfg.random_seed)
         self._wake = asyncio.Event()
         self._loop_task = loop.create_task(self._run_loop(), name="asgl-scheduler")
@@ -196,10 +201,16 @@ class Engine:
         self._wake.set()
         return True
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. Rendered chat prompts already hold their special tokens:
+        tokenize those with add_special_tokens=False."""
         if self.tokenizer is None:
             raise InvalidRequest("this engine has no tokenizer: send input_ids", "text")
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache; refused (False) while requests hold cached prefixes."""
+        return self.cache.reset()
 
     # ------------------------------------------------------------------ internals
     async def _submit(self, prompt, sampling_params, input_ids, rid, return_logprob,
@@ -240,8 +251,7 @@ class Engine:
         if max_new == 0 and not return_logprob:
             for req in stream.reqs:
                 req.finish_reason = _length()
-                stream.put(StreamChunk(index=req.sink_index, text="", token_ids=[],
-                                       finished=True, finish_reason=req.finish_reason.to_json()))
+                finish_aborted(req)  # tells the consumer it ended, like an abort does
             return stream
         for req in stream.reqs:
             self.scheduler.add(req)
@@ -294,11 +304,7 @@ class Engine:
         if req.return_logprob:
             out.output_token_logprobs = list(req.output_logprobs)
             out.output_top_logprobs = list(req.output_top_logprobs) if req.top_logprobs_num else None
-            if req.logprob_start_len >= 0:
-                first = [(None, req.prompt_ids[0])] if req.logprob_start_len == 0 else []
-                out.input_token_logprobs = first + list(req.prompt_logprobs)
-                if req.top_logprobs_num:
-                    out.input_top_logprobs = ([None] if first else []) + list(req.prompt_top_logprobs)
+            out.input_token_logprobs, out.input_top_logprobs = req.input_logprobs()
         return out
 
     # ------------------------------------------------------------------ the step loop

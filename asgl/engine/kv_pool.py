@@ -120,6 +120,11 @@ class TokenSlotAllocator:
         self._released.clear()
         self._num_released = 0
 
+    def free_slots(self) -> torch.Tensor:
+        """Every free slot (for integrity checks)."""
+        self._merge()
+        return self._free[:self._num_free].clone()
+
     def free_slot_set(self) -> set[int]:
         """For integrity checks in tests (slow)."""
         self._merge()

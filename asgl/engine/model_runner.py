@@ -76,7 +76,9 @@ class ModelRunner:
         self.cfg = cfg
         self.device = resolve_device(cfg)
         self.on_cuda = self.device.type == "cuda"
-        if self.on_cuda:
+        if self.on_cuda:  # set_device needs an index; "cuda" alone means the current one
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(cfg, self.device)
         torch.set_grad_enabled(False)

@@ -46,10 +46,7 @@ def apply_step_output(batch: ScheduledBatch, out: StepOutput, context_len: int) 
                     reason = FinishReason("stop", matched=req.detok.matched_stop)
             req.finish_reason = reason
         if req.sink is not None:
-            req.sink.put(StreamChunk(index=req.sink_index, text=text, token_ids=[token],
-                                     finished=reason is not None,
-                                     finish_reason=reason.to_json() if reason else None,
-                                     logprobs=logprob, top_logprobs=top))
+            req.sink.put(_chunk(req, text, [token], reason, logprob, top))
 
 
 def _stop_reason(req: Req, token: int, context_len: int) -> FinishReason | None:
@@ -63,18 +60,33 @@ def _stop_reason(req: Req, token: int, context_len: int) -> FinishReason | None:
     return None
 
 
+def _chunk(req: Req, text: str, token_ids: list[int], reason: FinishReason | None,
+           logprob=None, top=None) -> StreamChunk:
+    chunk = StreamChunk(index=req.sink_index, text=text, token_ids=token_ids,
+                        finished=reason is not None,
+                        finish_reason=reason.to_json() if reason else None,
+                        logprobs=logprob, top_logprobs=top)
+    if not req.sent_first_chunk or reason is not None:
+        req.sent_first_chunk = True
+        chunk.prompt_tokens = len(req.prompt_ids)
+        chunk.cached_tokens = req.num_cached
+        if req.first_scheduled_time is not None:
+            chunk.queue_time = max(0.0, req.first_scheduled_time - req.arrival_time)
+    if reason is not None:
+        chunk.input_token_logprobs, chunk.input_top_logprobs = req.input_logprobs()
+    return chunk
+
+
 def _finish(req: Req, reason: FinishReason) -> None:
     req.finish_reason = reason
     if req.sink is not None:
-        req.sink.put(StreamChunk(index=req.sink_index, text="", token_ids=[], finished=True,
-                                 finish_reason=reason.to_json()))
+        req.sink.put(_chunk(req, "", [], reason))
 
 
 def finish_aborted(req: Req) -> None:
     """Tell the consumer of an aborted request that it ended."""
     if req.sink is not None and req.finish_reason is not None:
-        req.sink.put(StreamChunk(index=req.sink_index, text="", token_ids=[], finished=True,
-                                 finish_reason=req.finish_reason.to_json()))
+        req.sink.put(_chunk(req, "", [], req.finish_reason))
 
 
 def _add_prompt_logprobs(req: Req, out: StepOutput, first_pos: int, count: int,

@@ -22,6 +22,14 @@ class StreamChunk(msgspec.Struct, omit_defaults=True):
     # (logprob, token_id) per new token, and its top alternatives [(logprob, token_id), ...]
     logprobs: Optional[list] = None
     top_logprobs: Optional[list] = None
+    # Facts of the request, on each choice's first chunk (and again on its last one):
+    # prompt length, prompt tokens served by the prefix cache, seconds spent queued.
+    prompt_tokens: Optional[int] = None
+    cached_tokens: Optional[int] = None
+    queue_time: Optional[float] = None
+    # Prompt logprobs (when asked for), on each choice's last chunk.
+    input_token_logprobs: Optional[list] = None
+    input_top_logprobs: Optional[list] = None
 
 
 class GenerateOutput(msgspec.Struct, omit_defaults=True):

@@ -452,4 +452,4 @@ class RadixCache:
 
 
 def _namespace(req) -> Optional[str]:
-    return getattr(req, "cache_namespace", None)
+    return req.cache_namespace

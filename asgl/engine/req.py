@@ -48,6 +48,8 @@ class Req:
     logprob_start_len: int = -1  # -1: no prompt logprobs
     top_logprobs_num: int = 0
     arrival_time: float = 0.0
+    cache_namespace: Optional[str] = None  # prefix-cache namespace (LoRA adapter, images)
+    first_scheduled_time: Optional[float] = None
 
     output_ids: list[int] = field(default_factory=list)
     state: ReqState = ReqState.WAITING
@@ -80,6 +82,7 @@ class Req:
     grammar: Any = None
     sink: Any = None
     sink_index: int = 0  # which of the user request's n choices this is
+    sent_first_chunk: bool = False
 
     @property
     def fill_ids(self) -> list[int]:
@@ -92,6 +95,16 @@ class Req:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def input_logprobs(self) -> tuple[Optional[list], Optional[list]]:
+        """Prompt logprobs as reported: the first prompt token has none."""
+        if not self.return_logprob or self.logprob_start_len < 0:
+            return None, None
+        first = [(None, self.prompt_ids[0])] if self.logprob_start_len == 0 else []
+        top = None
+        if self.top_logprobs_num:
+            top = [None] * len(first) + list(self.prompt_top_logprobs)
+        return first + list(self.prompt_logprobs), top
 
     @property
     def max_new_tokens(self) -> int:

@@ -11,6 +11,9 @@ from typing import Optional, Union
 import msgspec
 
 
+_INT32 = 2**31
+
+
 class InvalidRequest(ValueError):
     """A request that cannot be served as given (HTTP 400). The message names the problem."""
 
@@ -68,6 +71,10 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         def bad(msg: str, param: str) -> InvalidRequest:
             return InvalidRequest(msg, param)
 
+        for name in ("max_new_tokens", "min_new_tokens", "top_k", "n"):
+            value = getattr(self, name)
+            if value is not None and abs(value) >= _INT32:
+                raise bad(f"{name} is out of range: {value}", name)
         if self.max_new_tokens is not None and self.max_new_tokens < 0:
             raise bad(f"max_new_tokens must be >= 0, got {self.max_new_tokens}", "max_new_tokens")
         if self.min_new_tokens < 0:

@@ -190,7 +190,8 @@ class Scheduler:
         if policy in ("lpm", "dfs-weight") and len(self.waiting) > LPM_MAX_QUEUE:
             policy = "fcfs"
         if policy in ("lpm", "dfs-weight"):
-            lens = {id(r): self.cache.match_prefix(r.fill_ids, max_len=len(r.fill_ids) - 1,
+            lens = {id(r): self.cache.match_prefix(r.fill_ids, r.cache_namespace,
+                                                   max_len=len(r.fill_ids) - 1,
                                                    peek=True).length for r in self.waiting}
             key = lambda r: -lens[id(r)]  # noqa: E731
         elif policy == "lof":
@@ -226,7 +227,7 @@ class Scheduler:
             max_match = len(key) - 1  # at least one token must be computed to sample
             if req.logprob_start_len >= 0:
                 max_match = min(max_match, req.logprob_start_len)
-            match = self.cache.match_prefix(key, max_len=max_match)
+            match = self.cache.match_prefix(key, req.cache_namespace, max_len=max_match)
             if _shares_uncached_prefix(key, match.length, admitted):
                 continue  # a request admitted this step computes it: hit the cache next step
             extend = min(len(key) - match.length, budget)
@@ -245,6 +246,7 @@ class Scheduler:
                 self.req_pool.write(row, 0, match.slots)
             req.num_computed = match.length
             if req.num_retractions == 0:
+                req.first_scheduled_time = time.monotonic()
                 req.num_cached = match.length
                 self.stats.prompt_tokens += len(req.prompt_ids)
                 self.stats.cached_tokens += match.length

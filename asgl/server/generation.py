@@ -37,7 +37,7 @@ class Choice:
     """One generated sequence, assembled from stream deltas."""
     __slots__ = ("index", "parts", "output_ids", "finish_reason", "logprobs", "top_logprobs",
                  "prompt_tokens", "cached_tokens", "input_logprobs", "input_top_logprobs",
-                 "last_token_time", "started")
+                 "last_token_time")
 
     def __init__(self, index: int, prompt_tokens: int):
         self.index = index
@@ -51,7 +51,6 @@ class Choice:
         self.input_logprobs: Optional[list] = None  # (logprob | None, token_id) per prompt token
         self.input_top_logprobs: Optional[list] = None
         self.last_token_time: Optional[float] = None
-        self.started = False  # has a chunk arrived
 
     @property
     def text(self) -> str:
@@ -68,7 +67,6 @@ class Generation:
         self.choices = [Choice(i, len(job.input_ids)) for i in range(job.params.n)]
         self.num_finished = 0
         self.first_token_time: Optional[float] = None
-        self._reqs: Optional[list] = None
 
     @property
     def done(self) -> bool:
@@ -86,16 +84,13 @@ class Generation:
             return_logprob=job.return_logprob, logprob_start_len=job.logprob_start_len,
             top_logprobs_num=job.top_logprobs_num)
         counted = 0
+        accepted = False
         try:
             async with aclosing(stream):
                 async for chunk in stream:
-                    if self._reqs is None:  # the request was accepted: count its prompt
-                        self._reqs = _engine_reqs(engine, job.rid)
+                    if not accepted:  # the request was accepted: count its prompt
+                        accepted = True
                         metrics.prompt_tokens.inc(len(job.input_ids))
-                    choice = self.choices[chunk.index]
-                    if not choice.started:  # prompt facts are final once output begins
-                        choice.started = True
-                        self._capture(choice)
                     self._record(chunk)
                     counted += len(chunk.token_ids)
                     yield chunk
@@ -127,48 +122,19 @@ class Generation:
             choice.logprobs.extend(chunk.logprobs)
         if chunk.top_logprobs:
             choice.top_logprobs.extend(chunk.top_logprobs)
+        if chunk.prompt_tokens is not None:  # request facts ride on first and last chunks
+            choice.prompt_tokens = chunk.prompt_tokens
+            choice.cached_tokens = chunk.cached_tokens or 0
+        if chunk.input_token_logprobs is not None:
+            choice.input_logprobs = chunk.input_token_logprobs
+            choice.input_top_logprobs = chunk.input_top_logprobs
         if chunk.finished:
             choice.finish_reason = chunk.finish_reason
-            self._capture(choice)
-            self._observe_queue_time(choice)
+            if chunk.queue_time is not None:
+                self.state.metrics.queue_time.observe(chunk.queue_time)
             self.num_finished += 1
             if self.done:
                 self.state.metrics.e2e.observe(now - self.arrival)
-
-    def _req(self, choice: Choice) -> Any:
-        reqs = self._reqs
-        return reqs[choice.index] if reqs and choice.index < len(reqs) else None
-
-    def _capture(self, choice: Choice) -> None:
-        """Copy what only the engine's request knows (cached tokens, prompt logprobs) while
-        the engine still holds it."""
-        req = self._req(choice)
-        if req is None:
-            return
-        choice.prompt_tokens = len(req.prompt_ids)
-        choice.cached_tokens = req.num_cached
-        if req.return_logprob and req.logprob_start_len >= 0:
-            first = [(None, req.prompt_ids[0])] if req.logprob_start_len == 0 else []
-            choice.input_logprobs = first + list(req.prompt_logprobs)
-            if req.top_logprobs_num:
-                choice.input_top_logprobs = [None] * len(first) + list(req.prompt_top_logprobs)
-
-    def _observe_queue_time(self, choice: Choice) -> None:
-        req = self._req(choice)
-        scheduled = getattr(req, "first_scheduled_time", None)  # see _engine_reqs
-        if req is not None and scheduled is not None:
-            self.state.metrics.queue_time.observe(max(0.0, scheduled - req.arrival_time))
-
-
-def _engine_reqs(engine: Any, rid: str) -> Optional[list]:
-    """The engine's `Req` objects of request `rid` (one per choice), or None.
-
-    StreamChunk carries no per-request facts (prompt/cached token counts, prompt
-    logprobs), so we read them from the engine's request table while the request is
-    live. This is the only place the server looks inside the engine.
-    """
-    stream = getattr(engine, "_streams", {}).get(rid)
-    return list(stream.reqs) if stream is not None else None
 
 
 async def run_all(gens: list[Generation]) -> None:
