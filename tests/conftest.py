@@ -10,6 +10,10 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+if not torch.cuda.is_available():
+    # Triton kernels run under its interpreter on the CPU. The flag is read when a kernel
+    # is decorated, so it must be set before any test module imports asgl's kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -61,9 +61,11 @@ class CudaGraphRunner:
         self.outputs: dict[int, torch.Tensor] = {}
         self.batches: dict[int, ForwardBatch] = {}
         self.num_replays = 0
-        # the static page-index buffer holds this many keys (shared prefixes can make the
-        # sum of sequence lengths exceed the pool; such a batch runs eagerly)
-        self.max_kv_tokens = runner.kv_pool.num_tokens + 1
+        # Keys the static page-index buffer holds. Requests sharing a cached prefix each
+        # list its slots, so a batch's total can exceed the pool (WP: ~1.4x); past this
+        # bound (8x the pool, ~14 MB of int32 for Llama-3.1-8B) a batch runs eagerly.
+        self.max_kv_tokens = min(self.max_bs * runner.req_to_token.shape[1],
+                                 8 * (runner.kv_pool.num_tokens + 1))
 
     def can_run(self, batch: ForwardBatch) -> bool:
         return (batch.mode == ForwardMode.DECODE and batch.batch_size <= self.max_bs

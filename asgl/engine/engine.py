@@ -58,6 +58,7 @@ class Engine:
         self._wake: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
         self._rid_counter = itertools.count()
+        self.embedder = None  # an embedding engine's Embedder (is_embedding)
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> "Engine":
@@ -75,6 +76,8 @@ class Engine:
         if not cfg.skip_tokenizer_init:
             self.tokenizer = await loop.run_in_executor(None, load_tokenizer, self.source,
                                                         cfg.trust_remote_code)
+        if cfg.is_embedding:
+            return await self._start_embedding()
         self.runner = await self.worker.run(ModelRunner, cfg, self.source)
         hf = self.source.hf_config
         on_cpu = self.runner.device.type == "cpu"
@@ -122,6 +125,22 @@ class Engine:
             context_len=self.context_len, policy=cfg.schedule_policy,
             check_integrity=cfg.debug_check_integrity, seed=cfg.random_seed or 0)
 
+    async def _start_embedding(self) -> "Engine":
+        """Embedding engines: no KV pool and no scheduler loop; an Embedder batches encoder
+        forwards on the worker (asgl/engine/embedder.py)."""
+        from asgl.engine.embedder import Embedder
+
+        self.embedder = await Embedder.create(self.config, self.source, self.tokenizer,
+                                              self.worker)
+        self.runner = self.embedder.runner
+        self.context_len = self.embedder.context_len
+        self.vocab_size = self.embedder.vocab_size
+        self.eos_ids = frozenset(self.source.eos_token_ids or ())
+        self.chat_template = None
+        self._wake = asyncio.Event()
+        self._started = True
+        return self
+
     async def shutdown(self) -> None:
         if not self._started:
             return
@@ -129,6 +148,8 @@ class Engine:
         for rid in list(self._streams):
             self.abort(rid)
         self._wake.set()
+        if self.embedder is not None:
+            await self.embedder.close()
         if self._loop_task is not None:
             try:
                 await asyncio.wait_for(self._loop_task, timeout=30)
@@ -208,15 +229,30 @@ class Engine:
             raise InvalidRequest("this engine has no tokenizer: send input_ids", "text")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
+    async def embed(self, inputs: Any, *, truncate: bool = False, dimensions: Optional[int] = None):
+        """Embeddings of a text, a list of texts, a token-id list or a list of those (an
+        engine started with is_embedding=True): one EmbeddingOutput for a single input, a
+        list for a list. Inputs longer than the context are refused unless `truncate`;
+        `dimensions` truncates Matryoshka models' vectors (then renormalizes)."""
+        if not self._started or self._closing:
+            raise EngineNotRunning("the engine is not running: call `await engine.start()`")
+        if self.embedder is None:
+            raise InvalidRequest("this engine serves a generative model: start it with "
+                                 "is_embedding=True (--is-embedding) to embed", "model")
+        return await self.embedder.embed(inputs, truncate=truncate, dimensions=dimensions)
+
     def flush_cache(self) -> bool:
         """Empty the prefix cache; refused (False) while requests hold cached prefixes."""
-        return self.cache.reset()
+        return True if self.embedder is not None else self.cache.reset()
 
     # ------------------------------------------------------------------ internals
     async def _submit(self, prompt, sampling_params, input_ids, rid, return_logprob,
                       logprob_start_len, top_logprobs_num) -> RequestStream:
         if not self._started or self._closing:
             raise EngineNotRunning("the engine is not running: call `await engine.start()`")
+        if self.embedder is not None:
+            raise InvalidRequest("this engine serves an embedding model: it embeds "
+                                 "(embed(), /v1/embeddings, /encode) and never generates", "model")
         sp = _as_sampling_params(sampling_params)
         sp.validate(self.vocab_size)
         ids = await self._prompt_ids(prompt, input_ids)
@@ -324,6 +360,9 @@ class Engine:
                 if batch is not None and batch is not NEED_DRAIN:
                     future = self._submit_step(batch)
                 if inflight is not None:
+                    # Consumers woken by the previous apply run here, while the GPU works on
+                    # the steps in flight: not between an apply and the next launch.
+                    await asyncio.sleep(0)
                     self._apply(inflight[0], await self._finish(inflight[1]))
                     inflight = None
                 if future is not None:
@@ -338,7 +377,8 @@ class Engine:
                 logger.exception("scheduler step failed; aborting all requests")
                 self._fail_all()
                 inflight = None
-            await asyncio.sleep(0)  # let HTTP handlers and streams run
+            if inflight is None:  # (with a step in flight the next iteration yields above)
+                await asyncio.sleep(0)  # let HTTP handlers and streams run
 
     def _submit_step(self, batch: ScheduledBatch) -> asyncio.Future:
         from asgl.engine.sampler import SamplingBatch
@@ -375,6 +415,8 @@ class Engine:
 
     # ------------------------------------------------------------------ introspection
     def memory_state(self) -> dict:
+        if self.embedder is not None:
+            return self.embedder.memory_state()
         return {"capacity": self.allocator.capacity, "free": self.allocator.available(),
                 "cached": self.cache.total_size(), "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting)}

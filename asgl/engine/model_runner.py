@@ -85,7 +85,7 @@ class ModelRunner:
         hf_config = source.hf_config
         self.hf_config = hf_config
         arch = list(getattr(hf_config, "architectures", None) or [])
-        model_cls = get_model_class(arch)
+        model_cls = get_model_class(arch, is_embedding=cfg.is_embedding)
         t0 = time.perf_counter()
         # Parameters are created directly on the device in the model dtype (torch.empty):
         # dummy weights are then drawn there, which takes well under a second for 8B.

@@ -81,6 +81,17 @@ def _shares_uncached_prefix(key: list[int], cached: int,
     return any(r.fill_ids[cached:cached + SHARED_PREFIX_MIN] == probe for r, _ in admitted)
 
 
+def _known_ids(req: Req, start: int, n: int) -> list[int]:
+    """req.fill_ids[start:start + n] without building fill_ids (O(n), not O(seq_len):
+    a decode step asks this of every running request)."""
+    p = len(req.prompt_ids)
+    if start >= p:
+        return req.output_ids[start - p:start - p + n]
+    if start + n <= p:
+        return req.prompt_ids[start:start + n]
+    return req.prompt_ids[start:] + req.output_ids[:start + n - p]
+
+
 class Scheduler:
     def __init__(self, *, req_pool: ReqToTokenPool, allocator: TokenSlotAllocator, cache,
                  max_running: int, chunk_size: int, max_prefill_tokens: int, context_len: int,
@@ -282,8 +293,7 @@ class Scheduler:
         placeholders = False
         for req, n in plan:
             start = req.num_computed
-            known = req.fill_ids
-            ids = known[start:start + n]
+            ids = _known_ids(req, start, n)
             if len(ids) < n:  # the last token is in flight: a placeholder for it
                 ids = ids + [-1 - req.extra_sample_row]
                 placeholders = True

