@@ -71,6 +71,7 @@ setup_device() {
 # step NAME TIMEOUT CMD...: run with a time limit, log under $OUT, never stop the suite
 step() {
   local name=$1 limit=$2; shift 2
+  [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]] && return  # ONLY="a b": run just those
   local t=$SECONDS left=$((DEADLINE - SECONDS - 20))
   (( limit > left )) && limit=$left
   (( limit < 10 )) && { echo "=== $name skipped: out of time"; return; }
@@ -96,7 +97,7 @@ run() {
   step offline 200 python3 bench/offline.py $M --attention-backend flashinfer --workload W1 W400 W1000 WP --out "$R"
   step hf 110 python3 bench/hf_baseline.py --workload W1 W400 --max-prompts ${HF_PROMPTS:-128} --out "$R"
   step one_batch 80 python3 bench/one_batch.py $M --batch-size 1 16 --input-len 1024 --output-len 32 --out "$R"
-  if [[ $HAVE_GGUF == 1 ]]; then
+  if [[ $HAVE_GGUF == 1 || -n ${ONLY:-} ]]; then
     step check_smollm2 100 python3 bench/gpu_checks.py smollm2 --ref $CARRY/smollm2_cpu_ref.json --out "$R"
   else
     echo "=== check_smollm2 skipped: the GGUF's first half is not on this machine (run 'stage' first)"
@@ -104,6 +105,8 @@ run() {
   step check_graphs 60 python3 bench/gpu_checks.py graphs --out "$R"
   step offline_torch 60 python3 bench/offline.py $M --attention-backend torch --workload W1 --out "$R" --tag torch-backend
   step offline_detok 70 python3 bench/offline.py $M --attention-backend flashinfer --workload W400 --detokenize --tokenizer-path $CARRY/tok --out "$R"
+  step offline_bs256 60 python3 bench/offline.py $M --attention-backend flashinfer --workload W400 --max-running-requests 256 --out "$R" --tag max-running-256
+  step offline_wp_noradix 70 python3 bench/offline.py $M --attention-backend flashinfer --workload WP --disable-radix-cache --out "$R" --tag no-radix-cache
   # $OUT returns at most 8 files: the logs travel as one archive
   tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
   python3 bench/gpu_suite_carry.py table "$R"

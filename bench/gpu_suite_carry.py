@@ -132,7 +132,8 @@ def table(path: str) -> None:
               f"{r['gpu_idle_share'] if 'gpu_idle_share' in r else float('nan'):>7.1%}"
               f"{loop if loop else float('nan'):>8.2f}"
               + (f"  ERROR {r['error'][:60]}" if "error" in r else "")
-              + (f"  start-up {r['startup_s']}s" if r.get("workload") == "W1" and "startup_s" in r else ""))
+              + (f"  start-up {r['startup_s']}s" if r.get("workload") == "W1" and "startup_s" in r else "")
+              + (f"  [{r['tag']}]" if r.get("tag") else ""))
     for r in rows:
         if r.get("bench") == "one_batch":
             print(f"one_batch bs={r['batch_size']:<3} in={r['input_len']}: prefill {r['prefill_ms']:.1f} ms "

@@ -43,7 +43,7 @@ def st_vectors():
     return st.encode(TEXTS, convert_to_tensor=True)
 
 
-@pytest.fixture(scope="module", loop_scope="module")
+@pytest.fixture(scope="module")
 async def minilm():
     engine = Engine(is_embedding=True)  # no model: the embedded all-MiniLM-L6-v2
     await engine.start()

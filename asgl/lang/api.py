@@ -1,0 +1,201 @@
+"""The language's primitives: `function`, `gen`, `select`, `image`, roles, backends.
+
+    @function
+    def qa(s, question):
+        s += user(question)
+        s += assistant(gen("answer", max_tokens=64))
+
+    @function
+    async def qa_async(s, question):
+        s += user(question)
+        with s.assistant():
+            answer = await s.gen("answer", max_tokens=64)
+
+    set_default_backend(RuntimeEndpoint("http://localhost:30000"))
+    qa.run(question="...")["answer"]          # or: (await qa_async.arun(question=...))
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Optional, Union
+
+from asgl.lang import interpreter, ir, sampling
+from asgl.lang.backends.base import Backend
+from asgl.lang.images import load_image
+from asgl.lang.state import ProgramState
+
+_default_backend: Optional[Backend] = None
+
+
+def set_default_backend(backend: Backend) -> None:
+    global _default_backend
+    _default_backend = backend
+
+
+def get_default_backend() -> Optional[Backend]:
+    return _default_backend
+
+
+def _backend(backend: Optional[Backend]) -> Backend:
+    backend = backend or _default_backend
+    if backend is None:
+        raise RuntimeError("no backend: call set_default_backend(RuntimeEndpoint(url)) (or "
+                           "Runtime(), OpenAI(model), Anthropic(model)), or pass backend=")
+    return backend
+
+
+# ---------------------------------------------------------------------- expressions
+def gen(name: Optional[str] = None, max_tokens: Optional[int] = None, *,
+        min_tokens: Optional[int] = None, stop: Union[str, list[str], None] = None,
+        stop_token_ids: Optional[list[int]] = None, temperature: Optional[float] = None,
+        top_p: Optional[float] = None, top_k: Optional[int] = None,
+        min_p: Optional[float] = None, frequency_penalty: Optional[float] = None,
+        presence_penalty: Optional[float] = None, repetition_penalty: Optional[float] = None,
+        ignore_eos: Optional[bool] = None, seed: Optional[int] = None,
+        regex: Optional[str] = None, json_schema: Any = None,
+        choices: Optional[list[str]] = None) -> Union[ir.Gen, ir.Select]:
+    """Generate text into the state (and into `s[name]`). With `choices`, a `select`."""
+    if choices is not None:
+        return select(name, choices, temperature=temperature or 0.0)
+    params = sampling.clean(dict(
+        max_new_tokens=max_tokens, min_new_tokens=min_tokens, stop=stop,
+        stop_token_ids=stop_token_ids, temperature=temperature, top_p=top_p, top_k=top_k,
+        min_p=min_p, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+        repetition_penalty=repetition_penalty, ignore_eos=ignore_eos, seed=seed, regex=regex,
+        json_schema=json_schema))
+    if "regex" in params and "json_schema" in params:
+        raise ValueError("give at most one of regex and json_schema")
+    return ir.Gen(name, params)
+
+
+def select(name: Optional[str] = None, choices: Optional[list[str]] = None,
+           temperature: float = 0.0) -> ir.Select:
+    """Append the most likely of `choices` (token-length-normalized log-probability on
+    backends that score prompts; a constrained generation on the others)."""
+    choices = list(choices or [])
+    if not choices or not all(isinstance(c, str) and c for c in choices):
+        raise ValueError(f"select needs a list of non-empty strings, got {choices!r}")
+    return ir.Select(name, choices, temperature)
+
+
+def image(source: Any) -> ir.Image:
+    """An image input: a file path, an http(s)/data URL, or bytes."""
+    return ir.Image(load_image(source))
+
+
+def system(expr: Any = None) -> ir.Concat:
+    return ir.role("system", expr)
+
+
+def user(expr: Any = None) -> ir.Concat:
+    return ir.role("user", expr)
+
+
+def assistant(expr: Any = None) -> ir.Concat:
+    return ir.role("assistant", expr)
+
+
+def system_begin() -> ir.RoleBegin:
+    return ir.RoleBegin("system")
+
+
+def system_end() -> ir.RoleEnd:
+    return ir.RoleEnd("system")
+
+
+def user_begin() -> ir.RoleBegin:
+    return ir.RoleBegin("user")
+
+
+def user_end() -> ir.RoleEnd:
+    return ir.RoleEnd("user")
+
+
+def assistant_begin() -> ir.RoleBegin:
+    return ir.RoleBegin("assistant")
+
+
+def assistant_end() -> ir.RoleEnd:
+    return ir.RoleEnd("assistant")
+
+
+def fork(state: ProgramState, n: int = 1) -> list[ProgramState]:
+    return state.fork(n)
+
+
+# ---------------------------------------------------------------------- programs
+class Program:
+    """A function decorated with `@function`: `def` or `async def`, taking the state first."""
+
+    def __init__(self, fn: Callable[..., Any]):
+        params = list(inspect.signature(fn).parameters.values())
+        if not params:
+            raise TypeError(f"{fn.__name__} must take the program state as its first argument")
+        self.fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self._signature = inspect.signature(fn)
+        self._names = {p.name for p in params[1:]}
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, s: ProgramState, *args: Any, **kwargs: Any) -> Any:
+        """Call the body on an existing state: programs compose."""
+        return self.fn(s, *args, **kwargs)
+
+    def _bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, dict]:
+        """(positional args, keyword args, sampling defaults); a wrong call fails here."""
+        program_kwargs, defaults = sampling.split_run_kwargs(kwargs, self._names)
+        bound = self._signature.bind(None, *args, **program_kwargs)
+        return bound.args[1:], bound.kwargs, defaults
+
+    def run(self, *args: Any, backend: Optional[Backend] = None, stream: bool = False,
+            **kwargs: Any) -> ProgramState:
+        """Run to completion and return the state (raises the program's error). Sampling
+        parameters given here (`temperature=0`, `max_new_tokens=...`) are defaults for
+        every gen. With `stream=True` it returns at once: follow `state.text_iter()`."""
+        args, kwargs, defaults = self._bind(args, kwargs)
+        return interpreter.run(self, args, kwargs, _backend(backend), defaults, stream)
+
+    async def arun(self, *args: Any, backend: Optional[Backend] = None, stream: bool = False,
+                   **kwargs: Any) -> ProgramState:
+        """`run` for async code; with `stream=True`, iterate with `async for piece in state`."""
+        args, kwargs, defaults = self._bind(args, kwargs)
+        return await interpreter.arun(self, args, kwargs, _backend(backend), defaults, stream)
+
+    def _batch(self, batch: list, kwargs: dict) -> list[tuple[tuple, dict, dict]]:
+        """(args, kwargs, sampling defaults) per program; an item may set its own defaults."""
+        program_kwargs, defaults = sampling.split_run_kwargs(kwargs, set())
+        if program_kwargs:
+            raise TypeError(f"unknown run_batch options: {', '.join(program_kwargs)}")
+        calls = []
+        for item in batch:
+            a, k = ((), dict(item)) if isinstance(item, dict) else (tuple(item), {})
+            a, k, own = self._bind(a, k)
+            calls.append((a, k, {**defaults, **own}))
+        return calls
+
+    def run_batch(self, batch: list, *, backend: Optional[Backend] = None,
+                  progress_bar: bool = False, max_concurrency: Optional[int] = None,
+                  num_threads: Union[int, str, None] = None, **kwargs: Any) -> list[ProgramState]:
+        """Run every program of `batch` (dicts of arguments) concurrently, at most
+        `max_concurrency` at a time (`num_threads` is SGLang's name for it), so the
+        runtime batches them. Failed programs keep their error in `state.error()`."""
+        limit = max_concurrency or (num_threads if isinstance(num_threads, int) else None)
+        return interpreter.run_batch(self, self._batch(batch, kwargs), _backend(backend), limit,
+                                     progress_bar)
+
+    async def arun_batch(self, batch: list, *, backend: Optional[Backend] = None,
+                         progress_bar: bool = False, max_concurrency: Optional[int] = None,
+                         **kwargs: Any) -> list[ProgramState]:
+        return await interpreter.arun_batch(self, self._batch(batch, kwargs), _backend(backend),
+                                            max_concurrency, progress_bar)
+
+
+def function(fn: Optional[Callable[..., Any]] = None, **options: Any) -> Any:
+    """Decorate a program: `@function` or `@function()`."""
+    if options:
+        raise TypeError(f"unknown function options: {', '.join(options)}")
+    if fn is None:
+        return Program
+    return Program(fn)

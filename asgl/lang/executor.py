@@ -1,0 +1,295 @@
+"""Executor: one program state's operations, run in order on the interpreter's event loop.
+
+The program (a thread for `def` programs, a coroutine for `async def` ones) only submits
+operations: `s += x` queues them and returns; `await s.gen(...)` queues one and awaits its
+result; reading `s["x"]` in a `def` program blocks until the queue has reached it. Each
+state has its own queue, so forked branches (each a state) run concurrently.
+
+Thread rules: `submit`, `fork`, `subscribe` and the counters may be used from any thread;
+everything else runs on the interpreter's loop. `_lock` guards the text against stream
+subscribers reading it from other threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from asgl.lang import interpreter, ir, sampling
+from asgl.lang.backends.base import Backend, Prompt
+from asgl.lang.chat import ChatTemplate, text_only
+from asgl.lang.images import ImageData
+
+
+class ProgramError(RuntimeError):
+    """A program used the language wrongly (e.g. roles out of order)."""
+
+
+class Barrier:
+    """An operation that does nothing: its completion means every earlier one is done."""
+
+
+@dataclass(eq=False)
+class ForkOp:
+    children: list["Executor"]
+
+
+@dataclass
+class StreamEnd:
+    error: Optional[BaseException] = None
+
+
+class Executor:
+    def __init__(self, backend: Backend, defaults: dict, *, stream: bool = False,
+                 ready: bool = True):
+        self.backend = backend
+        self.defaults = defaults
+        self.stream = stream  # generate with the backend's streaming API (text_iter)
+        self.loop = interpreter.loop()
+        self.text = ""
+        self.vars: dict[str, Any] = {}
+        self.meta: dict[str, dict] = {}
+        self.messages: list[dict] = []
+        self.images: list[ImageData] = []
+        self.role: Optional[str] = None  # the open role
+        self._role_start = 0  # where its content starts in `text`
+        self._role_images: list[tuple[int, ImageData]] = []  # (offset in content, image)
+        self.error: Optional[BaseException] = None
+        self.children: list[Executor] = []
+        self._template: Optional[ChatTemplate] = None
+        self._ops: deque = deque()
+        self._task: Optional[asyncio.Task] = None
+        self._ready = ready  # a fork branch waits for its parent's state
+        self._submitted = 0  # written by the program's thread only
+        self._completed = 0  # written on the loop only
+        self._lock = threading.Lock()
+        self._subs: list[tuple[Optional[str], Callable[[Any], None]]] = []
+        self._partial: dict[str, str] = {}  # variables being streamed
+        self._closed: Optional[StreamEnd] = None
+
+    # ------------------------------------------------------------------ any thread
+    def submit(self, op: Any) -> cf.Future:
+        future: cf.Future = cf.Future()
+        self._submitted += 1
+        self.loop.call_soon_threadsafe(self._enqueue, op, future)
+        return future
+
+    def submit_expr(self, expr: Any) -> None:
+        for op in ir.flatten(expr):  # type errors surface here, before anything is queued
+            self.submit(op)
+
+    @property
+    def idle(self) -> bool:
+        return self._completed >= self._submitted
+
+    def fork(self, n: int) -> list["Executor"]:
+        if n < 1:
+            raise ValueError(f"fork needs n >= 1, got {n}")
+        children = [Executor(self.backend, self.defaults, ready=False) for _ in range(n)]
+        self.children.extend(children)
+        self.submit(ForkOp(children))
+        return children
+
+    def finish(self) -> cf.Future:
+        """Done when this state and its branches have run every operation."""
+        return asyncio.run_coroutine_threadsafe(self._finish(), self.loop)
+
+    def abandon(self, error: BaseException) -> None:
+        """The program failed: fail what is still queued instead of running it."""
+        self.loop.call_soon_threadsafe(self._set_error, error)
+
+    def subscribe(self, var: Optional[str], push: Callable[[Any], None]) -> None:
+        """`push` gets the text so far (of `var`, or all), then each new piece, then a
+        StreamEnd."""
+        with self._lock:
+            backlog = self.text if var is None else self.vars.get(var, self._partial.get(var))
+            if backlog:
+                push(str(backlog))
+            if self._closed is not None:
+                push(self._closed)
+            else:
+                self._subs.append((var, push))
+
+    def close_stream(self, error: Optional[BaseException] = None) -> None:
+        with self._lock:
+            self._closed = StreamEnd(error)
+            for _, push in self._subs:
+                push(self._closed)
+            self._subs.clear()
+        for child in self.children:
+            child.close_stream(error)
+
+    # ------------------------------------------------------------------ the loop
+    def _enqueue(self, op: Any, future: cf.Future) -> None:
+        self._ops.append((op, future))
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._ready and self._task is None and self._ops:
+            self._task = self.loop.create_task(self._drain())
+
+    def _set_error(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+
+    async def _drain(self) -> None:
+        try:
+            while self._ops:
+                op, future = self._ops.popleft()
+                result, error = None, self.error
+                if error is None:
+                    try:
+                        result = await self._run(op)
+                    except Exception as e:
+                        error = self.error = e
+                if error is not None and isinstance(op, ForkOp):
+                    for child in op.children:  # they will never get a state: fail them
+                        child._set_error(error)
+                        child._start()
+                self._completed += 1
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+        finally:
+            self._task = None
+            self._kick()  # operations that arrived as we were finishing
+
+    async def _finish(self) -> None:
+        await asyncio.wrap_future(self.submit(Barrier()))
+        for child in list(self.children):
+            await child._finish()
+
+    async def _run(self, op: Any) -> Any:
+        if isinstance(op, str):
+            self._append(op)
+        elif isinstance(op, ir.Gen):
+            return await self._gen(op)
+        elif isinstance(op, ir.Select):
+            return await self._select(op)
+        elif isinstance(op, ir.RoleBegin):
+            await self._role_begin(op.role)
+        elif isinstance(op, ir.RoleEnd):
+            await self._role_end(op.role)
+        elif isinstance(op, ir.Image):
+            self._image(op.data)
+        elif isinstance(op, ForkOp):
+            await self._fork(op.children)
+        elif not isinstance(op, Barrier):
+            raise TypeError(f"unknown operation {op!r}")
+        return None
+
+    # ------------------------------------------------------------------ operations
+    def _append(self, text: str, var: Optional[str] = None) -> None:
+        if not text:
+            return
+        with self._lock:
+            self.text += text
+            if var is not None:
+                self._partial[var] = self._partial.get(var, "") + text
+            for sub_var, push in self._subs:
+                if sub_var is None or sub_var == var:
+                    push(text)
+
+    def _store(self, name: Optional[str], value: str, meta: dict) -> None:
+        if name is not None:
+            with self._lock:
+                self.vars[name] = value
+                self.meta[name] = meta
+                self._partial.pop(name, None)
+
+    async def _gen(self, op: ir.Gen) -> str:
+        params = sampling.merge(self.defaults, op.params)
+        prompt = self._prompt()
+        if not self.stream:
+            result = await self.backend.generate(prompt, params)
+            self._append(result.text, op.name)
+            text, meta = result.text, result.meta
+        else:
+            pieces, meta = [], {}
+            async for event in self.backend.stream(prompt, params):
+                pieces.append(event.text)
+                self._append(event.text, op.name)
+                if event.meta is not None:
+                    meta = event.meta
+            text = "".join(pieces)
+        self._store(op.name, text, meta)
+        return text
+
+    async def _select(self, op: ir.Select) -> str:
+        result = await self.backend.select(self._prompt(), op.choices,
+                                           {"temperature": op.temperature})
+        self._append(result.choice, op.name)
+        self._store(op.name, result.choice, result.meta)
+        return result.choice
+
+    async def _chat_template(self) -> ChatTemplate:
+        if self._template is None:
+            self._template = await self.backend.chat_template()
+        return self._template
+
+    async def _role_begin(self, role: str) -> None:
+        if self.role is not None:
+            raise ProgramError(f"cannot begin a {role!r} turn while the {self.role!r} turn is "
+                               f"open: end it first")
+        template = await self._chat_template()
+        self._append(template.prefix(text_only(self.messages), role))
+        self.role, self._role_start, self._role_images = role, len(self.text), []
+
+    async def _role_end(self, role: str) -> None:
+        if self.role != role:
+            raise ProgramError(f"{role}_end() without an open {role!r} turn (open: {self.role!r})")
+        template = await self._chat_template()
+        history = text_only(self.messages)
+        self.messages.append({"role": role, "content": self._open_content()})
+        self.role = None
+        self._append(template.suffix(history, role))
+
+    def _open_content(self) -> Any:
+        """The open role's content: text, or OpenAI-style parts when it holds images."""
+        text = self.text[self._role_start:]
+        if not self._role_images:
+            return text
+        parts, pos = [], 0
+        for offset, image in self._role_images:
+            if offset > pos:
+                parts.append({"type": "text", "text": text[pos:offset]})
+            parts.append(image.openai_part())
+            pos = offset
+        if pos < len(text):
+            parts.append({"type": "text", "text": text[pos:]})
+        return parts
+
+    def _image(self, image: ImageData) -> None:
+        self.images.append(image)
+        if self.role is not None:
+            self._role_images.append((len(self.text) - self._role_start, image))
+
+    def _prompt(self) -> Prompt:
+        return Prompt(self.text, list(self.messages), self.role,
+                      self._open_content() if self.role is not None else "", list(self.images))
+
+    async def _fork(self, children: list["Executor"]) -> None:
+        for child in children:
+            child._copy_from(self)
+        if len(children) > 1:
+            # Branches start together: have the shared prefix cached first, so it is
+            # computed once rather than by every branch at the same time.
+            await self.backend.cache_prefix(self._prompt())
+        for child in children:
+            child._start()
+
+    def _copy_from(self, parent: "Executor") -> None:
+        self.text, self.vars, self.meta = parent.text, dict(parent.vars), dict(parent.meta)
+        self.messages, self.images = list(parent.messages), list(parent.images)
+        self.role, self._role_start = parent.role, parent._role_start
+        self._role_images = list(parent._role_images)
+        self._template, self.stream = parent._template, parent.stream
+
+    def _start(self) -> None:
+        self._ready = True
+        self._kick()
