@@ -16,7 +16,6 @@ N's results are applied, so the device never waits for this Python.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import time
@@ -37,6 +36,7 @@ from asgl.engine.worker import DeviceWorker
 logger = logging.getLogger(__name__)
 
 PromptType = Union[str, list[int], None]
+LOG_INTERVAL_S = 10.0
 # Tokenizing this many characters can take milliseconds: do it off the loop.
 _OFFLOAD_TOKENIZE_CHARS = 4096
 
@@ -57,7 +57,7 @@ class Engine:
         self._streams: dict[str, RequestStream] = {}
         self._wake: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
-        self._rid_counter = itertools.count()
+        self._last_log = (time.monotonic(), 0)  # (when, generated tokens then)
         self.embedder = None  # an embedding engine's Embedder (is_embedding)
 
     # ------------------------------------------------------------------ life cycle
@@ -378,7 +378,24 @@ class Engine:
                 self._fail_all()
                 inflight = None
             if inflight is None:  # (with a step in flight the next iteration yields above)
+                self._maybe_log_stats()
                 await asyncio.sleep(0)  # let HTTP handlers and streams run
+
+    def _maybe_log_stats(self) -> None:
+        """One line every LOG_INTERVAL_S while busy: load, memory, cache hits, throughput."""
+        now = time.monotonic()
+        last = self._last_log
+        if now - last[0] < LOG_INTERVAL_S:
+            return
+        stats = self.scheduler.stats
+        rate = (stats.generated_tokens - last[1]) / (now - last[0])
+        self._last_log = (now, stats.generated_tokens)
+        used = 1 - self.allocator.available() / self.allocator.capacity
+        hit = stats.cached_tokens / stats.prompt_tokens if stats.prompt_tokens else 0.0
+        logger.info("running %d, waiting %d, KV used %.1f%% (cached %d tokens), prefix-cache "
+                    "hit rate %.1f%%, generation %.1f tok/s", len(self.scheduler.running),
+                    len(self.scheduler.waiting), used * 100, self.cache.total_size(), hit * 100,
+                    rate)
 
     def _submit_step(self, batch: ScheduledBatch) -> asyncio.Future:
         from asgl.engine.sampler import SamplingBatch

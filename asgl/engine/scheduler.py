@@ -361,6 +361,7 @@ class Scheduler:
         and returns them.
         """
         released = []
+        self.stats.generated_tokens += len(batch.sampling_reqs)
         for req in batch.reqs:
             req.inflight_steps -= 1
             if req.finished and req.inflight_steps == 0 and req.state == ReqState.RUNNING:
