@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -68,7 +68,6 @@ class SchedulerStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
-    step_times: list = field(default_factory=list)
 
 
 def _shares_uncached_prefix(key: list[int], cached: int,
@@ -130,7 +129,7 @@ class Scheduler:
         if req.state == ReqState.WAITING:
             self.waiting.remove(req)
             self._release(req)
-        elif req.num_inflight == 0:
+        elif req.inflight_steps == 0:  # else finish_step releases it after its last step
             self.running.remove(req)
             self._release(req)
 
@@ -157,10 +156,11 @@ class Scheduler:
             if not allow_retract:
                 return NEED_DRAIN
             plan = self._retract_until_fits(plan)
+            need = sum(n for _, n in plan)
             if not plan and not self.waiting:
                 return None
         # 2. admit waiting requests while the budget, the rows and the memory allow.
-        admitted = self._admit(budget, reserved=need if plan else 0)
+        admitted = self._admit(budget, reserved=need)
         plan.extend(admitted)
         if not plan:
             return None
@@ -378,12 +378,6 @@ class Scheduler:
             self.cache.cache_finished_req(req)
         req.state = ReqState.FINISHED
         req.cache_node = None
-
-    def release_finished_idle(self) -> None:
-        """Release finished requests that no step uses (aborts between steps)."""
-        for req in [r for r in self.running if r.finished and r.inflight_steps == 0]:
-            self.running.remove(req)
-            self._release(req)
 
     # ------------------------------------------------------------------ checks
     def check_integrity(self) -> None:

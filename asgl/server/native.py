@@ -238,7 +238,7 @@ async def get_server_info(request: web.Request) -> web.Response:
         "uptime_s": round(time.time() - state.started_at, 3),
         "draining": state.draining,
         "memory_state": engine.memory_state(),
-        "scheduler_stats": {k: v for k, v in vars(stats).items() if k != "step_times"}
+        "scheduler_stats": dict(vars(stats))
         if stats is not None else None,
     })
     return json_response(info)
