@@ -5,7 +5,16 @@ from asgl.engine.engine import Engine
 from asgl.engine.outputs import GenerateOutput, StreamChunk
 from asgl.engine.sampling_params import InvalidRequest, SamplingParams
 from asgl.engine.sync_engine import LLM
+from asgl.lang import (Anthropic, BackendError, OpenAI, Runtime, RuntimeEndpoint, assistant,
+                       assistant_begin, assistant_end, fork, function, gen, image, select,
+                       set_default_backend, system, system_begin, system_end, user,
+                       user_begin, user_end)
 
 __all__ = ["Engine", "EngineConfig", "GenerateOutput", "InvalidRequest", "LLM",
-           "SamplingParams", "StreamChunk"]
+           "SamplingParams", "StreamChunk",
+           # the frontend language (asgl.lang)
+           "Anthropic", "BackendError", "OpenAI", "Runtime", "RuntimeEndpoint", "assistant",
+           "assistant_begin", "assistant_end", "fork", "function", "gen", "image", "select",
+           "set_default_backend", "system", "system_begin", "system_end", "user",
+           "user_begin", "user_end"]
 __version__ = "0.1.0"

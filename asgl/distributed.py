@@ -11,13 +11,22 @@ must be set up (`init_distributed`) before the model is constructed.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import timedelta
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 _TP_GROUP: Optional[dist.ProcessGroup] = None
+# A gloo group over the same ranks for host-side control traffic (each step's batch from
+# rank 0, start-up agreements). Separate from the device group because (1) with NCCL the
+# step header must travel on the host, and (2) ranks >= 1 wait on it for as long as the
+# server idles, so it gets a timeout far beyond the device group's.
+_CPU_GROUP: Optional[dist.ProcessGroup] = None
+_CONTROL_TIMEOUT = timedelta(days=365)
+# Set while building a shape template of the unsharded model (see single_rank_view).
+_SINGLE_RANK_VIEW = False
 
 
 def init_distributed(world_size: int, rank: int, init_method: str = "env://",
@@ -29,7 +38,7 @@ def init_distributed(world_size: int, rank: int, init_method: str = "env://",
     "file:///path" (tests) or "env://". `backend` defaults to NCCL for CUDA devices and gloo
     otherwise. A CUDA `device` is made current first, since NCCL binds to it.
     """
-    global _TP_GROUP
+    global _TP_GROUP, _CPU_GROUP
     device = torch.device(device) if device is not None else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -40,11 +49,13 @@ def init_distributed(world_size: int, rank: int, init_method: str = "env://",
     if dist.get_world_size() != world_size:
         raise RuntimeError(f"process group has {dist.get_world_size()} ranks, expected {world_size}")
     _TP_GROUP = dist.group.WORLD
+    # new_group is collective: every rank creates it here, in the same order.
+    _CPU_GROUP = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
 
 
 def destroy_distributed() -> None:
-    global _TP_GROUP
-    _TP_GROUP = None
+    global _TP_GROUP, _CPU_GROUP
+    _TP_GROUP = _CPU_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -56,14 +67,35 @@ def get_tp_group() -> Optional[dist.ProcessGroup]:
     return _TP_GROUP
 
 
+def get_cpu_group() -> Optional[dist.ProcessGroup]:
+    """The gloo control group over the TP ranks (None on one rank)."""
+    return _CPU_GROUP if dist.is_initialized() else None
+
+
 def get_tp_size() -> int:
+    if _SINGLE_RANK_VIEW:
+        return 1
     group = get_tp_group()
     return 1 if group is None else dist.get_world_size(group)
 
 
 def get_tp_rank() -> int:
+    if _SINGLE_RANK_VIEW:
+        return 0
     group = get_tp_group()
     return 0 if group is None else dist.get_rank(group)
+
+
+@contextlib.contextmanager
+def single_rank_view() -> Iterator[None]:
+    """Layers built inside see rank 0 of 1: used to get the unsharded parameter shapes (on
+    the meta device) while the process group is up. Build nothing else meanwhile."""
+    global _SINGLE_RANK_VIEW
+    prev, _SINGLE_RANK_VIEW = _SINGLE_RANK_VIEW, True
+    try:
+        yield
+    finally:
+        _SINGLE_RANK_VIEW = prev
 
 
 def tensor_model_parallel_all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,8 @@ class PoolingConfig:
         return self.hidden_size * len(self.modes)
 
     @classmethod
-    def discover(cls, model_dir: Optional[str], hf_config: Any, default_mode: str) -> "PoolingConfig":
+    def discover(cls, model_dir: Optional[str], hf_config: Any,
+                 default_mode: str) -> "PoolingConfig":
         """From the sentence-transformers files in `model_dir`, else the model's default."""
         hidden = int(hf_config.hidden_size)
         dims = getattr(hf_config, "matryoshka_dimensions", None)
@@ -219,7 +220,8 @@ class Embedder:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="asgl-embedder")
 
     @classmethod
-    async def create(cls, cfg: EngineConfig, source: Any, tokenizer: Any, worker: Any) -> "Embedder":
+    async def create(cls, cfg: EngineConfig, source: Any, tokenizer: Any,
+                     worker: Any) -> "Embedder":
         """Load the model on the worker (with an encoder-capable attention backend)."""
         from asgl.engine.model_runner import ModelRunner, resolve_device
 
@@ -269,11 +271,12 @@ class Embedder:
     def memory_state(self) -> dict:
         """Engine.memory_state's shape: no KV pool, so capacity 0."""
         return {"capacity": 0, "free": 0, "cached": 0, "running": self._running,
-                "waiting": sum(not it.future.done() for it in self._queue)}
+                "waiting": self.num_waiting}
 
     @property
     def num_waiting(self) -> int:
-        return len(self._queue)
+        """Queued inputs whose callers still wait."""
+        return sum(not it.future.done() for it in self._queue)
 
     async def close(self) -> None:
         self._closing = True

@@ -20,7 +20,7 @@ import logging
 import random
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Union
 
 import msgspec
 
@@ -32,6 +32,9 @@ from asgl.engine.req import Req
 from asgl.engine.sampling_params import InvalidRequest, SamplingParams
 from asgl.engine.scheduler import NEED_DRAIN, ScheduledBatch, Scheduler
 from asgl.engine.worker import DeviceWorker
+
+if TYPE_CHECKING:
+    from asgl.engine.embedder import EmbeddingOutput
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +232,8 @@ class Engine:
             raise InvalidRequest("this engine has no tokenizer: send input_ids", "text")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    async def embed(self, inputs: Any, *, truncate: bool = False, dimensions: Optional[int] = None):
+    async def embed(self, inputs: Any, *, truncate: bool = False, dimensions: Optional[int] = None
+                    ) -> Union["EmbeddingOutput", list["EmbeddingOutput"]]:
         """Embeddings of a text, a list of texts, a token-id list or a list of those (an
         engine started with is_embedding=True): one EmbeddingOutput for a single input, a
         list for a list. Inputs longer than the context are refused unless `truncate`;

@@ -1,0 +1,19 @@
+"""asgl.lang: a language for LLM programs (SGLang's frontend, asyncio-native).
+
+Programs are functions of a state: `s += text`, `s += gen(...)` (or `await s.gen(...)` in
+`async def` programs), `select`, `fork`, `image`, and chat roles. See api.py.
+"""
+
+from asgl.lang.api import (Program, assistant, assistant_begin, assistant_end, fork, function,
+                           gen, get_default_backend, image, select, set_default_backend,
+                           system, system_begin, system_end, user, user_begin, user_end)
+from asgl.lang.backends import (Anthropic, Backend, BackendError, OpenAI, Runtime,
+                                RuntimeEndpoint)
+from asgl.lang.executor import ProgramError
+from asgl.lang.state import ForkGroup, ProgramState
+
+__all__ = ["Anthropic", "Backend", "BackendError", "ForkGroup", "OpenAI", "Program",
+           "ProgramError", "ProgramState", "Runtime", "RuntimeEndpoint", "assistant",
+           "assistant_begin", "assistant_end", "fork", "function", "gen",
+           "get_default_backend", "image", "select", "set_default_backend", "system",
+           "system_begin", "system_end", "user", "user_begin", "user_end"]

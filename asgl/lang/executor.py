@@ -58,6 +58,7 @@ class Executor:
         self.role: Optional[str] = None  # the open role
         self._role_start = 0  # where its content starts in `text`
         self._role_images: list[tuple[int, ImageData]] = []  # (offset in content, image)
+        self._chat_text = ""  # the turns as written: openings, contents, closings
         self.error: Optional[BaseException] = None
         self.children: list[Executor] = []
         self._template: Optional[ChatTemplate] = None
@@ -237,7 +238,9 @@ class Executor:
             raise ProgramError(f"cannot begin a {role!r} turn while the {self.role!r} turn is "
                                f"open: end it first")
         template = await self._chat_template()
-        self._append(template.prefix(text_only(self.messages), role))
+        prefix = template.prefix(text_only(self.messages), self._chat_text, role)
+        self._append(prefix)
+        self._chat_text += prefix
         self.role, self._role_start, self._role_images = role, len(self.text), []
 
     async def _role_end(self, role: str) -> None:
@@ -245,9 +248,12 @@ class Executor:
             raise ProgramError(f"{role}_end() without an open {role!r} turn (open: {self.role!r})")
         template = await self._chat_template()
         history = text_only(self.messages)
-        self.messages.append({"role": role, "content": self._open_content()})
+        message = {"role": role, "content": self._open_content()}
+        self.messages.append(message)
         self.role = None
-        self._append(template.suffix(history, role))
+        suffix = template.suffix(history, role)
+        self._append(suffix)
+        self._chat_text += text_only([message])[0]["content"] + suffix
 
     def _open_content(self) -> Any:
         """The open role's content: text, or OpenAI-style parts when it holds images."""
@@ -287,6 +293,7 @@ class Executor:
         self.text, self.vars, self.meta = parent.text, dict(parent.vars), dict(parent.meta)
         self.messages, self.images = list(parent.messages), list(parent.images)
         self.role, self._role_start = parent.role, parent._role_start
+        self._chat_text = parent._chat_text
         self._role_images = list(parent._role_images)
         self._template, self.stream = parent._template, parent.stream
 

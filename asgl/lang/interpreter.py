@@ -13,10 +13,12 @@ ordinary blocking code: it runs in a worker thread, submitting operations to thi
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures as cf
 import functools
 import logging
 import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Coroutine, Optional, TypeVar
 
 if TYPE_CHECKING:
@@ -45,6 +47,25 @@ def loop() -> asyncio.AbstractEventLoop:
             _thread = threading.Thread(target=_loop.run_forever, name="asgl-lang", daemon=True)
             _thread.start()
         return _loop
+
+
+def close_at_exit(resource: Any) -> None:
+    """`await resource.aclose()` on this loop when Python exits (HTTP sessions, engines)."""
+    _resources.add(resource)
+
+
+_resources: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    if _loop is None or not _loop.is_running():
+        return
+    for resource in list(_resources):
+        try:
+            asyncio.run_coroutine_threadsafe(resource.aclose(), _loop).result(timeout=10)
+        except Exception:  # exiting anyway
+            logger.debug("closing %r at exit failed", resource, exc_info=True)
 
 
 def in_loop_thread() -> bool:

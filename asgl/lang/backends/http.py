@@ -33,6 +33,8 @@ class HttpClient:
                 headers=self.headers, timeout=aiohttp.ClientTimeout(total=self.timeout),
                 connector=aiohttp.TCPConnector(limit=_MAX_CONNECTIONS))
             self._sessions[loop] = session
+            from asgl.lang import interpreter
+            interpreter.close_at_exit(self)
         return session
 
     async def get_json(self, path: str) -> Any:

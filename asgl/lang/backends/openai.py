@@ -17,6 +17,7 @@ import json
 import os
 from typing import Any, AsyncIterator, Optional
 
+from asgl.lang import interpreter
 from asgl.lang.backends.base import Backend, BackendError, GenResult, Prompt, StreamEvent
 
 # our names -> OpenAI's, for the parameters its API defines
@@ -52,7 +53,13 @@ class OpenAI(Backend):
         if loop not in self._clients:
             self._clients[loop] = openai.AsyncOpenAI(api_key=self.api_key, base_url=self.base_url,
                                                      **self._client_options)
+            interpreter.close_at_exit(self)
         return self._clients[loop]
+
+    async def aclose(self) -> None:
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.close()
 
     def _use_chat(self, prompt: Prompt) -> bool:
         return self.is_chat_model if self.is_chat_model is not None else prompt.has_roles

@@ -26,6 +26,7 @@ class Runtime(NativeBackend):
             engine = Engine(**engine_options)
             interpreter.call_sync(engine.start())
             self._owns_engine = True
+            interpreter.close_at_exit(self)
         elif engine_options:
             raise TypeError("give either a started engine or engine options, not both")
         else:
@@ -93,8 +94,11 @@ class Runtime(NativeBackend):
 
     def shutdown(self) -> None:
         """Stop the engine this Runtime started (an engine given to it is left running)."""
+        interpreter.call_sync(self.aclose())
+
+    async def aclose(self) -> None:
         if self._owns_engine:
-            interpreter.call_sync(self.engine.shutdown())
+            await self._on_engine(self.engine.shutdown())
 
 
 def _meta(out: Any) -> dict:
