@@ -45,6 +45,10 @@ class LLM:
                 *(self.engine.generate(p, sampling_params, **kwargs) for p in prompts)))
         return self._call(run())
 
+    def embed(self, inputs: Any, **kwargs: Any):
+        """Embeddings (an engine started with is_embedding=True); see Engine.embed."""
+        return self._call(self.engine.embed(inputs, **kwargs))
+
     def shutdown(self) -> None:
         if self._loop.is_running():
             self._call(self.engine.shutdown())

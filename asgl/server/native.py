@@ -200,12 +200,16 @@ async def health_generate(request: web.Request) -> web.Response:
     if state.draining:
         raise ApiError(503, "the server is shutting down")
     ids = [min(1, state.vocab_size - 1)]
-    try:
-        await asyncio.wait_for(state.engine.generate(
+    if state.config.is_embedding:  # an embedding engine proves itself by embedding
+        work = state.engine.embed([ids])
+    else:
+        work = state.engine.generate(
             input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0.0},
-            rid=f"health-{uuid.uuid4().hex}"), _HEALTH_TIMEOUT_S)
+            rid=f"health-{uuid.uuid4().hex}")
+    try:
+        await asyncio.wait_for(work, _HEALTH_TIMEOUT_S)
     except asyncio.TimeoutError:
-        raise ApiError(503, f"the engine did not generate a token in {_HEALTH_TIMEOUT_S} s")
+        raise ApiError(503, f"the engine did not answer in {_HEALTH_TIMEOUT_S} s")
     return web.Response(status=200)
 
 

@@ -11,6 +11,7 @@ from aiohttp import web
 import asgl
 from asgl.engine.sampling_params import SamplingParams
 from asgl.server.jsonio import json_response
+from asgl.server.embeddings import EmbeddingRequest, EncodeRequest
 from asgl.server.protocol import (AbortRequest, ChatCompletionRequest, CompletionRequest,
                                   GenerateRequest)
 
@@ -19,6 +20,8 @@ ROUTES = [
     ("post", "/generate", GenerateRequest, "SGLang native generation (single or batch)"),
     ("post", "/v1/completions", CompletionRequest, "OpenAI text completions"),
     ("post", "/v1/chat/completions", ChatCompletionRequest, "OpenAI chat completions"),
+    ("post", "/v1/embeddings", EmbeddingRequest, "OpenAI embeddings (--is-embedding)"),
+    ("post", "/encode", EncodeRequest, "SGLang native embeddings (--is-embedding)"),
     ("post", "/abort_request", AbortRequest, "abort a request by rid"),
     ("post", "/flush_cache", None, "drop the prefix cache"),
     ("get", "/v1/models", None, "the served model"),
