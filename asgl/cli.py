@@ -67,10 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from asgl.engine.sampling_params import InvalidRequest
+    from asgl.models.loader import ModelLoadError
+
     try:
         return args.func(args)
     except ConfigError as e:
         parser.error(str(e))
+    except (ModelLoadError, InvalidRequest) as e:  # the user's input: a message, no traceback
+        print(f"asgl: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return 0
