@@ -75,6 +75,18 @@ def test_logprobs(llm):
     assert all(lp <= 0 for lp, _ in out.input_token_logprobs[1:])
 
 
+def test_prompt_logprobs_do_not_depend_on_the_cache(llm):
+    prompt = PROMPTS[6] + " and then they all went home"
+    params = {"temperature": 0, "max_new_tokens": 1}
+    llm.engine.flush_cache()
+    cold = llm.generate(prompt, params, return_logprob=True, logprob_start_len=5)
+    warm = llm.generate(prompt, params, return_logprob=True, logprob_start_len=5)
+    assert warm.cached_tokens > 0
+    assert [t for _, t in warm.input_token_logprobs] == [t for _, t in cold.input_token_logprobs]
+    for (a, _), (b, _) in zip(warm.input_token_logprobs, cold.input_token_logprobs):
+        assert abs(a - b) < 1e-4
+
+
 def test_max_new_tokens_zero_gives_prompt_logprobs_only(llm):
     out = llm.generate(PROMPTS[3], {"max_new_tokens": 0}, return_logprob=True,
                        logprob_start_len=0)

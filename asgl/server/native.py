@@ -223,6 +223,8 @@ async def get_model_info(request: web.Request) -> web.Response:
         "is_generation": not cfg.is_embedding,
         "context_length": state.context_len,
         "vocab_size": state.vocab_size,
+        # the resolved template (tokenizer's or --chat-template), for frontend clients
+        "chat_template": getattr(state.engine, "chat_template", None),
     })
 
 
@@ -245,6 +247,9 @@ async def get_server_info(request: web.Request) -> web.Response:
         "scheduler_stats": dict(vars(stats))
         if stats is not None else None,
     })
+    grammar_cache = getattr(engine, "grammar_cache_info", None)
+    if grammar_cache is not None:  # compiled grammars held, and the cache's bounds
+        info["grammar_cache"] = grammar_cache()
     return json_response(info)
 
 
