@@ -100,8 +100,22 @@ class EngineConfig(msgspec.Struct, kw_only=True):
                 raise ConfigError(f"--{_flag(name)} must be >= 1")
         if not 0 <= self.node_rank < self.nnodes:
             raise ConfigError(f"--node-rank must be in [0, {self.nnodes})")
+        self._validate_parallelism()
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port must be in [0, 65535], got {self.port}")
+
+    def _validate_parallelism(self) -> None:
+        if self.tp_size % self.nnodes:
+            raise ConfigError(f"--tp {self.tp_size} must be a multiple of --nnodes "
+                              f"{self.nnodes} (each node runs tp/nnodes ranks)")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ConfigError("--nnodes > 1 needs --dist-init-addr host:port (node 0's address)")
+        if self.dist_init_addr and ":" not in self.dist_init_addr:
+            raise ConfigError(f"--dist-init-addr must be host:port, got {self.dist_init_addr!r}")
+        if self.dp_size > 1 and self.nnodes > 1:
+            raise ConfigError("--dp > 1 runs its replicas on one node: drop --nnodes")
+        if self.is_embedding and self.tp_size > 1:
+            raise ConfigError("--is-embedding runs on one rank: drop --tp")
 
     # ------------------------------------------------------------------ CLI
     @classmethod
@@ -202,6 +216,9 @@ _HELP: dict[str, str] = {
     "tp_size": "tensor parallel size",
     "dp_size": "data parallel replicas",
     "dist_init_addr": "host:port of rank 0 for multi-node runs",
+    "nnodes": "nodes the tensor-parallel ranks span (node k runs ranks k*tp/nnodes..)",
+    "node_rank": "this node's index; a node other than 0 runs its ranks and no server",
+    "enable_p2p_check": "check GPU peer-to-peer access first; NCCL avoids P2P where missing",
     "host": "address to listen on",
     "port": "port to listen on",
     "api_key": "require 'Authorization: Bearer KEY' on every route but /health",

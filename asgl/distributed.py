@@ -1,7 +1,7 @@
 """Tensor-parallel state and collectives.
 
-One process per rank (see DESIGN.md). Every rank of the world is one tensor-parallel rank
-for now (data parallelism, when it comes, will split the world into TP groups here).
+One process per rank (see DESIGN.md). Every rank of the world is one tensor-parallel rank:
+data parallelism (`--dp`) runs whole engines as separate processes, each with its own world.
 Without `torch.distributed` initialized the state is rank 0 of size 1, and the
 collectives are no-ops, so single-device code pays nothing for TP support.
 

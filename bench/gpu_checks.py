@@ -228,6 +228,51 @@ def graphs(args) -> None:
               f"{'PASS' if good else 'FAIL'}")
     append_record(args.out, {"bench": "check", "check": "cuda_graph_vs_eager", "pass": ok,
                              "cases": [{"bs": b, "rel_err": e, "pass": g} for b, e, g in records]})
+    _fused_vs_torch_layers(runner, pool, alloc, args)
+
+
+def _fused_vs_torch_layers(runner, pool, alloc, args) -> None:
+    """The same eager decode step with the fused Triton layers and with the torch ones:
+    hidden states (bf16, 4 layers) and the kernels each launches (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from asgl.engine.forward_batch import ForwardMode
+    from asgl.engine.model_runner import _upload
+    from asgl.layers import fused
+    from bench.one_batch import StaticBatch
+
+    bs, layers = 13, runner.model.num_layers
+    sb = StaticBatch(runner, pool, alloc, bs, 100, seed=7)
+    ids = sb.step(ForwardMode.EXTEND, sb.prompts.reshape(-1).tolist(), 100)
+    fb = sb._forward(ForwardMode.DECODE, ids, 1)
+    hidden, kernels = {}, {}
+    with torch.inference_mode():
+        _upload(fb, pool.take_writes(), runner.device)
+        rows, cols, vals = fb.extra.pop("table_writes")
+        runner.req_to_token[rows, cols] = vals
+        runner._attach(fb, runner.req_to_token)
+        runner.attn_backend.prepare(fb)
+        for name, force in (("torch", False), ("fused", None)):
+            fused.FORCE = force
+            runner.model(fb.input_ids, fb.positions, fb)  # warm-up (Triton compiles)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                hidden[name] = runner.model(fb.input_ids, fb.positions, fb).float()
+                torch.cuda.synchronize()
+            kernels[name] = sum(1 for e in prof.events()
+                                if e.device_type == torch.autograd.DeviceType.CUDA
+                                and not e.name.startswith(("Memcpy", "Memset")))
+    fused.FORCE = None
+    sb.release()
+    err = ((hidden["fused"] - hidden["torch"]).norm() / hidden["torch"].norm()).item()
+    ok = err < 2e-2 and not torch.isnan(hidden["fused"]).any().item()
+    print(f"[check] fused vs torch layers, eager decode bs={bs}, {layers} layers: rel err "
+          f"{err:.2e} {'PASS' if ok else 'FAIL'}; kernels per forward {kernels['torch']} -> "
+          f"{kernels['fused']} (~{kernels['torch'] / layers:.1f} -> "
+          f"~{kernels['fused'] / layers:.1f} per layer)")
+    append_record(args.out, {"bench": "check", "check": "fused_vs_torch_layers", "pass": ok,
+                             "rel_err": err, "bs": bs, "layers": layers,
+                             "kernels_per_forward": kernels})
 
 
 def main() -> None:

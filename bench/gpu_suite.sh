@@ -78,7 +78,7 @@ step() {
   echo "=== $name (limit ${limit}s)"
   timeout -k 5 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   local rc=$?
-  grep -E '^\[(check|one_batch|offline|hf)\]' "$LOGS/$name.log"
+  grep -E '^\[(check|one_batch|offline|hf)\]| passed| failed' "$LOGS/$name.log"
   [[ $rc -ne 0 ]] && { echo "--- $name exited $rc; log tail:"; tail -15 "$LOGS/$name.log"; }
   echo "=== $name done in $((SECONDS - t))s (rc=$rc)"
 }
@@ -93,6 +93,7 @@ run() {
   local R=$OUT/results.jsonl
   local M="--model-path llama-3.1-8b --load-format dummy --log-level info"
   # in priority order; each step is cut to the time left before DEADLINE
+  step kernel_tests 120 python3 -m pytest tests/test_triton_kernels.py -q -x -n 8 -p no:cacheprovider
   step check_attn 60 python3 bench/gpu_checks.py attn --out "$R"
   step offline 200 python3 bench/offline.py $M --attention-backend flashinfer --workload W1 W400 W1000 WP --out "$R"
   step hf 110 python3 bench/hf_baseline.py --workload W1 W400 --max-prompts ${HF_PROMPTS:-128} --out "$R"
@@ -107,6 +108,12 @@ run() {
   step offline_detok 70 python3 bench/offline.py $M --attention-backend flashinfer --workload W400 --detokenize --tokenizer-path $CARRY/tok --out "$R"
   step offline_bs256 60 python3 bench/offline.py $M --attention-backend flashinfer --workload W400 --max-running-requests 256 --out "$R" --tag max-running-256
   step offline_wp_noradix 70 python3 bench/offline.py $M --attention-backend flashinfer --workload WP --disable-radix-cache --out "$R" --tag no-radix-cache
+  # the same workloads on an older tree (BASELINE=dir holding e.g. `git archive HEAD`),
+  # on the same machine: before/after figures from one call
+  if [[ -n ${BASELINE:-} ]]; then
+    step baseline 90 env PYTHONPATH=/tmp/asgl_site:/tmp/asgl_smol:$ROOT/$BASELINE \
+      python3 $BASELINE/bench/offline.py $M --attention-backend flashinfer --workload W1 W400 --out "$R" --tag baseline
+  fi
   # $OUT returns at most 8 files: the logs travel as one archive
   tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
   python3 bench/gpu_suite_carry.py table "$R"

@@ -6,7 +6,6 @@ NotImplementedError from the in-process Runtime); OpenAI and Anthropic vision mo
 """
 
 import argparse
-import asyncio
 import base64
 
 import asgl as sgl

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 import pytest
 
 import asgl
-from asgl.lang import (ProgramError, ProgramState, assistant, assistant_begin, assistant_end,
+from asgl.lang import (ProgramError, assistant, assistant_begin, assistant_end,
                        function, gen, image, select, system, user)
 from asgl.lang.backends.base import (Backend, BackendError, GenResult, Prompt, StreamEvent,
                                      closest_choice, constrained_select)
@@ -104,6 +104,18 @@ def test_async_program_awaits_gen():
 
     state = prog.run(backend=backend)
     assert state.ret_value == "<1><2>" and state.text() == "Q: <1> then <2>"
+
+
+def test_state_gen_queues_at_once_in_either_form():
+    @function
+    def prog(s):
+        s += "a"
+        s.gen("x")  # queued even though nothing awaits it
+        s += "b"
+        return s.gen("y").result()
+
+    state = prog.run(backend=FakeBackend())
+    assert state.text() == "a<1>b<2>" and state.ret_value == "<2>"
 
 
 async def test_async_read_before_ready_says_to_await():

@@ -235,3 +235,16 @@ def _flush_cache(server) -> None:
     server.wait_idle()
     status, body = _post(server, "/flush_cache", {})
     assert status == 200, body
+
+
+def test_our_readme_frontend_section_runs(main_server):
+    """The "Frontend language" section of asgl's README: each code block runs as shown
+    (on this server, with shorter outputs)."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        section = f.read().split("## Frontend language", 1)[1]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2  # the classic form and the async form
+    for block in blocks:
+        block = re.sub(r"max_tokens=\d+", f"max_tokens={SMALL}", block)
+        exec(compile(block.replace("http://localhost:30000", main_server.url), "README.md",
+                     "exec"), {})

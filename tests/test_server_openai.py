@@ -174,13 +174,17 @@ def test_logit_bias(client):
     (dict(top_p=0), "top_p"),
     (dict(logprobs=True, top_logprobs=50), "top_logprobs"),
     (dict(top_logprobs=2), "top_logprobs"),
-    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
-    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(tools=[{"type": "function", "function": {"name": "no spaces"}}]),
+     "tools[0].function.name"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}],
+          tool_choice={"type": "function", "function": {"name": "g"}}), "tool_choice"),
+    (dict(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "array", "uniqueItems": True}}}), "response_format"),
     (dict(stream_options={"include_usage": True}), "stream_options"),
     (dict(extra_body={"best_of_luck": 1}), "best_of_luck"),
     (dict(logit_bias={"-5": 1}), "logit_bias"),
-    (dict(extra_body={"regex": "[a-z]+"}), "regex"),  # until the engine has a grammar layer
-    (dict(messages=[{"role": "tool", "content": "x", "tool_call_id": "1"}]), "messages[0].role"),
+    (dict(extra_body={"regex": "[a-z"}), "regex"),
+    (dict(messages=[{"role": "function", "content": "x", "name": "f"}]), "messages[0].role"),
     (dict(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), "messages[0].content"),
 ])

@@ -31,6 +31,10 @@ from asgl.kernels.triton.extend_attention import (build_schedule, extend_attenti
                                                   extend_attention_ref, tokens_per_block)
 from asgl.kernels.triton.norm import rmsnorm, rmsnorm_ref  # noqa: E402
 from asgl.kernels.triton.rotary import rotary_embedding, rotary_ref  # noqa: E402
+from asgl.kernels.triton.kv_store import can_store, store_kv, store_kv_ref  # noqa: E402
+from asgl.layers import fused  # noqa: E402
+from asgl.layers.activation import SiluAndMul  # noqa: E402
+from asgl.layers.norm import RMSNorm  # noqa: E402
 from asgl.layers.rotary import RotaryEmbedding  # noqa: E402
 
 DEV = torch.device("cuda" if ON_GPU else "cpu")
@@ -280,7 +284,7 @@ def test_rmsnorm(hidden, gemma, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("neox", [True, False], ids=["neox", "gptj"])
 @pytest.mark.parametrize("rotary_dim", [64, 32], ids=["full", "partial"])
-def test_rotary(rotary_dim, neox, dtype):
+def test_rotary(rotary_dim, neox, dtype, monkeypatch):
     head_dim, Hq, Hk = 64, 6, 2
     T = 50 if ON_GPU else 9
     llama3 = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -303,6 +307,7 @@ def test_rotary(rotary_dim, neox, dtype):
     assert torch.equal(q3[..., rotary_dim:], ref_q3[..., rotary_dim:].to(dtype))
     assert torch.equal(qkv[:, (Hq + Hk) * head_dim:], v_before)
     # The torch layer (which rounds in the activation dtype) agrees too.
+    monkeypatch.setattr(fused, "FORCE", False)
     layer_q, layer_k = rope.to(DEV)(pos, q_in, k_in)
     check(q, layer_q, dtype)
     check(k, layer_k, dtype)
@@ -318,3 +323,65 @@ def test_silu_and_mul(shape, dtype):
     y = silu_and_mul(x, out=out)
     assert y.data_ptr() == out.data_ptr()
     check(y, silu_and_mul_ref(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_store_kv(dtype):
+    Hkv, D, T, num_slots = 2, 64, (40 if ON_GPU else 6), 64
+    gen = torch.Generator().manual_seed(T)
+    qkv = torch.randn(T, (4 + 2 * Hkv) * D, generator=gen).to(dtype).to(DEV)
+    k = qkv[:, 4 * D:(4 + Hkv) * D].view(T, Hkv, D)  # strided token rows, as in a model
+    v = qkv[:, (4 + Hkv) * D:].view(T, Hkv, D)
+    slots = (torch.randperm(num_slots - 1, generator=gen)[:T] + 1).to(DEV)
+    k_buf = torch.full((num_slots, Hkv, D), float("nan"), dtype=dtype, device=DEV)
+    v_buf = k_buf.clone()
+    assert can_store(k, v, k_buf, v_buf)
+    store_kv(k, v, k_buf, v_buf, slots)
+    k_ref, v_ref = k_buf.clone(), v_buf.clone()
+    store_kv_ref(k, v, k_ref, v_ref, slots)
+    assert torch.equal(k_buf[slots], k) and torch.equal(v_buf[slots], v)
+    untouched = torch.ones(num_slots, dtype=torch.bool, device=DEV)
+    untouched[slots] = False
+    assert torch.isnan(k_buf[untouched]).all() and torch.isnan(v_buf[untouched]).all()
+    assert not can_store(k.float() if dtype != torch.float32 else k.half(), v, k_buf, v_buf)
+
+
+def test_layers_dispatch_to_fused_kernels(monkeypatch):
+    """The layers' fused path (Triton) against their torch path, bf16, same inputs."""
+    dtype, T, hidden = torch.bfloat16, 5, 96
+    gen = torch.Generator().manual_seed(3)
+
+    def both(fn):
+        monkeypatch.setattr(fused, "FORCE", False)
+        ref = fn()
+        monkeypatch.setattr(fused, "FORCE", True)
+        return fn(), ref
+
+    norm = RMSNorm(hidden, 1e-5, params_dtype=dtype).to(DEV)
+    norm.weight.data = (torch.rand(hidden, generator=gen) + 0.5).to(dtype).to(DEV)
+    x, res = (torch.randn(T, hidden, generator=gen).to(dtype).to(DEV) for _ in range(2))
+    out, ref = both(lambda: norm(x))
+    check(out, ref.float(), dtype)
+    (out, out_res), (ref, ref_res) = both(lambda: norm(x, res))
+    check(out, ref.float(), dtype)
+    check(out_res, ref_res.float(), dtype)
+
+    up = torch.randn(T, 2 * hidden, generator=gen).to(dtype).to(DEV)
+    out, ref = both(lambda: SiluAndMul()(up))
+    check(out, ref.float(), dtype)
+
+    rope = RotaryEmbedding(32, 32, 64, 10000.0).to(DEV)
+    pos = torch.randint(0, 64, (T,), generator=gen).to(DEV)
+    qkv = torch.randn(T, 6 * 32, generator=gen).to(dtype).to(DEV)
+    (q, k), (q_ref, k_ref) = both(lambda: rope(pos, qkv[:, :128].clone(), qkv[:, 128:160].clone()))
+    check(q, q_ref.float(), dtype)
+    check(k, k_ref.float(), dtype)
+
+    def write():
+        pool = KVPool(8, 1, 2, 16, dtype, DEV)
+        kv = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).to(dtype).to(DEV)
+        pool.set_kv(0, _ivec([5, 1, 7]), kv[:, :32].view(3, 2, 16), kv[:, 32:].view(3, 2, 16))
+        return pool.get_kv(0)
+
+    (kb, vb), (kb_ref, vb_ref) = both(write)
+    assert torch.equal(kb, kb_ref) and torch.equal(vb, vb_ref)

@@ -26,7 +26,7 @@ import msgspec
 
 from asgl.config import EngineConfig
 from asgl.engine.kv_pool import ReqToTokenPool, TokenSlotAllocator
-from asgl.engine.output_processor import apply_step_output, finish_aborted
+from asgl.engine.output_processor import apply_step_output, finish_aborted, finish_request
 from asgl.engine.outputs import GenerateOutput, RequestStream, StreamChunk
 from asgl.engine.req import Req
 from asgl.engine.sampling_params import InvalidRequest, SamplingParams
@@ -49,9 +49,9 @@ class EngineNotRunning(RuntimeError):
 
 
 class Engine:
-    # Constrained decoding (regex / json_schema / ebnf) is not wired in yet: the server
-    # rejects such requests while this is False.
-    supports_grammar = False
+    # Constrained decoding (regex / json_schema / ebnf / structural_tag, grammar.py); False
+    # once started with --grammar-backend none or without a tokenizer.
+    supports_grammar = True
 
     def __init__(self, config: Optional[EngineConfig] = None, **options: Any):
         self.config = config.replace(**options) if config is not None else EngineConfig(**options)
@@ -62,12 +62,15 @@ class Engine:
         self._loop_task: Optional[asyncio.Task] = None
         self._last_log = (time.monotonic(), 0)  # (when, generated tokens then)
         self.embedder = None  # an embedding engine's Embedder (is_embedding)
+        self.grammar_backend = None  # GrammarBackend (asgl/engine/grammar.py)
+        self._jump_forward = None  # JumpForward (asgl/engine/jump_forward.py)
+        self._grammar_step = None  # the submitted step's masks, filled after the next apply
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> "Engine":
         if self._started:
             return self
-        from asgl.engine.model_runner import ModelRunner
+        from asgl.engine.tp import create_model_runner
         from asgl.engine.tokenizer import load_tokenizer, resolve_chat_template
         from asgl.models.loader import resolve_model
 
@@ -81,7 +84,8 @@ class Engine:
                                                         cfg.trust_remote_code)
         if cfg.is_embedding:
             return await self._start_embedding()
-        self.runner = await self.worker.run(ModelRunner, cfg, self.source)
+        # tp_size > 1: a TPModelRunner that also drives the other ranks (asgl/engine/tp.py)
+        self.runner = await self.worker.run(create_model_runner, cfg, self.source)
         hf = self.source.hf_config
         on_cpu = self.runner.device.type == "cpu"
         max_running = cfg.max_running_requests or (64 if on_cpu else 1024)
@@ -104,6 +108,7 @@ class Engine:
         self.vocab_size = self.runner.vocab_size
         self.eos_ids = frozenset(self.source.eos_token_ids or ())
         self.chat_template = resolve_chat_template(cfg.chat_template, self.source)
+        await self._start_grammar()
         self._seed_rng = random.Random(cfg.random_seed)
         self._wake = asyncio.Event()
         self._loop_task = loop.create_task(self._run_loop(), name="asgl-scheduler")
@@ -118,7 +123,8 @@ class Engine:
 
         cfg, m = self.config, self._memory_args
         self.req_pool = ReqToTokenPool(m["max_running"], self.context_len,
-                                       track_writes=not m["on_cpu"])
+                                       # other TP ranks replay the writes on their copy
+                                       track_writes=not m["on_cpu"] or cfg.tp_size > 1)
         self.allocator = TokenSlotAllocator(m["capacity"])
         self.cache = RadixCache(self.req_pool, self.allocator, disable=cfg.disable_radix_cache)
         self.scheduler = Scheduler(
@@ -127,6 +133,30 @@ class Engine:
             max_prefill_tokens=max(cfg.max_prefill_tokens, m["chunk"]),
             context_len=self.context_len, policy=cfg.schedule_policy,
             check_integrity=cfg.debug_check_integrity, seed=cfg.random_seed or 0)
+        self.scheduler.jump_forward = self._jump_forward
+
+    async def _start_grammar(self) -> None:
+        """The xgrammar backend (--grammar-backend) and jump-forward (--disable-jump-forward)."""
+        cfg = self.config
+        if cfg.grammar_backend == "none" or self.tokenizer is None:
+            self.supports_grammar = False
+            return
+        try:
+            from asgl.engine.grammar import GrammarBackend
+            from asgl.engine.jump_forward import MIN_JUMP_CHARS_OVERLAP, JumpForward
+
+            self.grammar_backend = await asyncio.get_running_loop().run_in_executor(
+                None, GrammarBackend, self.tokenizer, self.vocab_size, sorted(self.eos_ids))
+        except Exception as e:  # xgrammar missing, or a tokenizer it cannot read
+            logger.warning("constrained decoding is off: xgrammar failed to start (%s)", e)
+            self.supports_grammar = False
+            return
+        if self.overlap:  # a jump costs a request one step then: only long ones pay off
+            self.grammar_backend.min_jump_chars = MIN_JUMP_CHARS_OVERLAP
+        if not cfg.disable_jump_forward:
+            self._jump_forward = JumpForward(self.tokenizer, self.grammar_backend,
+                                             self.context_len)
+            self.scheduler.jump_forward = self._jump_forward
 
     async def _start_embedding(self) -> "Engine":
         """Embedding engines: no KV pool and no scheduler loop; an Embedder batches encoder
@@ -158,7 +188,16 @@ class Engine:
                 await asyncio.wait_for(self._loop_task, timeout=30)
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._loop_task.cancel()
+        close = getattr(self.runner, "close", None)  # TP: stops the other ranks
+        if close is not None:
+            await self.worker.run(close)
+        # Drop the weights, KV pool and graphs now, so another engine in this process
+        # (benchmarks compare two configurations) gets the device memory back.
+        self.runner = None
+        await self.worker.run(_release_device_memory)
         self.worker.shutdown()
+        if self.grammar_backend is not None:
+            self.grammar_backend.shutdown()
         self._started = False
 
     async def __aenter__(self) -> "Engine":
@@ -174,24 +213,18 @@ class Engine:
                        return_logprob: bool = False, logprob_start_len: int = -1,
                        top_logprobs_num: int = 0) -> Union[GenerateOutput, list[GenerateOutput]]:
         """Generate to completion. With n > 1 in the sampling params, a list of n outputs."""
+        # collect: the stream folds deltas itself and wakes us once per finished choice
         stream = await self._submit(prompt, sampling_params, input_ids, rid, return_logprob,
-                                    logprob_start_len, top_logprobs_num)
+                                    logprob_start_len, top_logprobs_num, collect=True)
         try:
-            texts = [[] for _ in range(stream.n)]
-            ids = [[] for _ in range(stream.n)]
-            reasons: list[Optional[dict]] = [None] * stream.n
             while not stream.done:
-                chunk = await stream.queue.get()
-                texts[chunk.index].append(chunk.text)
-                ids[chunk.index].extend(chunk.token_ids)
-                if chunk.finished:
-                    reasons[chunk.index] = chunk.finish_reason
+                await stream.queue.get()
         finally:
             if not stream.done:
                 self.abort(stream.rid)
             self._streams.pop(stream.rid, None)
-        outs = [self._final_output(stream, i, "".join(texts[i]), ids[i], reasons[i])
-                for i in range(stream.n)]
+        outs = [self._final_output(stream, i, "".join(stream.texts[i]), stream.ids[i],
+                                   stream.reasons[i]) for i in range(stream.n)]
         return outs[0] if stream.n == 1 else outs
 
     async def generate_stream(self, prompt: PromptType = None,
@@ -251,7 +284,8 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
     async def _submit(self, prompt, sampling_params, input_ids, rid, return_logprob,
-                      logprob_start_len, top_logprobs_num) -> RequestStream:
+                      logprob_start_len, top_logprobs_num, collect: bool = False
+                      ) -> RequestStream:
         if not self._started or self._closing:
             raise EngineNotRunning("the engine is not running: call `await engine.start()`")
         if self.embedder is not None:
@@ -259,6 +293,7 @@ class Engine:
                                  "(embed(), /v1/embeddings, /encode) and never generates", "model")
         sp = _as_sampling_params(sampling_params)
         sp.validate(self.vocab_size)
+        compiled = await self._compile_grammar(sp)
         ids = await self._prompt_ids(prompt, input_ids)
         if top_logprobs_num < 0 or top_logprobs_num > 20:
             raise InvalidRequest("top_logprobs_num must be in [0, 20]", "top_logprobs_num")
@@ -272,7 +307,7 @@ class Engine:
         max_new = self.context_len - len(ids)
         if sp.max_new_tokens is not None:
             max_new = min(max_new, sp.max_new_tokens)
-        stream = RequestStream(rid, sp.n)
+        stream = RequestStream(rid, sp.n, collect=collect)
         detok_factory = self._detok_factory(sp)
         base_seed = sp.seed if sp.seed is not None else self._seed_rng.getrandbits(62)
         now = time.monotonic()
@@ -286,6 +321,9 @@ class Engine:
                       arrival_time=now)
             req.sink, req.sink_index = stream, i
             req.detok = detok_factory(ids) if detok_factory else None
+            if compiled is not None:  # jump-forward tokens carry no logprobs
+                req.grammar = self.grammar_backend.new_state(
+                    compiled, jump_forward=self._jump_forward is not None and not return_logprob)
             stream.reqs.append(req)
         self._streams[rid] = stream
         if max_new == 0 and not return_logprob:
@@ -294,9 +332,27 @@ class Engine:
                 finish_aborted(req)  # tells the consumer it ended, like an abort does
             return stream
         for req in stream.reqs:
+            g = req.grammar
+            if g is not None and g.min_jump and g.jump_string():
+                self._jump_forward(req)  # the forced start joins the prompt's prefill
+                if req.finished:
+                    continue
             self.scheduler.add(req)
         self._wake.set()
         return stream
+
+    async def _compile_grammar(self, sp: SamplingParams) -> Any:
+        """The compiled grammar of `sp`'s constraint (compiled off the loop, cached), or
+        None; InvalidRequest (before anything is queued) if it cannot be enforced."""
+        from asgl.engine.grammar_specs import requested_grammar
+
+        spec = requested_grammar(sp)
+        if spec is None:
+            return None
+        if self.grammar_backend is None:
+            raise InvalidRequest(f"constrained decoding ({spec[0]}) is off on this server "
+                                 "(--grammar-backend none, or no tokenizer)", spec[0])
+        return await self.grammar_backend.compile(*spec)
 
     async def _prompt_ids(self, prompt: PromptType, input_ids: Optional[list[int]]) -> list[int]:
         if input_ids is None and isinstance(prompt, list):
@@ -363,12 +419,17 @@ class Engine:
                 future = None
                 if batch is not None and batch is not NEED_DRAIN:
                     future = self._submit_step(batch)
-                if inflight is not None:
-                    # Consumers woken by the previous apply run here, while the GPU works on
-                    # the steps in flight: not between an apply and the next launch.
-                    await asyncio.sleep(0)
-                    self._apply(inflight[0], await self._finish(inflight[1]))
-                    inflight = None
+                try:
+                    if inflight is not None:
+                        # Consumers woken by the previous apply run here, while the GPU works
+                        # on the steps in flight: not between an apply and the next launch.
+                        await asyncio.sleep(0)
+                        self._apply(inflight[0], await self._finish(inflight[1]))
+                        inflight = None
+                finally:
+                    # grammar masks of the step just submitted need the tokens applied
+                    # above; its sampler waits for them (also when the apply failed)
+                    self._fill_grammar()
                 if future is not None:
                     if self.overlap:
                         inflight = (batch, future)
@@ -380,6 +441,7 @@ class Engine:
             except Exception:  # a bug here must not hang every waiting request
                 logger.exception("scheduler step failed; aborting all requests")
                 self._fail_all()
+                sched = self.scheduler  # _fail_all made a new one: the old keeps the failed work
                 inflight = None
             if inflight is None:  # (with a step in flight the next iteration yields above)
                 self._maybe_log_stats()
@@ -409,9 +471,19 @@ class Engine:
             sampling = SamplingBatch.from_reqs(
                 batch.sampling_reqs, self.vocab_size, self.runner.device,
                 step_offsets=[r.num_inflight - 1 for r in batch.sampling_reqs])
+            if self.grammar_backend is not None:
+                sampling.grammar = self._grammar_step = self.grammar_backend.step(
+                    batch.sampling_reqs, self.runner.device)
         writes = self.req_pool.take_writes()
         return self.worker.run(self.runner.step, batch.forward, sampling,
                                self.req_pool.req_to_token, writes)
+
+    def _fill_grammar(self) -> None:
+        step, self._grammar_step = self._grammar_step, None
+        if step is None:
+            return
+        for req, reason in step.fill():  # grammar complete, or nothing allowed
+            finish_request(req, reason)
 
     async def _finish(self, future: asyncio.Future):
         """A step's output; on the GPU the worker returns once the step is launched, and
@@ -435,12 +507,25 @@ class Engine:
         self._init_memory_state()
 
     # ------------------------------------------------------------------ introspection
+    def grammar_cache_info(self) -> Optional[dict]:
+        """Entries and bytes of the compiled-grammar cache (and its bounds)."""
+        return self.grammar_backend.cache_info() if self.grammar_backend is not None else None
+
     def memory_state(self) -> dict:
         if self.embedder is not None:
             return self.embedder.memory_state()
         return {"capacity": self.allocator.capacity, "free": self.allocator.available(),
                 "cached": self.cache.total_size(), "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting)}
+
+
+def _release_device_memory() -> None:
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _as_sampling_params(sp: Union[SamplingParams, dict, None]) -> SamplingParams:

@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from asgl.engine.kv_pool import KVPool
     from asgl.kernels.attention.base import AttentionBackend
+
+
+IntSeq = Union[Sequence[int], np.ndarray]
 
 
 class ForwardMode(enum.IntEnum):
@@ -91,25 +95,27 @@ class ForwardBatch:
         return int(self.input_ids.shape[0])
 
     @classmethod
-    def build(cls, *, mode: ForwardMode, input_ids: list[int], positions: list[int],
-              out_cache_loc: torch.Tensor | None, req_pool_indices: list[int],
-              prefix_lens: list[int], extend_lens: list[int], logits_rows: list[int],
-              sample_rows: list[int], device: torch.device, req_to_token=None, kv_pool=None,
+    def build(cls, *, mode: ForwardMode, input_ids: IntSeq, positions: IntSeq,
+              out_cache_loc: torch.Tensor | None, req_pool_indices: IntSeq,
+              prefix_lens: IntSeq, extend_lens: IntSeq, logits_rows: IntSeq,
+              sample_rows: IntSeq, device: torch.device, req_to_token=None, kv_pool=None,
               attn_backend=None, sampling=None) -> "ForwardBatch":
-        """Assemble from host lists: one pinned host tensor per field, copied non-blocking."""
+        """Assemble from host lists or int64 numpy arrays (taken without a copy: the caller
+        hands them over): one host tensor per field, copied non-blocking."""
         pin = device.type == "cuda"
 
-        def dev(values, dtype=torch.int64):
-            t = torch.tensor(values, dtype=dtype)
+        def dev(values):
+            # through numpy: ~4x faster than torch.tensor on a list of ints
+            t = torch.from_numpy(np.asarray(values, dtype=np.int64))
             if pin:
                 t = t.pin_memory()
             return t.to(device, non_blocking=True)
 
-        seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
-        starts, acc = [], 0
-        for e in extend_lens:
-            starts.append(acc)
-            acc += e
+        prefix = np.asarray(prefix_lens, dtype=np.int64)
+        extend = np.asarray(extend_lens, dtype=np.int64)
+        seq = prefix + extend
+        starts = np.cumsum(extend) - extend
+        seq_lens, prefix_lens, extend_lens = seq.tolist(), prefix.tolist(), extend.tolist()
         batch = cls(
             mode=mode,
             batch_size=len(extend_lens),
@@ -117,13 +123,13 @@ class ForwardBatch:
             positions=dev(positions),
             out_cache_loc=None if out_cache_loc is None else out_cache_loc.to(device, non_blocking=True),
             req_pool_indices=dev(req_pool_indices),
-            seq_lens=dev(seq_lens),
-            prefix_lens=dev(prefix_lens),
-            extend_lens=dev(extend_lens),
+            seq_lens=dev(seq),
+            prefix_lens=dev(prefix),
+            extend_lens=dev(extend),
             extend_start_loc=dev(starts),
             seq_lens_cpu=seq_lens,
-            prefix_lens_cpu=list(prefix_lens),
-            extend_lens_cpu=list(extend_lens),
+            prefix_lens_cpu=prefix_lens,
+            extend_lens_cpu=extend_lens,
             logits_indices=dev(logits_rows),
             sample_rows=dev(sample_rows),
             req_to_token=req_to_token,

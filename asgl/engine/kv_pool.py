@@ -17,7 +17,10 @@ scheduler on the CPU, and slot tensors are moved to the device with the batch.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+from asgl.layers.fused import use_fused
 
 
 class ReqToTokenPool:
@@ -34,12 +37,14 @@ class ReqToTokenPool:
         self.req_to_token = torch.zeros((max_reqs, max_context_len), dtype=torch.int64,
                                         device=device)
         # numpy view of a CPU table: slice writes through it cost ~1 us instead of ~15 us
-        # for a torch slice assignment (the scheduler makes one per request per step)
+        # for a torch slice assignment; a step's new tokens go in with one scatter
+        # (write_tokens)
         self._table_np = self.req_to_token.numpy() if self.req_to_token.device.type == "cpu" \
             else None
         self._free_rows: list[int] = list(range(max_reqs - 1, -1, -1))
         self.track_writes = track_writes
-        self._writes: list[tuple[int, int, torch.Tensor]] = []
+        # queued (rows, cols, slots) int64 arrays, concatenated by take_writes
+        self._writes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def alloc(self) -> int | None:
         """A free row, or None when every row is in use."""
@@ -58,23 +63,33 @@ class ReqToTokenPool:
         else:
             self.req_to_token[row, start:start + slots.numel()] = slots
         if self.track_writes:
-            self._writes.append((row, start, slots))
+            n = slots.numel()
+            self._writes.append((np.full(n, row, dtype=np.int64),
+                                 np.arange(start, start + n, dtype=np.int64),
+                                 slots.to("cpu", torch.int64).numpy()))
+
+    def write_tokens(self, rows: np.ndarray, cols: np.ndarray, slots: torch.Tensor) -> None:
+        """Scatter: position cols[i] of row rows[i] lives in slots[i] (one call per step
+        for a whole batch, instead of one slice write per request)."""
+        vals = slots.numpy()
+        if self._table_np is not None:
+            self._table_np[rows, cols] = vals
+        else:
+            self.req_to_token[torch.from_numpy(rows), torch.from_numpy(cols)] = slots
+        if self.track_writes:
+            self._writes.append((rows, cols, vals))
 
     def take_writes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(rows, cols, slots) of the writes since the last call, for the device copy."""
         if not self._writes:
             return None
-        # A few tensor ops whatever the number of writes (a decode step makes one per request).
-        lens = torch.tensor([s.numel() for _, _, s in self._writes], dtype=torch.int64)
-        heads = torch.tensor([[r, c] for r, c, _ in self._writes], dtype=torch.int64)
-        total = int(lens.sum())
-        first = torch.repeat_interleave(torch.cumsum(lens, 0) - lens, lens, output_size=total)
-        rows = torch.repeat_interleave(heads[:, 0], lens, output_size=total)
-        cols = torch.repeat_interleave(heads[:, 1], lens, output_size=total) + \
-            torch.arange(total, dtype=torch.int64) - first
-        vals = torch.cat([s.to(torch.int64) for _, _, s in self._writes])
-        self._writes.clear()
-        return rows, cols, vals
+        if len(self._writes) == 1:
+            parts = self._writes[0]
+        else:
+            parts = tuple(np.concatenate(a) for a in zip(*self._writes))
+        self._writes = []
+        # the arrays are never written again (each write queues fresh ones): no copies
+        return tuple(torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in parts)
 
 
 class TokenSlotAllocator:
@@ -163,6 +178,12 @@ class KVPool:
     def set_kv(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                k_scale: float | None = None, v_scale: float | None = None) -> None:
         """Write K/V of shape [T, kv_heads, head_dim] for T tokens into `slots`."""
+        k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
+        if k_scale is None and v_scale is None and use_fused(k):
+            from asgl.kernels.triton.kv_store import can_store, store_kv
+            if can_store(k, v, k_buf, v_buf):  # one launch instead of two index_puts
+                store_kv(k, v, k_buf, v_buf, slots)
+                return
         if k_scale is not None:
             k = k / k_scale
         if v_scale is not None:
@@ -171,5 +192,5 @@ class KVPool:
             # float8 e4m3fn has no infinity: an overflow would become NaN, so saturate.
             limit = torch.finfo(self.dtype).max
             k, v = k.clamp(-limit, limit), v.clamp(-limit, limit)
-        self.k_buffers[layer_id][slots] = k.to(self.dtype)
-        self.v_buffers[layer_id][slots] = v.to(self.dtype)
+        k_buf[slots] = k.to(self.dtype)
+        v_buf[slots] = v.to(self.dtype)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from asgl.config import EngineConfig
+from asgl.distributed import get_tp_rank
 from asgl.engine.forward_batch import ForwardBatch
 from asgl.engine.kv_pool import KVPool
 from asgl.engine.logprobs import compute_prompt_logprobs
@@ -99,7 +100,7 @@ class ModelRunner:
         if source.is_dummy:
             init_dummy_weights(model, seed=cfg.random_seed or 0)
         else:
-            model.load_weights(source.iter_weights())
+            model.load_weights(source.iter_weights(progress=get_tp_rank() == 0))
         self.model = model.to(self.dtype).eval()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if self.on_cuda:
@@ -285,7 +286,8 @@ class ModelRunner:
     def _sample(self, batch: ForwardBatch, logits: torch.Tensor, sampling: Any) -> StepOutput:
         """Sample on the device; `next_ids` stays a device tensor until the caller reads it."""
         out = StepOutput(next_ids=[])
-        if batch.sample_rows.numel():
+        # sampling=None: a tensor-parallel rank other than 0, which only computes (tp.py)
+        if sampling is not None and batch.sample_rows.numel():
             sample_out = self.sampler.sample(logits[batch.sample_rows], sampling)
             self.last_next_ids = sample_out.next_token_ids
             out.next_ids = sample_out.next_token_ids
@@ -318,6 +320,9 @@ _UPLOAD_FIELDS = ("input_ids", "positions", "out_cache_loc", "req_pool_indices",
                   "sample_rows", "prompt_lp_rows", "prompt_lp_targets")
 
 
+_PAD = torch.zeros(1, dtype=torch.int64)
+
+
 def _upload(batch: ForwardBatch, table_writes, device: torch.device) -> None:
     """Move the batch's host int64 tensors (and the table writes) to `device` in one pinned
     buffer and one non-blocking copy; the fields become views of the device copy."""
@@ -325,10 +330,18 @@ def _upload(batch: ForwardBatch, table_writes, device: torch.device) -> None:
     parts = [getattr(batch, n).reshape(-1) for n in names]
     if table_writes is not None:
         parts.extend(table_writes)
-    sizes = [p.numel() for p in parts]
+    # Every field starts 16-byte aligned (an even int64 offset): Triton specializes kernels
+    # on pointer alignment, and a misaligned view would compile another variant mid-run.
+    counts = [p.numel() for p in parts]
+    chunks: list[torch.Tensor] = []
+    for p, n in zip(parts, counts):
+        chunks.append(p.to(torch.int64))
+        if n % 2:
+            chunks.append(_PAD)
+    sizes = [n + n % 2 for n in counts]
     pinned = torch.empty(sum(sizes), dtype=torch.int64, pin_memory=True)
-    torch.cat([p.to(torch.int64) for p in parts], out=pinned)
-    views = pinned.to(device, non_blocking=True).split(sizes)
+    torch.cat(chunks, out=pinned)
+    views = [v[:n] for v, n in zip(pinned.to(device, non_blocking=True).split(sizes), counts)]
     for name, view in zip(names, views):
         setattr(batch, name, view)
     if table_writes is not None:

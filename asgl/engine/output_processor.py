@@ -33,7 +33,9 @@ def apply_step_output(batch: ScheduledBatch, out: StepOutput, context_len: int) 
                 n = req.top_logprobs_num
                 top = [list(zip(out.top_values[k][:n], out.top_ids[k][:n]))]
                 req.output_top_logprobs.append(top[0])
-        reason = _stop_reason(req, token, context_len)
+        # a grammar ends the request when it terminates (or if a token slipped past its mask)
+        reason = req.grammar.accept(token) if req.grammar is not None else None
+        reason = reason or _stop_reason(req, token, context_len)
         text = ""
         if req.detok is not None and not (reason and reason.matched == token):
             text, matched = req.detok.step([token])
@@ -46,7 +48,10 @@ def apply_step_output(batch: ScheduledBatch, out: StepOutput, context_len: int) 
                     reason = FinishReason("stop", matched=req.detok.matched_stop)
             req.finish_reason = reason
         if req.sink is not None:
-            req.sink.put(_chunk(req, text, [token], reason, logprob, top))
+            if reason is None and req.sink.collect:  # generate(): no chunk per token
+                req.sink.add_token(req.sink_index, text, token)
+            else:
+                req.sink.put(_chunk(req, text, [token], reason, logprob, top))
 
 
 def _stop_reason(req: Req, token: int, context_len: int) -> FinishReason | None:
@@ -81,6 +86,51 @@ def _finish(req: Req, reason: FinishReason) -> None:
     req.finish_reason = reason
     if req.sink is not None:
         req.sink.put(_chunk(req, "", [], reason))
+
+
+def apply_forced_tokens(req: Req, tokens: list[int], retract: int, shown: list[int],
+                        context_len: int, end: FinishReason | None = None) -> None:
+    """Jump-forward: replace the last `retract` output tokens by `tokens` (the grammar's
+    forced continuation, re-tokenized at the boundary). The consumer already has the
+    replaced tokens; it gets `shown`, ids that render the same new text after them.
+    `end`: the grammar is complete with this (the request finishes now)."""
+    if retract:
+        del req.output_ids[-retract:]
+    req.output_ids.extend(tokens)
+    reason = end
+    text = ""
+    if req.detok is not None:
+        text, matched = req.detok.step(shown)
+        if matched is not None:
+            reason = FinishReason("stop", matched=matched)
+    if reason is None and (len(req.output_ids) >= req.max_new_tokens or
+                           req.seq_len >= context_len):
+        reason = FinishReason("length")
+    if reason is not None:
+        text, reason = _flush(req, text, reason)
+        req.finish_reason = reason
+    if req.sink is not None:
+        req.sink.put(_chunk(req, text, list(shown), reason))
+
+
+def finish_request(req: Req, reason: FinishReason) -> None:
+    """End a running request between steps (its grammar is complete, or cannot go on);
+    a token of it still in flight is discarded when it arrives."""
+    if req.finished:
+        return
+    text, reason = _flush(req, "", reason)
+    req.finish_reason = reason
+    if req.sink is not None:
+        req.sink.put(_chunk(req, text, [], reason))
+
+
+def _flush(req: Req, text: str, reason: FinishReason) -> tuple[str, FinishReason]:
+    """Text held back for a stop string that never came, released at the end."""
+    if req.detok is not None and not isinstance(reason.matched, str):
+        text += req.detok.flush()
+        if req.detok.matched_stop is not None:  # completed by the flushed bytes
+            reason = FinishReason("stop", matched=req.detok.matched_stop)
+    return text, reason
 
 
 def finish_aborted(req: Req) -> None:

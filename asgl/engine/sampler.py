@@ -5,10 +5,10 @@ the event loop, rows in the order of `ForwardBatch.sample_rows`) and hands it to
 with the ForwardBatch; `Sampler.sample` runs in the worker thread and never syncs with the
 host (no `.item()` / `.tolist()`): the caller copies `next_token_ids` back when it wants.
 
-Order of work on a row: penalties -> logit_bias -> min_new_tokens bans -> greedy argmax,
-or temperature -> softmax -> top_k -> top_p (on the top-k-renormalized mass) -> min_p
-(relative to the top probability) -> inverse-CDF draw. A row's result depends only on its
-own logits and parameters, never on which other rows share the batch.
+Order of work on a row: penalties -> logit_bias -> min_new_tokens bans -> grammar mask ->
+greedy argmax, or temperature -> softmax -> top_k -> top_p (on the top-k-renormalized
+mass) -> min_p (relative to the top probability) -> inverse-CDF draw. A row's result
+depends only on its own logits and parameters, never on which other rows share the batch.
 
 Randomness is counter-based: a row's uniform is a pure function of (req.seed, output
 index), computed with integer tensor ops on the device. A seeded request therefore gets the
@@ -20,7 +20,7 @@ draws: the engine gives each of them its own seed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -100,12 +100,15 @@ class SamplingBatch:
     edits: Optional[SparseLogitEdits] = None  # logit_bias and min_new_tokens bans
     return_logprob: bool = False
     top_logprobs_num: int = 0  # K: the most alternatives any row asked for
+    # GrammarStep (asgl/engine/grammar.py): token bitmasks of constrained rows, filled on
+    # the loop while the forward pass runs; None when no row is constrained.
+    grammar: Optional[Any] = None
 
     @property
     def plain_greedy(self) -> bool:
         """Nothing to do but argmax."""
         return (self.all_greedy and self.penalties is None and self.edits is None
-                and not self.return_logprob)
+                and not self.return_logprob and self.grammar is None)
 
     @classmethod
     def from_reqs(cls, reqs: Sequence[Req], vocab_size: int, device: torch.device | str,
@@ -165,12 +168,14 @@ class Sampler:
             return SampleOutput(torch.argmax(logits, dim=-1))
         raw = logits.float()
         logits = raw
-        if sb.penalties is not None or sb.edits is not None:
+        if sb.penalties is not None or sb.edits is not None or sb.grammar is not None:
             logits = raw.clone()
             if sb.penalties is not None:
                 sb.penalties.apply(logits)
             if sb.edits is not None:
                 sb.edits.apply(logits)
+            if sb.grammar is not None:  # last: nothing may lift a disallowed token again
+                sb.grammar.apply(logits)
 
         if sb.all_greedy:
             ids = torch.argmax(logits, dim=-1)

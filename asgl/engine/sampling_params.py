@@ -45,6 +45,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     regex: Optional[str] = None
     json_schema: Optional[str] = None
     ebnf: Optional[str] = None
+    structural_tag: Optional[str] = None  # xgrammar's structural tag format, as JSON text
 
     @property
     def stop_strings(self) -> list[str]:
@@ -120,6 +121,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                     raise bad(f"logit_bias token {tid} is outside the vocabulary", "logit_bias")
                 if not (-100.0 <= float(v) <= 100.0):
                     raise bad(f"logit_bias values must be in [-100, 100], got {v}", "logit_bias")
-        constraints = [x for x in (self.regex, self.json_schema, self.ebnf) if x is not None]
+        constraints = [x for x in (self.regex, self.json_schema, self.ebnf, self.structural_tag)
+                       if x is not None]
         if len(constraints) > 1:
-            raise bad("give at most one of regex, json_schema, ebnf", "regex")
+            raise bad("give at most one of regex, json_schema, ebnf, structural_tag", "regex")

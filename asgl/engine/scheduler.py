@@ -28,8 +28,9 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from asgl.engine.forward_batch import ForwardBatch, ForwardMode
@@ -112,6 +113,9 @@ class Scheduler:
         # really be used; admission keeps that much room free (SGLang's new_token_ratio).
         self.new_token_ratio = 0.5
         self._min_ratio, self._ratio_decay = 0.1, 0.002
+        # Jump-forward (asgl/engine/jump_forward.py), set by the engine: appends a request's
+        # grammar-forced tokens and returns how many leading fill tokens kept their KV.
+        self.jump_forward: Optional[Callable[[Req], Optional[int]]] = None
 
     # ------------------------------------------------------------------ queue
     def add(self, req: Req) -> None:
@@ -142,6 +146,14 @@ class Scheduler:
         for req in list(self.running):
             if req.finished:
                 continue
+            if req.grammar is not None and req.grammar.jump_pending and self.jump_forward:
+                if req.inflight_steps:
+                    continue  # its in-flight token lands first; it jumps in a later step
+                self._jump_forward(req)
+                if req.finished:  # a stop string or the length limit inside the jump
+                    self.running.remove(req)
+                    self._release(req)
+                    continue
             pending = req.seq_len + req.num_inflight - req.num_computed
             if pending <= 0 or len(req.output_ids) + req.num_inflight >= req.max_new_tokens:
                 continue  # its last token is still being processed
@@ -165,6 +177,13 @@ class Scheduler:
         if not plan:
             return None
         return self._build(plan)
+
+    def _jump_forward(self, req: Req) -> None:
+        """Append the forced tokens; the request then continues as an extend over them.
+        No step uses the request now, so KV of re-tokenized positions can be released."""
+        keep = self.jump_forward(req)
+        if keep is not None and keep < req.num_computed:
+            self.cache.release_req(req, keep)
 
     def _reserve(self, n: int) -> bool:
         """Make sure `n` slots are free, evicting cached prefixes if needed."""
@@ -237,7 +256,8 @@ class Scheduler:
             key = req.fill_ids
             max_match = len(key) - 1  # at least one token must be computed to sample
             if req.logprob_start_len >= 0:
-                max_match = min(max_match, req.logprob_start_len)
+                # the row before the first scored token must be computed, not cached
+                max_match = min(max_match, max(req.logprob_start_len - 1, 0))
             match = self.cache.match_prefix(key, req.cache_namespace, max_len=max_match)
             if _shares_uncached_prefix(key, match.length, admitted):
                 continue  # a request admitted this step computes it: hit the cache next step
@@ -273,14 +293,22 @@ class Scheduler:
 
     # ------------------------------------------------------------------ build
     def _build(self, plan: list[tuple[Req, int]]) -> ScheduledBatch:
-        total = sum(n for _, n in plan)
+        reqs = [r for r, _ in plan]
+        ns = np.fromiter((n for _, n in plan), np.int64, len(plan))
+        starts = np.fromiter((r.num_computed for r in reqs), np.int64, len(plan))
+        total = int(ns.sum())
         slots = self.allocator.alloc(total)
         assert slots is not None, "memory was reserved before building"
+        # Every new token's table row and position, then one scatter into the table
+        # (before the loop below: publishing a prompt prefix reads its row).
+        rows = np.fromiter((r.req_pool_idx for r in reqs), np.int64, len(plan))
+        if total == len(plan):  # one token each (decode batches)
+            token_rows, positions = rows, starts
+        else:
+            token_rows = np.repeat(rows, ns)
+            positions = np.arange(total, dtype=np.int64) + np.repeat(starts - (np.cumsum(ns) - ns), ns)
+        self.req_pool.write_tokens(token_rows, positions, slots)
         input_ids: list[int] = []
-        positions: list[int] = []
-        rows: list[int] = []
-        prefix_lens: list[int] = []
-        extend_lens: list[int] = []
         logits_rows: list[int] = []
         sample_rows: list[int] = []
         sampling_reqs: list[Req] = []
@@ -293,40 +321,43 @@ class Scheduler:
         placeholders = False
         for req, n in plan:
             start = req.num_computed
-            ids = _known_ids(req, start, n)
-            if len(ids) < n:  # the last token is in flight: a placeholder for it
-                ids = ids + [-1 - req.extra_sample_row]
-                placeholders = True
-            input_ids.extend(ids)
-            positions.extend(range(start, start + n))
-            self.req_pool.write(req.req_pool_idx, start, slots[offset:offset + n])
-            rows.append(req.req_pool_idx)
-            prefix_lens.append(start)
-            extend_lens.append(n)
+            p = len(req.prompt_ids)
+            if n == 1 and start >= p:  # a decode: its newest token, maybe still in flight
+                num_decodes += 1
+                out = req.output_ids
+                if start - p < len(out):
+                    input_ids.append(out[start - p])
+                else:  # the last token is in flight: a placeholder for it
+                    input_ids.append(-1 - req.extra_sample_row)
+                    placeholders = True
+            else:
+                ids = _known_ids(req, start, n)
+                if len(ids) < n:
+                    ids = ids + [-1 - req.extra_sample_row]
+                    placeholders = True
+                input_ids.extend(ids)
             # prompt logprobs: row at position p scores prompt token p + 1
             if req.logprob_start_len >= 0:
                 lo = max(start, max(req.logprob_start_len, 1, req.prompt_lp_next) - 1)
-                hi = min(start + n, len(req.prompt_ids) - 1)
+                hi = min(start + n, p - 1)
                 if hi > lo:
                     lp_spans.append((req, lo + 1, hi - lo, len(lp_rows)))
                     req.prompt_lp_next = hi + 1
-                    for p in range(lo, hi):
+                    for pos in range(lo, hi):
                         lp_rows.append(len(logits_rows))
-                        logits_rows.append(offset + p - start)
-                        lp_targets.append(req.prompt_ids[p + 1])
+                        logits_rows.append(offset + pos - start)
+                        lp_targets.append(req.prompt_ids[pos + 1])
                     lp_topk = max(lp_topk, req.top_logprobs_num)
             req.num_computed = start + n
-            if start < len(req.prompt_ids):
+            if start < p:
                 # Publish the prompt prefix now, so requests admitted from the next step on
                 # reuse it even while this step is in flight: every later step runs after
                 # this one has written the KV, and the request's lock keeps it from eviction.
                 self.cache.cache_unfinished_req(req)
-            if req.num_computed == req.seq_len + req.num_inflight:
+            if start + n == p + len(req.output_ids) + req.num_inflight:
                 sample_rows.append(len(logits_rows))
                 logits_rows.append(offset + n - 1)
                 sampling_reqs.append(req)
-            if n == 1 and start >= len(req.prompt_ids):
-                num_decodes += 1
             offset += n
         for k, req in enumerate(sampling_reqs):
             req.extra_sample_row = k
@@ -338,7 +369,7 @@ class Scheduler:
                 ForwardMode.MIXED if num_decodes else ForwardMode.EXTEND)
         forward = ForwardBatch.build(
             mode=mode, input_ids=input_ids, positions=positions, out_cache_loc=slots,
-            req_pool_indices=rows, prefix_lens=prefix_lens, extend_lens=extend_lens,
+            req_pool_indices=rows, prefix_lens=starts, extend_lens=ns,
             logits_rows=logits_rows, sample_rows=sample_rows, device=torch.device("cpu"))
         forward.extra["placeholders"] = placeholders
         if lp_rows:
@@ -349,7 +380,7 @@ class Scheduler:
         self.stats.num_forward_tokens += total
         if decode_only:
             self.new_token_ratio = max(self._min_ratio, self.new_token_ratio - self._ratio_decay)
-        return ScheduledBatch(reqs=[r for r, _ in plan], extend_lens=extend_lens,
+        return ScheduledBatch(reqs=reqs, extend_lens=forward.extend_lens_cpu,
                               sampling_reqs=sampling_reqs, prompt_lp_spans=lp_spans,
                               forward=forward, decode_only=decode_only)
 

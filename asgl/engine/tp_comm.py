@@ -68,35 +68,46 @@ class ControlChannel:
         self.buf = torch.zeros(CTRL_WORDS, dtype=torch.int64)
 
     def send(self, header: Header, payload: Optional[torch.Tensor] = None) -> None:
-        n = 0 if payload is None else payload.numel()
-        header.payload = n
-        raw = _encoder.encode(header)
-        start = 1 + _words(len(raw))
-        if start > CTRL_WORDS:
-            raise ValueError(f"control header of {len(raw)} bytes does not fit")
-        buf = self.buf
-        buf[0] = len(raw)
-        buf[1:start] = 0
-        buf[1:].view(torch.uint8)[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        inline = start + n <= CTRL_WORDS
-        if inline and n:
-            buf[start:start + n] = payload
-        dist.broadcast(buf, 0, group=self.group)
+        inline = pack(header, payload, self.buf)
+        dist.broadcast(self.buf, 0, group=self.group)
         if not inline:
             dist.broadcast(payload.contiguous(), 0, group=self.group)
 
     def recv(self) -> tuple[Header, torch.Tensor]:
-        buf = self.buf
-        dist.broadcast(buf, 0, group=self.group)
-        length = int(buf[0])
-        header = _decoder.decode(buf[1:].view(torch.uint8)[:length].numpy().tobytes())
-        start, n = 1 + _words(length), header.payload
-        if start + n <= CTRL_WORDS:
-            payload = buf[start:start + n].clone()  # the buffer is reused by the next command
-        else:
-            payload = torch.empty(n, dtype=torch.int64)
+        dist.broadcast(self.buf, 0, group=self.group)
+        header, payload = unpack(self.buf)
+        if payload is None:
+            payload = torch.empty(header.payload, dtype=torch.int64)
             dist.broadcast(payload, 0, group=self.group)
         return header, payload
+
+
+def pack(header: Header, payload: Optional[torch.Tensor], buf: torch.Tensor) -> bool:
+    """Write `header` (and `payload` when it fits) into `buf`; True when it fit."""
+    n = 0 if payload is None else payload.numel()
+    header.payload = n
+    raw = _encoder.encode(header)
+    start = 1 + _words(len(raw))
+    if start > buf.numel():
+        raise ValueError(f"control header of {len(raw)} bytes does not fit")
+    buf[0] = len(raw)
+    buf[1:start] = 0
+    buf[1:].view(torch.uint8)[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    inline = start + n <= buf.numel()
+    if inline and n:
+        buf[start:start + n] = payload
+    return inline
+
+
+def unpack(buf: torch.Tensor) -> tuple[Header, Optional[torch.Tensor]]:
+    """The header in `buf` and a copy of its payload, or None when the payload did not fit
+    (it follows in a broadcast of its own)."""
+    length = int(buf[0])
+    header = _decoder.decode(buf[1:].view(torch.uint8)[:length].numpy().tobytes())
+    start, n = 1 + _words(length), header.payload
+    if start + n > buf.numel():
+        return header, None
+    return header, buf[start:start + n].clone()  # the buffer is reused by the next command
 
 
 def _words(nbytes: int) -> int:
@@ -124,7 +135,8 @@ def encode_step(batch: ForwardBatch, writes: Optional[TableWrites]) -> tuple[Hea
     return header, payload
 
 
-def decode_step(header: Header, payload: torch.Tensor) -> tuple[ForwardBatch, Optional[TableWrites]]:
+def decode_step(header: Header,
+                payload: torch.Tensor) -> tuple[ForwardBatch, Optional[TableWrites]]:
     """Rebuild the ForwardBatch (host tensors) and table writes that rank 0 sent."""
     fields: dict[str, Optional[torch.Tensor]] = {}
     offset = 0

@@ -87,14 +87,12 @@ def prepare_environment(cfg: EngineConfig, plan: RankPlan) -> None:
     (children inherit it)."""
     # NVLink SHARP (multicast) needs fabric setup the lent machines lack; plain rings work.
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-    host = plan.init_method.removeprefix("tcp://").rpartition(":")[0].strip("[]")
-    if host and _is_loopback(host):
-        # Ranks that meet on a loopback address are all on this machine: keep gloo's
-        # connections on the loopback interface too (its default follows the hostname).
-        lo = _loopback_interface()
-        if lo:
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
-    elif not host:  # single node, file rendezvous
+    tcp = plan.init_method.startswith("tcp://")
+    host = plan.init_method.removeprefix("tcp://").rpartition(":")[0].strip("[]") if tcp else ""
+    if not tcp or _is_loopback(host):
+        # Ranks that meet in a file or on a loopback address are all on this machine: keep
+        # gloo's connections on the loopback interface (its default follows the hostname,
+        # which may not resolve to a reachable address).
         lo = _loopback_interface()
         if lo:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
@@ -131,10 +129,11 @@ def _loopback_interface() -> Optional[str]:
     return next((n for n in names if n in ("lo", "lo0")), None)
 
 
-def set_cpu_threads(cfg: EngineConfig, plan: RankPlan) -> None:
-    """On the CPU, split the cores among this node's ranks (they compute in lockstep)."""
-    if rank_device(cfg, 0).type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.ranks_per_node))
+def set_cpu_threads(device: torch.device, ranks_per_node: int) -> None:
+    """On the CPU, split the cores among this node's ranks (they compute in lockstep, so
+    more threads than cores would only make them wait for each other)."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_per_node))
 
 
 # ---------------------------------------------------------------------- processes

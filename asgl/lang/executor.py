@@ -7,7 +7,7 @@ state has its own queue, so forked branches (each a state) run concurrently.
 
 Thread rules: `submit`, `fork`, `subscribe` and the counters may be used from any thread;
 everything else runs on the interpreter's loop. `_lock` guards the text against stream
-subscribers reading it from other threads.
+subscribers reading it from other threads, and the count of queued operations.
 """
 
 from __future__ import annotations
@@ -65,8 +65,8 @@ class Executor:
         self._ops: deque = deque()
         self._task: Optional[asyncio.Task] = None
         self._ready = ready  # a fork branch waits for its parent's state
-        self._submitted = 0  # written by the program's thread only
-        self._completed = 0  # written on the loop only
+        self._submitted = 0  # operations queued (under _lock)
+        self._completed = 0  # operations done (on the loop only)
         self._lock = threading.Lock()
         self._subs: list[tuple[Optional[str], Callable[[Any], None]]] = []
         self._partial: dict[str, str] = {}  # variables being streamed
@@ -75,7 +75,8 @@ class Executor:
     # ------------------------------------------------------------------ any thread
     def submit(self, op: Any) -> cf.Future:
         future: cf.Future = cf.Future()
-        self._submitted += 1
+        with self._lock:  # a reader's barrier may come from another thread than the program
+            self._submitted += 1
         self.loop.call_soon_threadsafe(self._enqueue, op, future)
         return future
 

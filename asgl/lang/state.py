@@ -40,16 +40,16 @@ class ProgramState:
         self._ex.submit_expr(expr)
         return self
 
-    async def gen(self, name: Optional[str] = None, **kwargs: Any) -> str:
-        """Generate, append to the state, and return the text (`choices=` selects)."""
+    def gen(self, name: Optional[str] = None, **kwargs: Any) -> "Pending":
+        """Queue a generation (`choices=` selects); `await` it for the text (or
+        `.result()` in a `def` program)."""
         from asgl.lang.api import gen
-        return await asyncio.wrap_future(self._ex.submit(gen(name, **kwargs)))
+        return Pending(self._ex.submit(gen(name, **kwargs)))
 
-    async def select(self, name: Optional[str] = None, choices: Optional[list[str]] = None,
-                     temperature: float = 0.0) -> str:
+    def select(self, name: Optional[str] = None, choices: Optional[list[str]] = None,
+               temperature: float = 0.0) -> "Pending":
         from asgl.lang.api import select
-        return await asyncio.wrap_future(
-            self._ex.submit(select(name, choices, temperature=temperature)))
+        return Pending(self._ex.submit(select(name, choices, temperature=temperature)))
 
     def fork(self, n: int = 1) -> "ForkGroup":
         """n branches that start from this state's text; they run concurrently."""
@@ -159,6 +159,22 @@ class ProgramState:
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self.text_async_iter()
+
+
+class Pending:
+    """An operation already queued: `await` it in async code, `.result()` blocks."""
+
+    def __init__(self, future: Any):
+        self._future = future
+
+    def __await__(self):
+        return asyncio.wrap_future(self._future).__await__()
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        return self._future.result(timeout)
+
+    def done(self) -> bool:
+        return self._future.done()
 
 
 class ForkGroup(list):

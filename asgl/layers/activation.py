@@ -6,9 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asgl.layers.fused import use_fused
+
 
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_fused(x):  # one pass instead of silu, then mul over a written-back silu
+            from asgl.kernels.triton.activation import silu_and_mul
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

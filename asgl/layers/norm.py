@@ -2,7 +2,8 @@
 
 `forward(x)` returns the normalized x; `forward(x, residual)` first does
 `residual = x + residual` and returns `(norm(residual), residual)`, the pattern of every
-pre-norm decoder layer (a fused kernel can do both in one pass; this is the reference).
+pre-norm decoder layer. Half precision on CUDA runs the fused Triton kernel (both in one
+pass, asgl/kernels/triton/norm.py, same roundings); the torch code below is the reference.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+
+from asgl.layers.fused import use_fused
 
 
 class RMSNorm(nn.Module):
@@ -34,6 +37,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if use_fused(x):
+            from asgl.kernels.triton.norm import rmsnorm
+            # Out of place: x may be a caller's tensor (input_embeds); same traffic.
+            return rmsnorm(x, self.weight, self.eps, residual, gemma=self.gemma)
         if residual is None:
             return self._norm(x)
         residual = x + residual

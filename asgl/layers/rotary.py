@@ -16,6 +16,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from asgl.layers.fused import use_fused
+
 
 def _inv_freq(base: float, dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -96,7 +98,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q [T, heads * head_dim] and k [T, kv_heads * head_dim] by `positions` [T]."""
+        """Rotate q [T, heads * head_dim] and k [T, kv_heads * head_dim] by `positions` [T].
+
+        Half precision on CUDA: one Triton kernel rotates q and k in place (they are views
+        into the fused qkv output, which nothing else reads) and returns them; otherwise
+        new tensors."""
+        if use_fused(q):
+            from asgl.kernels.triton.rotary import rotary_embedding
+            return rotary_embedding(positions, q, k, self.cos_sin_cache, self.head_dim,
+                                    self.is_neox_style)
         cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 

@@ -20,6 +20,7 @@ from asgl.server.openai_completions import completions
 from asgl.server.openapi import openapi_json
 from asgl.server.state import STATE, ServerState, get_state
 from asgl.server.tokens import TokenTexts
+from asgl.server.tool_calls import get_format
 
 
 def served_model_name(config: EngineConfig, engine: Any) -> str:
@@ -34,6 +35,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 
 def build_app(engine: Any, config: EngineConfig, model_name: Optional[str] = None) -> web.Application:
+    get_format(config.tool_call_parser)  # an unknown --tool-call-parser fails at start
     metrics = Metrics(lambda: engine)
     state = ServerState(engine=engine, config=config, metrics=metrics,
                         model_name=model_name or served_model_name(config, engine),

@@ -25,6 +25,10 @@ GRACEFUL_SHUTDOWN_S = 30.0
 
 
 def run_server(config: EngineConfig) -> None:
+    if config.node_rank > 0:
+        # A node other than 0 runs only its tensor-parallel ranks; node 0 serves HTTP.
+        from asgl.engine.tp_launch import run_node
+        raise SystemExit(run_node(config))
     try:
         import uvloop
         loop_factory = uvloop.new_event_loop
@@ -53,7 +57,11 @@ async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None) -> N
             loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
             pass
-    engine = Engine(config)
+    if config.dp_size > 1:  # replicas in processes behind this server (asgl/engine/dp.py)
+        from asgl.engine.dp import DPEngine
+        engine = DPEngine(config)
+    else:
+        engine = Engine(config)
     await engine.start()
     app = build_app(engine, config)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its

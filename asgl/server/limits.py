@@ -53,12 +53,12 @@ def check_sampling(state: ServerState, sp: SamplingParams, n_param: str = "n") -
     if sp.min_new_tokens > state.context_len:
         raise bad_request(f"min_tokens must be <= the context length {state.context_len}, "
                           f"got {sp.min_new_tokens}", "min_tokens")
-    constraint = next((name for name in ("regex", "json_schema", "ebnf")
+    constraint = next((name for name in ("regex", "json_schema", "ebnf", "structural_tag")
                        if getattr(sp, name) is not None), None)
     if constraint and not getattr(state.engine, "supports_grammar", False):
-        # the engine has no grammar layer yet: refuse rather than ignore the constraint
-        raise bad_request(f"constrained decoding ({constraint}) is not supported yet",
-                          constraint)
+        # no grammar layer (--grammar-backend none): refuse rather than ignore the constraint
+        raise bad_request(f"constrained decoding ({constraint}) is off on this server "
+                          f"(--grammar-backend none)", constraint)
     if sp.top_k >= state.vocab_size:
         sp = msgspec.structs.replace(sp, top_k=-1)
     if sp.max_new_tokens is not None and sp.max_new_tokens > 1 << 31:

@@ -1,15 +1,19 @@
 """POST /v1/chat/completions: chat through the model's chat template (or --chat-template).
 
-OpenAI fields that we do not implement (tools, response_format other than text, audio,
-...) are refused with a 400 naming the field, never ignored. A stream sends, per choice,
-a first chunk with the role, then content deltas, the last with its finish_reason; with
-`stream_options.include_usage`, a final chunk with empty choices and the usage.
+OpenAI fields that we do not implement (audio, predictions, ...) are refused with a 400
+naming the field, never ignored. `response_format` (json_object / json_schema) becomes a
+grammar; `tools` are shown to the model and its calls parsed (tool_calls.py). A stream
+sends, per choice, a first chunk with the role, then content and tool-call deltas, the
+last with its finish_reason; with `stream_options.include_usage`, a final chunk with
+empty choices and the usage.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Optional
 
+import msgspec
 from aiohttp import web
 from msgspec import UNSET
 
@@ -19,12 +23,16 @@ from asgl.server.generation import Choice, Generation, Job, merged_events, run_a
 from asgl.server.jsonio import json_response, read_json
 from asgl.server.openai_common import (chat_logprobs, check_stream_options, finish_reason,
                                        new_id, now, response_model, sampling_params, usage)
-from asgl.server.prompts import messages_to_dicts, render_chat, tokenize_rendered
+from asgl.server.prompts import (messages_to_dicts, render_chat, template_text,
+                                 tokenize_rendered)
 from asgl.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   ChatCompletionChunk, ChatCompletionRequest,
-                                  ChatCompletionResponse, Delta)
+                                  ChatCompletionResponse, Delta, DeltaFunctionCall,
+                                  DeltaToolCall, FunctionCall, ToolCall)
 from asgl.server.sse import SSEWriter, stream_events
 from asgl.server.state import ServerState, get_state
+from asgl.server.tool_calls import (CallDelta, ToolFormat, ToolSetup, get_format,
+                                    with_tool_prompt)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -32,18 +40,28 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = get_state(request)
     req = await read_json(request, ChatCompletionRequest)
     _refuse_unsupported(req)
+    tools = ToolSetup.from_request(req.tools, req.tool_choice, req.parallel_tool_calls)
+    fmt = get_format(state.config.tool_call_parser)
     include_usage = check_stream_options(req)
     max_tokens, param = req.max_tokens, "max_tokens"
     if req.max_completion_tokens is not None:  # the newer name wins
         max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
     sp = sampling_params(state, req, max_tokens, param)
+    if tools is not None and tools.constrained:  # calls only, in the parser's format
+        if sp.regex is not None or sp.json_schema is not None or sp.ebnf is not None:
+            raise bad_request(f"tool_choice {tools.mode!r} constrains the output to tool "
+                              f"calls: it cannot be combined with response_format, regex or "
+                              f"ebnf", "tool_choice")
+        sp = limits.check_sampling(state, msgspec.structs.replace(
+            sp, structural_tag=fmt.structural_tag(tools)))
     top_n = req.top_logprobs or 0
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     limits.check_sequences(sp.n)
     messages = messages_to_dicts(req.messages)
+    messages, template_tools = with_tool_prompt(messages, tools, fmt, template_text(state))
     add_gen = True if req.add_generation_prompt is None else req.add_generation_prompt
-    prompt = await render_chat(state, messages, add_gen)
+    prompt = await render_chat(state, messages, add_gen, template_tools)
     ids = await tokenize_rendered(state, prompt)
     limits.check_prompt(state, ids, max_tokens, param if max_tokens is not None else None,
                         "messages")
@@ -54,7 +72,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
               top_logprobs_num=top_n)
     limits.check_admission(state, sp.n)
     gen = Generation(state, job, arrival)
-    view = _View(state, req, gen, chat_id)
+    view = _View(state, req, gen, chat_id, tools, fmt)
     if req.stream:
         return await stream_events(request, lambda sse: view.stream(sse, include_usage))
     await run_all([gen])
@@ -64,16 +82,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def _refuse_unsupported(req: ChatCompletionRequest) -> None:
-    if req.tools:
-        raise bad_request("tools (function calling) are not supported yet", "tools")
-    if req.tool_choice not in (None, "none"):
-        raise bad_request("tool_choice is not supported yet (tools are not)", "tool_choice")
     if req.functions or req.function_call is not None:
-        raise bad_request("functions / function_call are not supported", "functions")
-    fmt = req.response_format
-    if fmt is not None and fmt.get("type") != "text":
-        raise bad_request(f"response_format {fmt.get('type')!r} is not supported yet (only "
-                          f"'text')", "response_format")
+        raise bad_request("functions / function_call are deprecated: use tools / tool_choice",
+                          "functions")
     if req.modalities not in (None, ["text"]) or req.audio is not None:
         raise bad_request("only text output is supported", "modalities")
     for name in ("prediction", "reasoning_effort", "web_search_options"):
@@ -81,12 +92,13 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
             raise bad_request(f"{name} is not supported", name)
     if req.store:
         raise bad_request("store is not supported", "store")
-    # metadata, service_tier, parallel_tool_calls and user change nothing here: accepted
+    # metadata, service_tier and user change nothing here: accepted
 
 
 class _View:
     def __init__(self, state: ServerState, req: ChatCompletionRequest, gen: Generation,
-                 chat_id: str):
+                 chat_id: str, tools: Optional[ToolSetup] = None,
+                 fmt: Optional[ToolFormat] = None):
         self.state = state
         self.gen = gen
         self.id = chat_id
@@ -94,14 +106,35 @@ class _View:
         self.model = response_model(state, req.model)
         self.logprobs = bool(req.logprobs)
         self.top_n = req.top_logprobs or 0
+        # tool calls are parsed unless tool_choice is "none"
+        self.tools = tools if tools is not None and tools.mode != "none" else None
+        self.fmt = fmt
+
+    def _finish_reason(self, reason: Optional[dict], has_calls: bool) -> Optional[str]:
+        text = finish_reason(reason)
+        # OpenAI: "tool_calls" when the model chose to call; a forced function ends "stop"
+        if has_calls and text == "stop" and self.tools.mode != "named":
+            return "tool_calls"
+        return text
 
     def choice(self, c: Choice) -> ChatChoice:
         logprobs = None
         if self.logprobs:
             logprobs = chat_logprobs(self.state.token_texts, c.logprobs, c.top_logprobs,
                                      self.top_n)
-        return ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
-                          logprobs=logprobs, finish_reason=finish_reason(c.finish_reason))
+        message = AssistantMessage(content=c.text)
+        reason = finish_reason(c.finish_reason)
+        if self.tools is not None:  # the same parser as a stream's: the same calls
+            parser = self.fmt.parser()
+            parser.feed(c.text)
+            parser.finish()
+            if parser.calls:
+                message = AssistantMessage(content=parser.content or None, tool_calls=[
+                    ToolCall(id=t.id, function=FunctionCall(t.name, t.arguments))
+                    for t in parser.calls])
+            reason = self._finish_reason(c.finish_reason, bool(parser.calls))
+        return ChatChoice(index=c.index, message=message, logprobs=logprobs,
+                          finish_reason=reason)
 
     def _chunk(self, choice: ChatChunkChoice, include_usage: bool) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
@@ -109,23 +142,41 @@ class _View:
 
     async def stream(self, sse: SSEWriter, include_usage: bool) -> None:
         started: set[int] = set()
+        parsers = {}
         async for _, chunk in merged_events([self.gen]):
             i = chunk.index
             if i not in started:
                 started.add(i)
                 await sse.send(self._chunk(ChatChunkChoice(
                     index=i, delta=Delta(role="assistant", content="")), include_usage))
-            if not (chunk.text or chunk.finished or (self.logprobs and chunk.logprobs)):
+                if self.tools is not None:
+                    parsers[i] = self.fmt.parser()
+            text, calls = chunk.text, []
+            reason = finish_reason(chunk.finish_reason)
+            if self.tools is not None:
+                parser = parsers[i]
+                text, calls = parser.feed(chunk.text) if chunk.text else ("", [])
+                if chunk.finished:
+                    more_text, more_calls = parser.finish()
+                    text, calls = text + more_text, calls + more_calls
+                    reason = self._finish_reason(chunk.finish_reason, bool(parser.calls))
+            if not (text or calls or chunk.finished or (self.logprobs and chunk.logprobs)):
                 continue
             logprobs = None
             if self.logprobs and chunk.logprobs:
                 logprobs = chat_logprobs(self.state.token_texts, chunk.logprobs,
                                          chunk.top_logprobs or [], self.top_n)
-            delta = Delta(content=chunk.text) if chunk.text else Delta()
+            delta = Delta(content=text or None, tool_calls=[_delta(c) for c in calls] or None)
             await sse.send(self._chunk(ChatChunkChoice(
-                index=i, delta=delta, logprobs=logprobs,
-                finish_reason=finish_reason(chunk.finish_reason)), include_usage))
+                index=i, delta=delta, logprobs=logprobs, finish_reason=reason), include_usage))
         if include_usage:
             await sse.send(ChatCompletionChunk(id=self.id, created=self.created,
                                                model=self.model, choices=[],
                                                usage=usage([self.gen])))
+
+
+def _delta(c: CallDelta) -> DeltaToolCall:
+    if c.id is not None:  # a call's first delta: id, type, name (and arguments so far)
+        return DeltaToolCall(index=c.index, id=c.id, type="function",
+                             function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
+    return DeltaToolCall(index=c.index, function=DeltaFunctionCall(arguments=c.arguments))

@@ -3,13 +3,15 @@ finish reasons, usage, logprob tables, ids; and GET /v1/models."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Optional
 
 from aiohttp import web
 
-from asgl.engine.sampling_params import SamplingParams
+from asgl.engine.grammar_specs import normalize_json_schema, parse_json_schema
+from asgl.engine.sampling_params import InvalidRequest, SamplingParams
 from asgl.server import limits
 from asgl.server.errors import ApiError, bad_request
 from asgl.server.generation import Generation
@@ -75,8 +77,44 @@ def sampling_params(state: ServerState, req: _SamplingFields, max_tokens: Option
         logit_bias=req.logit_bias or None,
         regex=req.regex,
         ebnf=req.ebnf,
+        json_schema=_json_schema(req),
     )
     return limits.check_sampling(state, sp)
+
+
+def _json_schema(req: _SamplingFields) -> Optional[str]:
+    """The JSON schema (text) that `response_format` or the `json_schema` extension asks
+    for, or None."""
+    fmt, schema = req.response_format, None
+    if fmt is not None:
+        kind = fmt.get("type")
+        if kind == "json_object":
+            schema = {"type": "object"}
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict):
+                raise bad_request("response_format.json_schema must be an object "
+                                  "{\"name\": ..., \"schema\": {...}}", "response_format")
+            schema = spec.get("schema", {"type": "object"})
+            if not isinstance(schema, (dict, bool)):
+                raise bad_request("response_format.json_schema.schema must be a JSON schema "
+                                  "object", "response_format")
+        elif kind != "text":
+            raise bad_request(f"response_format type {kind!r} is not supported (use 'text', "
+                              f"'json_object' or 'json_schema')", "response_format")
+    param = "response_format"
+    if req.json_schema is not None:
+        if schema is not None:
+            raise bad_request("give response_format or json_schema, not both", "json_schema")
+        schema, param = req.json_schema, "json_schema"
+    if schema is None:
+        return None
+    text = schema if isinstance(schema, str) else json.dumps(schema)
+    try:  # refused here, naming the field the client used (the engine checks it again)
+        normalize_json_schema(parse_json_schema(text), param)
+    except InvalidRequest as e:
+        raise bad_request(str(e), param) from None
+    return text
 
 
 def _default(value, default):

@@ -11,6 +11,7 @@ serving.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any, Callable, Optional, TypeVar
 
 from asgl.server.errors import bad_request
@@ -50,17 +51,21 @@ async def tokenize_all(state: ServerState, texts: list[str], param: str) -> list
     return list(await asyncio.gather(*(tokenize(state, t, param) for t in texts)))
 
 
-_ROLES = {"system", "user", "assistant", "developer"}
+_ROLES = {"system", "user", "assistant", "developer", "tool"}
 
 
 def messages_to_dicts(messages: list) -> list[dict]:
-    """ChatMessage structs to the plain dicts chat templates expect, text only."""
+    """ChatMessage structs to the plain dicts chat templates expect, text only; assistant
+    tool calls and tool results are kept in OpenAI's shape."""
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if m.role in ("tool", "function") or m.tool_calls or m.tool_call_id:
-            raise bad_request(f"{where}: tool messages and tool calls are not supported yet",
+        if m.role == "function":
+            raise bad_request(f"{where}: the 'function' role is deprecated: use 'tool'",
                               f"{where}.role")
+        if m.tool_calls and m.role != "assistant":
+            raise bad_request(f"{where}: only assistant messages have tool_calls",
+                              f"{where}.tool_calls")
         if m.role not in _ROLES:
             raise bad_request(f"{where}: unknown role {m.role!r} (expected one of "
                               f"{sorted(_ROLES)})", f"{where}.role")
@@ -80,21 +85,47 @@ def messages_to_dicts(messages: list) -> list[dict]:
         msg: dict = {"role": "system" if m.role == "developer" else m.role, "content": content}
         if m.name is not None:
             msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]")
+                                 for j, c in enumerate(m.tool_calls)]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
         out.append(msg)
     if not out:
         raise bad_request("messages must not be empty", "messages")
     return out
 
 
+def _tool_call(call: Any, where: str) -> dict:
+    """An assistant message's past call: {"id", "type", "function": {"name", "arguments"}}."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise bad_request(f"{where} must be {{\"id\", \"type\": \"function\", \"function\": "
+                          f"{{\"name\", \"arguments\"}}}}", where)
+    args = fn.get("arguments", "{}")
+    if not isinstance(args, str):
+        args = json.dumps(args)
+    return {"id": call.get("id", ""), "type": "function",
+            "function": {"name": fn["name"], "arguments": args}}
+
+
+def template_text(state: ServerState) -> str:
+    """The chat template in use, as text (to see whether it renders tools itself)."""
+    engine = state.engine
+    template = getattr(engine, "chat_template", None) or \
+        getattr(engine.tokenizer, "chat_template", None)
+    return str(template or "")
+
+
 def _render(tokenizer: Any, messages: list[dict], template: Optional[str],
-            add_generation_prompt: bool) -> str:
+            add_generation_prompt: bool, tools: Optional[list[dict]] = None) -> str:
     from asgl.engine.tokenizer import apply_chat_template
     return apply_chat_template(tokenizer, messages, chat_template=template,
-                               add_generation_prompt=add_generation_prompt)
+                               add_generation_prompt=add_generation_prompt, tools=tools)
 
 
 async def render_chat(state: ServerState, messages: list[dict],
-                      add_generation_prompt: bool) -> str:
+                      add_generation_prompt: bool, tools: Optional[list[dict]] = None) -> str:
     engine = state.engine
     if engine.tokenizer is None:
         raise bad_request("chat needs a tokenizer; this server runs without one", "messages")
@@ -102,7 +133,7 @@ async def render_chat(state: ServerState, messages: list[dict],
     size = sum(len(m["content"]) for m in messages)
     try:
         return await _maybe_offload(size, _render, engine.tokenizer, messages, template,
-                                    add_generation_prompt)
+                                    add_generation_prompt, tools)
     except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
         if _is_template_error(e):
             raise bad_request(f"the chat template rejected these messages: {e}",

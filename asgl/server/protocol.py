@@ -101,6 +101,9 @@ class _SamplingFields(msgspec.Struct, **_REQ):
     no_stop_trim: Optional[bool] = None
     regex: Optional[str] = None
     ebnf: Optional[str] = None
+    json_schema: Union[str, dict[str, Any], None] = None  # SGLang / vLLM extension
+    # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema"}}
+    response_format: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(_SamplingFields, **_REQ):
@@ -134,8 +137,6 @@ class ChatCompletionRequest(_SamplingFields, **_REQ):
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
     add_generation_prompt: Optional[bool] = None  # extension: False to continue a message
-    # OpenAI fields we do not implement: a 400 when they ask for anything (see openai_chat)
-    response_format: Optional[dict[str, Any]] = None
     tools: Optional[list[Any]] = None
     tool_choice: Any = None
     parallel_tool_calls: Optional[bool] = None
@@ -207,10 +208,22 @@ class ChoiceLogprobs(msgspec.Struct):
     refusal: Optional[list[TokenLogprob]] = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class AssistantMessage(msgspec.Struct, kw_only=True):
     role: Literal["assistant"] = "assistant"
     content: Optional[str]
     refusal: Optional[str] = None
+    tool_calls: Union[list[ToolCall], UnsetType] = UNSET
 
 
 class ChatChoice(msgspec.Struct):
@@ -230,9 +243,23 @@ class ChatCompletionResponse(msgspec.Struct, kw_only=True):
     system_fingerprint: Optional[str] = None
 
 
+class DeltaFunctionCall(msgspec.Struct, omit_defaults=True):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class DeltaToolCall(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A call's first delta has its id, type and name; later ones add to its arguments."""
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class Delta(msgspec.Struct, omit_defaults=True):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatChunkChoice(msgspec.Struct):

@@ -65,9 +65,7 @@ class SelectResult:
 
 
 class Backend:
-    # Whether `select` scores choices by prompt log-probabilities (else: constrained gen).
-    scores_choices = False
-    # None: unknown until tried; the regex fallback of `select` records what it learns.
+    # For select's fallback: None until tried, then what the API showed (see below).
     supports_regex: Optional[bool] = None
 
     async def chat_template(self) -> ChatTemplate:
@@ -95,8 +93,10 @@ class Backend:
 async def constrained_select(backend: Backend, prompt: Prompt, choices: list[str],
                              params: dict) -> SelectResult:
     longest = max(len(c) for c in choices)
-    base = {k: v for k, v in params.items() if k in ("seed",)}
-    base.update(temperature=0.0, max_new_tokens=min(longest + 8, 256))
+    # A choice of n characters takes at most n tokens; 8 more leave room for leading
+    # whitespace or a stray token before it.
+    base = {"temperature": params.get("temperature") or 0.0,
+            "max_new_tokens": min(longest + 8, 256)}
     if backend.supports_regex is not False:
         regex = "(" + "|".join(re.escape(c) for c in choices) + ")"
         try:
@@ -109,8 +109,6 @@ async def constrained_select(backend: Backend, prompt: Prompt, choices: list[str
             backend.supports_regex = True
             return SelectResult(closest_choice(out.text, choices),
                                 {"method": "regex", "generated": out.text, **out.meta})
-    # Tokens rarely span more than a few characters: longest + 8 tokens is enough to spell
-    # any choice with room for leading whitespace.
     out = await backend.generate(prompt, base)
     return SelectResult(closest_choice(out.text, choices),
                         {"method": "closest_match", "generated": out.text, **out.meta})

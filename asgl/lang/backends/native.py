@@ -32,9 +32,6 @@ class NativeOutput:
 
 
 class NativeBackend(Backend):
-    scores_choices = True
-    supports_regex = True  # asgl's server answers 400 while it has no grammar backend
-
     async def _call(self, texts: list[str], sampling: dict, *, images: list = (),
                     logprob_start_len: Optional[int] = None) -> list[NativeOutput]:
         raise NotImplementedError
