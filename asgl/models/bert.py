@@ -21,7 +21,7 @@ from asgl.layers.attention import Attention
 from asgl.layers.embedding import VocabParallelEmbedding
 from asgl.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from asgl.layers.quant import QuantizationConfig
-from asgl.layers.utils import default_weight_loader
+from asgl.models.weights import assign_weights
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -145,29 +145,15 @@ class BertModel(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF BERT names (with or without the `bert.` prefix of task models)."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        for hf_name, tensor in weights:
-            mapped = _our_name(hf_name)
-            if mapped is None:
-                continue
+        assign_weights(self, _map_weights(weights))
+
+
+def _map_weights(weights: Iterable[tuple[str, torch.Tensor]]):
+    for hf_name, tensor in weights:
+        mapped = _our_name(hf_name)
+        if mapped is not None:
             name, shard_id = mapped
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {hf_name!r} has no parameter in BertModel")
-            param = params[name]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard_id is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard_id)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:5]}")
-        for module in self.modules():
-            method = getattr(module, "quant_method", None)
-            if method is not None:
-                method.process_weights_after_loading(module)
+            yield hf_name, name, tensor, shard_id
 
 
 def _our_name(name: str) -> Optional[tuple[str, Any]]:

@@ -16,7 +16,7 @@ from asgl.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, Ro
 from asgl.layers.norm import RMSNorm
 from asgl.layers.quant import QuantizationConfig
 from asgl.layers.rotary import RotaryEmbedding, get_rope
-from asgl.layers.utils import default_weight_loader
+from asgl.models.weights import assign_weights
 
 def _head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -143,36 +143,21 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors; every parameter must be filled exactly by the checkpoint."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        assign_weights(self, self._map_weights(weights))
+
+    def _map_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
         for name, tensor in weights:
             if "rotary_emb." in name:  # inv_freq / cos-sin buffers some checkpoints carry
                 continue
             if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue
-            for fused, piece, shard_id in self.stacked_params:
+            source, shard_id = name, None
+            for fused, piece, shard in self.stacked_params:
                 if f".{piece}." in name:
-                    name = name.replace(f".{piece}.", f".{fused}.")
+                    name, shard_id = name.replace(f".{piece}.", f".{fused}."), shard
                     break
-            else:
-                shard_id = None
-            if name not in params:
-                raise ValueError(f"checkpoint tensor {name!r} has no parameter in "
-                                 f"{type(self).__name__}")
-            param = params[name]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard_id is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, shard_id)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise ValueError(f"checkpoint lacks {len(missing)} parameters, e.g. {missing[:5]}")
-        for module in self.modules():
-            method = getattr(module, "quant_method", None)
-            if method is not None:
-                method.process_weights_after_loading(module)
+            yield source, name, tensor, shard_id
+
 
 class MistralForCausalLM(LlamaForCausalLM):
     pass
