@@ -58,6 +58,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     disable_jump_forward: bool = False
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: Optional[int] = None
+    cuda_graph_max_tokens: Optional[int] = None
     enable_torch_compile: bool = False
 
     # --- parallelism ---
@@ -84,6 +85,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         """Reject values that cannot work, naming the option."""
         positive = ("context_length", "max_running_requests", "max_total_tokens",
                     "max_queued_requests", "cuda_graph_max_bs")
+        if self.cuda_graph_max_tokens is not None and self.cuda_graph_max_tokens < 0:
+            raise ConfigError("--cuda-graph-max-tokens must be >= 0 (0: decode graphs only)")
         for name in positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -213,6 +216,11 @@ _HELP: dict[str, str] = {
     "attention_backend": "attention kernels (default: flashinfer on CUDA, torch on the CPU)",
     "sampling_backend": "sampling kernels",
     "grammar_backend": "constrained decoding backend",
+    "disable_cuda_graph": "run every step eagerly (no CUDA graphs)",
+    "cuda_graph_max_bs": "largest decode batch replayed from a CUDA graph (default: the most "
+                         "running requests, at most 1024)",
+    "cuda_graph_max_tokens": "most new tokens of a prefill / mixed step replayed from a CUDA "
+                             "graph (default 1024; 0: decode graphs only)",
     "tp_size": "tensor parallel size",
     "dp_size": "data parallel replicas",
     "dist_init_addr": "host:port of rank 0 for multi-node runs",

@@ -58,6 +58,7 @@ async def measure(cfg: EngineConfig, num_decoding: int, prompt_len: int, seed: i
                 during.append(gap)
     return {"idle_gap_ms": round(statistics.median(idle) * 1e3, 2),
             "worst_gap_during_prefill_ms": round(max(during) * 1e3, 2),
+            "median_gap_during_prefill_ms": round(statistics.median(during) * 1e3, 2),
             "prefill_seconds": round(window["end"] - window["start"], 3)}
 
 

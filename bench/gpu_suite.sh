@@ -29,7 +29,9 @@ prepare() {
   local plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp $plat -d .whl flashinfer-python==$FI_VERSION \
-    apache-tvm-ffi==0.1.15.post2 msgspec==0.22.0 gguf==0.19.0
+    apache-tvm-ffi==0.1.15.post2 msgspec==0.22.0 gguf==0.19.0 orjson==3.11.4 \
+    xgrammar==0.2.9 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \
+    typing-inspection==0.4.2 typing-extensions==4.15.0
   # 1. the device's site-packages additions, pruned to what runs (and xz: 107 -> 10 MB)
   rm -rf $CARRY/site && python3 bench/gpu_suite_carry.py site .whl $CARRY/site
   tar -cJf $CARRY/site.tar.xz -C $CARRY/site . && rm -rf $CARRY/site
@@ -103,7 +105,13 @@ run() {
   else
     echo "=== check_smollm2 skipped: the GGUF's first half is not on this machine (run 'stage' first)"
   fi
-  step check_graphs 60 python3 bench/gpu_checks.py graphs --out "$R"
+  step check_graphs 90 python3 bench/gpu_checks.py graphs --out "$R"
+  for c in ${CHUNKS:-128 256 512}; do
+    step chunked_$c 100 python3 bench/chunked_prefill.py --model-path llama-3.1-8b \
+      --load-format dummy --chunk $c --prompt-chunks 4 --num-decoding 8 --out "$R"
+  done
+  step json 240 python3 bench/json_decode.py --batch 32 --repeat 2 --out "$R" $M \
+    --tokenizer-path $CARRY/tok --log-level warning
   step offline_torch 60 python3 bench/offline.py $M --attention-backend torch --workload W1 --out "$R" --tag torch-backend
   step offline_detok 70 python3 bench/offline.py $M --attention-backend flashinfer --workload W400 --detokenize --tokenizer-path $CARRY/tok --out "$R"
   step offline_bs256 60 python3 bench/offline.py $M --attention-backend flashinfer --workload W400 --max-running-requests 256 --out "$R" --tag max-running-256
@@ -112,7 +120,7 @@ run() {
   # on the same machine: before/after figures from one call
   if [[ -n ${BASELINE:-} ]]; then
     step baseline 90 env PYTHONPATH=/tmp/asgl_site:/tmp/asgl_smol:$ROOT/$BASELINE \
-      python3 $BASELINE/bench/offline.py $M --attention-backend flashinfer --workload W1 W400 --out "$R" --tag baseline
+      python3 $BASELINE/bench/offline.py $M --attention-backend flashinfer --workload ${BASELINE_WORKLOADS:-W1 W400} --out "$R" --tag baseline
   fi
   # $OUT returns at most 8 files: the logs travel as one archive
   tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"

@@ -135,6 +135,14 @@ def table(path: str) -> None:
               + (f"  start-up {r['startup_s']}s" if r.get("workload") == "W1" and "startup_s" in r else "")
               + (f"  [{r['tag']}]" if r.get("tag") else ""))
     for r in rows:
+        if r.get("bench") == "json_decode":
+            print("json_decode", json.dumps({k: v for k, v in r.items() if k != "bench"}))
+        elif "worst_gap_during_prefill_ms" in r:
+            print(f"chunked_prefill chunk={r['chunk']} prompt={r['prompt_len']}: idle gap "
+                  f"{r['idle_gap_ms']} ms, worst gap during prefill "
+                  f"{r['worst_gap_during_prefill_ms']} ms (median "
+                  f"{r.get('median_gap_during_prefill_ms')}), prefill {r['prefill_seconds']} s")
+    for r in rows:
         if r.get("bench") == "one_batch":
             print(f"one_batch bs={r['batch_size']:<3} in={r['input_len']}: prefill {r['prefill_ms']:.1f} ms "
                   f"({r['prefill_tok_s']:,.0f} tok/s); decode {r['decode_ms_median']:.2f} ms/step "

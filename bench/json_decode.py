@@ -88,6 +88,9 @@ def _valid(text: str, sp: dict) -> bool:
 
 async def run_batch(engine, prompts: list[str], params: list[dict]) -> dict:
     steps = engine.scheduler.stats.num_steps
+    gpu = engine.runner.gpu_stats if engine.runner.on_cuda else None
+    if gpu is not None:
+        gpu.reset()
     t0 = time.perf_counter()
     outs = await asyncio.gather(*(engine.generate(p, sp) for p, sp in zip(prompts, params)))
     wall = time.perf_counter() - t0
@@ -98,7 +101,10 @@ async def run_batch(engine, prompts: list[str], params: list[dict]) -> dict:
             "stopped": sum(o.finish_reason["type"] == "stop" for o in outs),
             "valid": sum(o.finish_reason["type"] == "stop" and _valid(o.text, sp)
                          for o, sp in zip(outs, params) if "regex" in sp or "json_schema" in sp),
-            "lengths": [len(o.output_ids) for o in outs], "outs": outs}
+            "lengths": [len(o.output_ids) for o in outs], "outs": outs,
+            "gpu": {k: v for k, v in gpu.summary().items()
+                    if k in ("extend_steps", "extend_graph_steps", "graph_share",
+                             "gpu_idle_share")} if gpu is not None else {}}
 
 
 async def with_engine(options: dict, fn):
@@ -156,7 +162,8 @@ async def main() -> None:
             "constrained_wall_s": con["wall_s"], "unconstrained_wall_s": free["wall_s"],
             "output_tokens": con["output_tokens"], "stopped": con["stopped"],
             "valid": con["valid"],
-            "overhead": round(cost, 3)})
+            "overhead": round(cost, 3), "gpu_constrained": con["gpu"],
+            "gpu_unconstrained": free["gpu"]})
 
     # 2./3. jump-forward on vs off
     cases = [("character_regex", character_prompts,
@@ -182,7 +189,8 @@ async def main() -> None:
             "off_output_tokens": r_off["output_tokens"],
             "speedup": round(r_off["wall_s"] / r_on["wall_s"], 2),
             "same_text": same, "stopped_on": r_on["stopped"], "stopped_off": r_off["stopped"],
-            "valid_on": r_on["valid"], "valid_off": r_off["valid"]})
+            "valid_on": r_on["valid"], "valid_off": r_off["valid"],
+            "gpu_on": r_on["gpu"], "gpu_off": r_off["gpu"]})
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ On CUDA (the GPU path):
   (1 - --mem-fraction-static of the card), then the KV pool from what is left;
 - each step's host tensors travel in one pinned buffer and one copy; the scheduler's
   request-to-token writes are replayed on the device copy of the table;
-- decode batches replay CUDA graphs (cuda_graph_runner.py) when the attention backend
-  supports them; the only host sync is reading back the sampled ids at the end of the step
-  (pinned copy + event), which the worker thread waits on while the event loop works;
+- decode batches, and prefill / mixed batches of up to --cuda-graph-max-tokens tokens,
+  replay CUDA graphs (cuda_graph_runner.py) when the attention backend supports them;
+  the only host sync is reading back the sampled ids at the end of the step (pinned copy
+  + event), which the worker thread waits on while the event loop works;
 - CUDA events around every step measure the GPU's busy time and its idle gaps between
   steps (`gpu_stats`).
 """
@@ -194,7 +195,8 @@ class ModelRunner:
             self._maybe_capture_graphs(max_reqs)
 
     def _maybe_capture_graphs(self, max_reqs: int) -> None:
-        from asgl.engine.cuda_graph_runner import CudaGraphRunner, backend_supports_graphs
+        from asgl.engine.cuda_graph_runner import (DEFAULT_MAX_EXTEND_TOKENS, CudaGraphRunner,
+                                                   backend_supports_graphs)
 
         if self.cfg.disable_cuda_graph:
             return
@@ -202,9 +204,13 @@ class ModelRunner:
             logger.info("CUDA graphs off: the %s attention backend cannot be captured",
                         self.attn_backend.name)
             return
-        max_bs = min(self.cfg.cuda_graph_max_bs or 512, max_reqs)
+        # every decode batch the scheduler can form (W1000 runs ~600 requests at once)
+        max_bs = min(self.cfg.cuda_graph_max_bs or 1024, max_reqs)
+        max_tokens = self.cfg.cuda_graph_max_tokens
+        if max_tokens is None:
+            max_tokens = DEFAULT_MAX_EXTEND_TOKENS
         with torch.inference_mode():
-            runner = CudaGraphRunner(self, max_bs)
+            runner = CudaGraphRunner(self, max_bs, max_tokens)
             runner.capture()
         self.graph_runner = runner
 
@@ -248,11 +254,12 @@ class ModelRunner:
         self._attach(batch, self.req_to_token)
         ids = self._input_ids(batch)
         graph = self.graph_runner
-        if graph is not None and not graph.can_run(batch):
+        key = graph.graph_key(batch) if graph is not None else None
+        if key is None:
             graph = None
-        if graph is not None:
-            graph.prepare(batch, ids)
         else:
+            graph.prepare(batch, ids, key)
+        if graph is None:
             self.attn_backend.prepare(batch)
         start = _timing_event()  # after host-side planning: gaps before it are GPU idle
         hidden = graph.launch(batch) if graph is not None else \
@@ -420,6 +427,7 @@ class GpuStepStats:
 
     def __init__(self) -> None:
         self.steps = self.decode_steps = self.graph_steps = 0
+        self.extend_steps = self.extend_graph_steps = 0  # prefill / mixed steps
         self.busy_ms = self.idle_ms = 0.0
         self.decode_busy_ms = self.decode_idle_ms = 0.0
         self._prev_done: Optional[torch.cuda.Event] = None
@@ -440,6 +448,9 @@ class GpuStepStats:
             self.graph_steps += int(graph)
             self.decode_busy_ms += busy
             self.decode_idle_ms += gap
+        else:
+            self.extend_steps += 1
+            self.extend_graph_steps += int(graph)
 
     def summary(self) -> dict:
         total = self.busy_ms + self.idle_ms
@@ -447,6 +458,7 @@ class GpuStepStats:
         return {"steps": self.steps, "decode_steps": self.decode_steps,
                 "graph_steps": self.graph_steps,
                 "graph_share": self.graph_steps / max(self.decode_steps, 1),
+                "extend_steps": self.extend_steps, "extend_graph_steps": self.extend_graph_steps,
                 "gpu_busy_ms": round(self.busy_ms, 1), "gpu_idle_ms": round(self.idle_ms, 1),
                 "gpu_idle_share": self.idle_ms / total if total else 0.0,
                 "decode_idle_share": self.decode_idle_ms / decode_total if decode_total else 0.0}

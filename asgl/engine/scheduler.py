@@ -92,6 +92,45 @@ def _known_ids(req: Req, start: int, n: int) -> list[int]:
     return req.prompt_ids[start:] + req.output_ids[:start + n - p]
 
 
+def dfs_weight_order(reqs: list[Req], nodes: list) -> list[Req]:
+    """SGLang's dfs-weight order: walk the radix tree depth-first from each root, at every
+    node visiting first the child subtrees that hold the most waiting requests (the
+    requests whose cached match ends in them), then the requests that end at the node
+    itself, in arrival order. Requests sharing a cached prefix come out together, the
+    biggest groups first, so their prefix is hot (and locked) while they run.
+
+    `nodes[i]` is the deepest tree node of reqs[i]'s cached prefix (a peek match)."""
+    at: dict[int, list[Req]] = {}  # node -> requests whose match ends there
+    weight: dict[int, int] = {}  # node -> requests in its subtree
+    kids: dict[int, list] = {}  # node -> children on the way to some request's node
+    listed: set[int] = set()
+    tops: list = []
+    for req, node in zip(reqs, nodes):
+        at.setdefault(id(node), []).append(req)
+        child, cur = None, node
+        while cur is not None:
+            weight[id(cur)] = weight.get(id(cur), 0) + 1
+            if child is not None and id(child) not in listed:
+                listed.add(id(child))
+                kids.setdefault(id(cur), []).append(child)
+            if cur.parent is None and id(cur) not in listed:
+                listed.add(id(cur))
+                tops.append(cur)
+            child, cur = cur, cur.parent
+    out: list[Req] = []
+    # heaviest first; sorted() is stable, so ties keep the order requests reached them
+    stack: list = sorted(tops, key=lambda n: -weight[id(n)])[::-1]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):  # a node's own requests, after its subtrees
+            out.extend(item)
+            continue
+        if id(item) in at:
+            stack.append(at[id(item)])
+        stack.extend(sorted(kids.get(id(item), []), key=lambda n: -weight[id(n)])[::-1])
+    return out
+
+
 class Scheduler:
     def __init__(self, *, req_pool: ReqToTokenPool, allocator: TokenSlotAllocator, cache,
                  max_running: int, chunk_size: int, max_prefill_tokens: int, context_len: int,
@@ -220,10 +259,15 @@ class Scheduler:
         if policy in ("lpm", "dfs-weight") and len(self.waiting) > LPM_MAX_QUEUE:
             policy = "fcfs"
         if policy in ("lpm", "dfs-weight"):
-            lens = {id(r): self.cache.match_prefix(r.fill_ids, r.cache_namespace,
-                                                   max_len=len(r.fill_ids) - 1,
-                                                   peek=True).length for r in self.waiting}
-            key = lambda r: -lens[id(r)]  # noqa: E731
+            matches = [self.cache.match_prefix(r.fill_ids, r.cache_namespace,
+                                               max_len=len(r.fill_ids) - 1, peek=True)
+                       for r in self.waiting]
+            if policy == "dfs-weight":
+                self.waiting = dfs_weight_order(self.waiting, [m.node for m in matches])
+                key = None
+            else:
+                lens = {id(r): m.length for r, m in zip(self.waiting, matches)}
+                key = lambda r: -lens[id(r)]  # noqa: E731
         elif policy == "lof":
             key = lambda r: -r.max_new_tokens  # noqa: E731
         elif policy == "random":

@@ -13,9 +13,12 @@ from the batch's host lengths; the page indices are gathered on the device from
 `req_to_token` (no host sync); `plan` runs on the host.
 
 CUDA graphs (asgl/engine/cuda_graph_runner.py): `init_cuda_graph_state` allocates static
-index buffers and one graph-mode wrapper per captured batch size; `prepare_cuda_graph`
-plans that wrapper for a decode batch padded to the captured size (padding rows attend to
-slot 0 only) before capture and before every replay.
+index buffers and one graph-mode wrapper per captured (requests, tokens) shape;
+`prepare_cuda_graph` plans that wrapper for a batch padded to the captured shape (padding
+rows attend to slot 0 only) before capture and before every replay. A graph-mode plan
+fixes the batch size and the most query rows, and accepts any split of the rows over the
+requests (FlashInfer sizes its tiles for the worst split), so one extend graph serves
+every mix of prefill chunks and decode rows of its token count.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class FlashInferBackend(AttentionBackend):
         self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
                                                            backend=_KERNEL_BACKEND)
-        self._graph_wrappers: dict[int, object] = {}
+        self._graph_wrappers: dict[tuple[int, int], object] = {}
         self._ones = torch.ones(1, dtype=torch.int32)  # grown on demand: last page lens
 
     # ------------------------------------------------------------------ checks
@@ -110,18 +113,41 @@ class FlashInferBackend(AttentionBackend):
         return out.view(T, spec.num_heads * spec.head_dim)
 
     # ------------------------------------------------------------------ CUDA graphs
-    def init_cuda_graph_state(self, max_bs: int, max_kv_tokens: int) -> None:
-        """Static buffers that the graph-mode wrappers read by address at replay."""
+    def init_cuda_graph_state(self, shapes: list[tuple[int, int]], max_kv_tokens: int) -> None:
+        """Static buffers that the graph-mode wrappers of the (requests, tokens) `shapes`
+        read by address at replay.
+
+        Graph-mode plans always split the KV, so the largest graph's partial outputs must
+        fit in the float workspace: it grows here when they would not."""
         dev = self.device
+        max_bs = max(bs for bs, _ in shapes)
+        max_tokens = max(tokens for _, tokens in shapes)
         self._g_qo_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=dev)
         self._g_kv_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=dev)
         self._g_indices = torch.zeros(max_kv_tokens + max_bs, dtype=torch.int32, device=dev)
         self._g_last_page = torch.ones(max_bs, dtype=torch.int32, device=dev)
-        self._g_pad = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self._g_pad = torch.zeros(max_bs + max_tokens, dtype=torch.int32, device=dev)
+        need = max(self._split_kv_bytes(bs, tokens) for bs, tokens in shapes)
+        if need > self.workspace.numel():
+            self.workspace = torch.empty(need, dtype=torch.uint8, device=dev)
+            self.wrapper = self._wrapper_cls(self.workspace, "NHD", backend=_KERNEL_BACKEND)
         self._graph_wrappers.clear()
 
-    def _graph_wrapper(self, bs: int):
-        w = self._graph_wrappers.get(bs)
+    def _split_kv_bytes(self, bs: int, rows: int) -> int:
+        """An upper bound of the float workspace a graph-mode plan of `bs` requests and
+        `rows` query rows takes: FlashInfer pads its work items to ceil(rows x group /
+        tile) + bs - 1 (at least 2 per SM and KV head), each with a tile of partial outputs
+        and log-sum-exps in float32; the tile is 16 rows for decode, up to 128."""
+        group = self.num_heads // self.num_kv_heads
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        packed = (rows - bs + 1) * group
+        tile = 128 if packed > 64 else (64 if packed > 16 else 16)
+        items = max(-(-rows * group // tile) + bs - 1, 2 * sms // self.num_kv_heads)
+        per_item = tile * self.num_heads * (self.head_dim + 1) * 4
+        return items * per_item * 5 // 4 + (16 << 20)  # alignment and the plan's int arrays
+
+    def _graph_wrapper(self, bs: int, tokens: int):
+        w = self._graph_wrappers.get((bs, tokens))
         if w is None:
             w = self._wrapper_cls(
                 self.workspace, "NHD", use_cuda_graph=True,
@@ -129,20 +155,25 @@ class FlashInferBackend(AttentionBackend):
                 paged_kv_indptr_buf=self._g_kv_indptr[:bs + 1],
                 paged_kv_indices_buf=self._g_indices,
                 paged_kv_last_page_len_buf=self._g_last_page[:bs], backend=_KERNEL_BACKEND)
-            self._graph_wrappers[bs] = w
+            self._graph_wrappers[(bs, tokens)] = w
         return w
 
-    def prepare_cuda_graph(self, batch: "ForwardBatch", padded_bs: int) -> None:
-        """Plan the `padded_bs` graph wrapper for a decode batch of batch.batch_size real
-        rows; rows past them are padding whose one key is slot 0."""
+    def prepare_cuda_graph(self, batch: "ForwardBatch", padded_bs: int,
+                           padded_tokens: Optional[int] = None) -> None:
+        """Plan the (padded_bs, padded_tokens) graph wrapper for `batch`; the padding
+        requests' keys are slot 0 (`pad_extend_lengths` says how many)."""
+        from asgl.engine.cuda_graph_runner import pad_extend_lengths
+
         bs = batch.batch_size
-        pad = padded_bs - bs
-        seq_lens = batch.seq_lens_cpu + [1] * pad
-        kv_indptr = _host_indptr(seq_lens)
+        padded_tokens = padded_bs if padded_tokens is None else padded_tokens
+        qo_lens, kv_lens = pad_extend_lengths(batch.extend_lens_cpu, batch.seq_lens_cpu,
+                                              padded_bs, padded_tokens)
+        kv_indptr = _host_indptr(kv_lens)
         real = _kv_indices(batch, int(kv_indptr[bs]))
-        indices = torch.cat([real, self._g_pad[:pad]]) if pad else real
-        wrapper = self._graph_wrapper(padded_bs)
-        self._plan(wrapper, _host_indptr([1] * padded_bs), kv_indptr, indices, padded_bs)
+        pad_keys = int(kv_indptr[-1]) - int(kv_indptr[bs])
+        indices = torch.cat([real, self._g_pad[:pad_keys]]) if pad_keys else real
+        wrapper = self._graph_wrapper(padded_bs, padded_tokens)
+        self._plan(wrapper, _host_indptr(qo_lens), kv_indptr, indices, padded_bs)
         batch.attn_state = wrapper
 
 
