@@ -214,7 +214,8 @@ _HELP: dict[str, str] = {
     "random_seed": "seed for requests that give none",
     "debug_check_integrity": "check KV memory ownership after every step (slow; for tests)",
     "attention_backend": "attention kernels (default: flashinfer on CUDA, torch on the CPU)",
-    "sampling_backend": "sampling kernels",
+    "sampling_backend": "sampling kernels (only pytorch is implemented)",
+    "enable_torch_compile": "accepted for SGLang compatibility; not implemented (warns)",
     "grammar_backend": "constrained decoding backend",
     "disable_cuda_graph": "run every step eagerly (no CUDA graphs)",
     "cuda_graph_max_bs": "largest decode batch replayed from a CUDA graph (default: the most "
