@@ -48,18 +48,21 @@ async def measure(cfg: EngineConfig, num_decoding: int, prompt_len: int, seed: i
             window["end"] = time.perf_counter()
 
         await asyncio.gather(long_prompt(), *(decode(i) for i in range(num_decoding)))
-    idle, during = [], []
-    for s in stamps:
+    idle, during, first = [], [], []
+    for i, s in enumerate(stamps):
         for a, b in zip(s, s[1:]):
             gap = b - a
             if b < window["start"]:
                 idle.append(gap)
             elif a <= window["end"]:
                 during.append(gap)
+                if i == 0:
+                    first.append(round(gap * 1e3, 2))
     return {"idle_gap_ms": round(statistics.median(idle) * 1e3, 2),
             "worst_gap_during_prefill_ms": round(max(during) * 1e3, 2),
             "median_gap_during_prefill_ms": round(statistics.median(during) * 1e3, 2),
-            "prefill_seconds": round(window["end"] - window["start"], 3)}
+            "prefill_seconds": round(window["end"] - window["start"], 3),
+            "gaps_of_request_0_during_prefill_ms": first}
 
 
 async def main_async(args) -> list[dict]:
