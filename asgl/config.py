@@ -214,7 +214,8 @@ _HELP: dict[str, str] = {
     "random_seed": "seed for requests that give none",
     "debug_check_integrity": "check KV memory ownership after every step (slow; for tests)",
     "attention_backend": "attention kernels (default: flashinfer on CUDA, torch on the CPU)",
-    "sampling_backend": "sampling kernels (only pytorch is implemented)",
+    "sampling_backend": "pytorch (default: batch-invariant seeded draws) or flashinfer (CUDA: "
+                        "no sort; batches with a seeded request still use pytorch)",
     "enable_torch_compile": "accepted for SGLang compatibility; not implemented (warns)",
     "grammar_backend": "constrained decoding backend",
     "disable_cuda_graph": "run every step eagerly (no CUDA graphs)",

@@ -339,15 +339,101 @@ def _fused_vs_torch_layers(runner, pool, alloc, args) -> None:
                              "kernels_per_forward": kernels})
 
 
+# ---------------------------------------------------------------------- sampling
+def _filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                    min_p: float) -> torch.Tensor:
+    """The distribution both sampling backends must draw from, in float64: top-k, then
+    top-p on the top-k-renormalized mass, then min-p relative to the top probability."""
+    p = torch.softmax(logits.double() / temperature, dim=-1)
+    sp, order = p.sort(descending=True)
+    if top_k > 0:
+        sp[top_k:] = 0
+    cum = sp.cumsum(0)
+    sp[(cum - sp) > top_p * cum[-1]] = 0
+    sp[sp < min_p * sp[0]] = 0
+    out = torch.zeros_like(p)
+    out[order] = sp / sp.sum()
+    return out
+
+
+def sampling(args) -> None:
+    """--sampling-backend flashinfer against the exact filtered distribution and against the
+    pytorch draw: many rows of the same logits (each its own seed) give one draw each; no
+    draw may fall outside the kept tokens, and the empirical distribution must be within
+    a total-variation distance that 8192 draws allow. Then both are timed at 256 rows of a
+    128,256-token vocabulary."""
+    import triton.testing
+
+    from asgl.engine.sampler import Sampler, SamplingBatch
+
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(5)
+    V, N = 1000, 8192
+    cases = [("temperature 0.8", 0.8, 0, 1.0, 0.0), ("top_k 20", 1.0, 20, 1.0, 0.0),
+             ("top_p 0.8", 1.0, 0, 0.8, 0.0), ("top_k 50 + top_p 0.9", 0.7, 50, 0.9, 0.0),
+             ("min_p 0.05", 1.0, 0, 1.0, 0.05), ("top_k 40 + top_p 0.95 + min_p 0.02", 1.0,
+                                                  40, 0.95, 0.02)]
+    records = []
+
+    def batch(n, vocab, temperature, top_k, top_p, min_p, seed0):
+        sb = SamplingBatch(size=n, vocab_size=vocab, all_greedy=False)
+        sb.temperatures = torch.full((n, 1), temperature, device=dev)
+        if top_k:
+            sb.top_ks = torch.full((n, 1), top_k, dtype=torch.int64, device=dev)
+        if top_p < 1.0:
+            sb.top_ps = torch.full((n, 1), top_p, device=dev)
+        if min_p:
+            sb.min_ps = torch.full((n, 1), min_p, device=dev)
+        sb.rng_keys = torch.arange(seed0, seed0 + n, dtype=torch.int64, device=dev) * 7919
+        sb.steps = torch.randint(0, 1000, (n,), device=dev, generator=gen)
+        return sb
+
+    for name, t, k, p, m in cases:
+        row = torch.randn(V, device=dev, generator=gen) * 2.5
+        exact = _filtered_probs(row, t, k, p, m)
+        logits = row.expand(N, V).contiguous()
+        result = {}
+        for backend in ("flashinfer", "pytorch"):
+            ids = Sampler(backend).sample(logits, batch(N, V, t, k, p, m, 11)).next_token_ids
+            counts = torch.bincount(ids, minlength=V).double() / N
+            result[backend] = (0.5 * (counts - exact).abs().sum().item(),
+                               int((exact[ids] == 0).sum().item()))
+        kept = int((exact > 0).sum().item())
+        # the TVD that N exact draws show on average: 1/2 sum_i E|count_i / N - p_i|, with
+        # E|.| ~ sqrt(2 p_i (1 - p_i) / (pi N)) (normal approximation); allow 1.5x
+        bound = 1.5 * 0.5 * (2 * exact * (1 - exact) / (3.14159 * N)).sqrt().sum().item() + 0.005
+        ok = all(tvd < bound and outside == 0 for tvd, outside in result.values())
+        records.append((name, kept, bound, result, ok))
+    for name, kept, bound, result, ok in records:
+        print(f"[check] sampling {name}: {kept} tokens kept; TVD flashinfer "
+              f"{result['flashinfer'][0]:.3f} pytorch {result['pytorch'][0]:.3f} (bound "
+              f"{bound:.3f}); draws outside the kept set: {result['flashinfer'][1]} / "
+              f"{result['pytorch'][1]} {'PASS' if ok else 'FAIL'}")
+    timing = {}
+    logits = torch.randn(256, 128256, device=dev, generator=gen) * 3
+    for backend in ("flashinfer", "pytorch"):
+        sampler, sb = Sampler(backend), batch(256, 128256, 0.8, 50, 0.9, 0.0, 3)
+        timing[backend] = triton.testing.do_bench(lambda: sampler.sample(logits, sb),
+                                                  return_mode="median")
+    print(f"[check] sampling 256 x 128256 (top_k 50, top_p 0.9): flashinfer "
+          f"{timing['flashinfer']:.3f} ms, pytorch {timing['pytorch']:.3f} ms")
+    append_record(args.out, {"bench": "check", "check": "flashinfer_sampling",
+                             "pass": all(r[-1] for r in records),
+                             "cases": [{"case": n, "kept": k, "bound": b, "tvd_outside": r,
+                                        "pass": ok} for n, k, b, r, ok in records],
+                             "ms_256x128256": timing})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("check", choices=["smollm2-ref", "smollm2", "attn", "graphs"])
+    parser.add_argument("check", choices=["smollm2-ref", "smollm2", "attn", "graphs", "sampling"])
     parser.add_argument("--ref", default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--attention-backend", default="flashinfer")
     args = parser.parse_args()
-    {"smollm2-ref": smollm2_ref, "smollm2": smollm2, "attn": attn, "graphs": graphs}[args.check](args)
+    {"smollm2-ref": smollm2_ref, "smollm2": smollm2, "attn": attn, "graphs": graphs,
+     "sampling": sampling}[args.check](args)
 
 
 if __name__ == "__main__":

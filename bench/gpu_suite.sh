@@ -106,6 +106,7 @@ run() {
     echo "=== check_smollm2 skipped: the GGUF's first half is not on this machine (run 'stage' first)"
   fi
   step check_graphs 90 python3 bench/gpu_checks.py graphs --out "$R"
+  step check_sampling 60 python3 bench/gpu_checks.py sampling --out "$R"
   for c in ${CHUNKS:-128 256 512}; do
     step chunked_$c 100 python3 bench/chunked_prefill.py --model-path llama-3.1-8b \
       --load-format dummy --chunk $c --prompt-chunks 4 --num-decoding 8 --out "$R"

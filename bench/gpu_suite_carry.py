@@ -25,7 +25,8 @@ _FI_MODULE_ARGS = ("bfloat16", "bfloat16", "bfloat16", "int32", 128, 128, 0, Fal
 def _keep(name: str, size: int) -> bool:
     """Python code and small files run on the device; headers only matter to nvcc."""
     if name.startswith("flashinfer/data/csrc/"):
-        return name.count("/") == 3 and name.rsplit("/", 1)[-1].startswith("batch_prefill")
+        return name.count("/") == 3 and name.rsplit("/", 1)[-1].startswith(
+            ("batch_prefill", "sampling", "renorm", "flashinfer_sampling"))
     if name.startswith("flashinfer/data/"):
         return name.endswith(".py")
     if name.startswith("flashinfer/"):
@@ -72,15 +73,28 @@ def jit(wheel_dir: str, build_dir: str) -> None:
         open(src, "w").close()
         subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o",
                         os.path.join(stub, "libcuda.so"), src], check=True)
+    # the sampling module includes curand.h, which this machine's CUDA lacks: take the
+    # headers from NVIDIA's wheel
+    curand = os.path.join(build_dir, "curand")
+    if not os.path.isdir(os.path.join(curand, "nvidia")):
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
+                        "--only-binary=:all:", "--platform", "manylinux_2_27_x86_64",
+                        "--python-version", "3.12", "-d", build_dir, "nvidia-curand==10.4.0.35"],
+                       check=True)
+        whl = glob.glob(os.path.join(build_dir, "nvidia_curand-*.whl"))[0]
+        with zipfile.ZipFile(whl) as z:
+            z.extractall(curand, [n for n in z.namelist() if "/include/" in n])
     code = ("import torch\n"
             "from flashinfer.jit.attention.modules import _gen_batch_prefill_primary_module\n"
+            "from flashinfer.jit.sampling import gen_sampling_module\n"
             f"a = {_FI_MODULE_ARGS!r}\n"
             "a = tuple(getattr(torch, x) if isinstance(x, str) else x for x in a)\n"
-            "spec = _gen_batch_prefill_primary_module('fa2', *a)\n"
-            "spec.build(verbose=False)\n"
-            "print('built', spec.jit_library_path)\n")
+            "for spec in (_gen_batch_prefill_primary_module('fa2', *a), gen_sampling_module()):\n"
+            "    spec.build(verbose=False)\n"
+            "    print('built', spec.jit_library_path)\n")
     env = dict(os.environ, PYTHONPATH=site_dir, FLASHINFER_CUDA_ARCH_LIST="9.0a",
                CUDA_HOME=os.environ.get("CUDA_HOME", "/usr/local/cuda"),
+               CPATH=os.path.join(curand, "nvidia", "cu13", "include"),
                LIBRARY_PATH=stub, MAX_JOBS=str(os.cpu_count() or 2))
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 

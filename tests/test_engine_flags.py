@@ -10,10 +10,9 @@ def test_unimplemented_flags_warn(caplog):
     with caplog.at_level(logging.WARNING, logger="asgl.engine.engine"):
         _warn_unimplemented(EngineConfig())
         assert not caplog.records
-        _warn_unimplemented(EngineConfig(enable_torch_compile=True, sampling_backend="flashinfer"))
+        _warn_unimplemented(EngineConfig(enable_torch_compile=True))
     text = " ".join(r.getMessage() for r in caplog.records)
     assert "--enable-torch-compile is not implemented" in text
-    assert "--sampling-backend flashinfer is not implemented" in text
 
 
 def test_cli_parses_graph_flags():

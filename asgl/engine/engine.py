@@ -526,14 +526,11 @@ class Engine:
 
 
 def _warn_unimplemented(cfg) -> None:
-    """SGLang flags accepted (scripts pass them) but not implemented yet: say so instead of
-    ignoring them silently."""
+    """An SGLang flag accepted (scripts pass it) but not implemented yet: say so instead of
+    ignoring it silently."""
     if cfg.enable_torch_compile:
         logger.warning("--enable-torch-compile is not implemented: running without it "
                        "(decode and small extend steps replay CUDA graphs)")
-    if cfg.sampling_backend == "flashinfer":
-        logger.warning("--sampling-backend flashinfer is not implemented: sampling with "
-                       "the pytorch backend (on the device, no host sync)")
 
 
 def _release_device_memory() -> None:

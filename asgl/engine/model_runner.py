@@ -110,13 +110,28 @@ class ModelRunner:
                     arch[0] if arch else "?", time.perf_counter() - t0, self.device,
                     str(self.dtype).replace("torch.", ""), self.weight_bytes / 2**30)
         self.vocab_size = int(hf_config.vocab_size)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self._sampling_backend())
         self.attn_backend = self._create_attention_backend()
         self.kv_pool: Optional[KVPool] = None
         self.req_to_token: Optional[torch.Tensor] = None
         self.last_next_ids: Optional[torch.Tensor] = None
         self.graph_runner = None
         self.gpu_stats = GpuStepStats()
+
+    def _sampling_backend(self) -> str:
+        """pytorch unless flashinfer is asked for and can run here (CUDA, importable)."""
+        if self.cfg.sampling_backend != "flashinfer":
+            return "pytorch"
+        if not self.on_cuda:
+            logger.warning("--sampling-backend flashinfer needs CUDA: sampling with pytorch")
+            return "pytorch"
+        try:
+            import flashinfer.sampling  # noqa: F401
+        except ImportError as exc:
+            logger.warning("--sampling-backend flashinfer unavailable (%s): sampling with "
+                           "pytorch", exc)
+            return "pytorch"
+        return "flashinfer"
 
     def _create_attention_backend(self) -> AttentionBackend:
         """The configured backend; on CUDA flashinfer by default when it can run this model,

@@ -96,6 +96,8 @@ class SamplingBatch:
     min_ps: Optional[torch.Tensor] = None  # [S, 1] float32; 0 where off
     rng_keys: Optional[torch.Tensor] = None  # [S] int64 from seed_key(req.seed)
     steps: Optional[torch.Tensor] = None  # [S] int64 output index being sampled
+    # some request asked for a seed: its draws must not depend on its row (see Sampler)
+    seeded: bool = False
     penalties: Optional[PenaltyBatch] = None
     edits: Optional[SparseLogitEdits] = None  # logit_bias and min_new_tokens bans
     return_logprob: bool = False
@@ -144,6 +146,7 @@ class SamplingBatch:
                 sb.min_ps = h2d([[sp.min_p] for sp in sps], torch.float32, device)
             sb.rng_keys = h2d([seed_key(r.seed) for r in reqs], torch.int64, device)
             sb.steps = h2d(out_lens, torch.int64, device)
+            sb.seeded = any(sp.seed is not None for g, sp in zip(greedy, sps) if not g)
 
         penalized = [i for i, sp in enumerate(sps) if sp.has_penalties]
         if penalized:
@@ -158,7 +161,21 @@ class SamplingBatch:
 
 # ---------------------------------------------------------------- the sampler
 class Sampler:
-    """Stateless; one per worker. `logits` is never modified."""
+    """One per worker. `logits` is never modified.
+
+    backend "pytorch": the draw below (a sort, then the inverse CDF at a counter-based
+    uniform): a row's token depends only on its logits, its seed and its output index.
+    backend "flashinfer" (CUDA): FlashInfer's rejection-sampling kernels (top-k / top-p /
+    min-p without a sort), fed the same per-row seed and output index; FlashInfer also
+    mixes in the row's position, so a batch in which a request asked for a seed falls back
+    to the pytorch draw (as vLLM does for per-request generators)."""
+
+    def __init__(self, backend: str = "pytorch"):
+        self.backend = backend
+        if backend == "flashinfer":
+            from asgl.kernels.attention.flashinfer_backend import reuse_prebuilt_modules
+
+            reuse_prebuilt_modules()
 
     def sample(self, logits: torch.Tensor, sb: SamplingBatch) -> SampleOutput:
         """`logits` [S, vocab_size] float32 (rows in the batch's order) -> SampleOutput.
@@ -179,6 +196,8 @@ class Sampler:
 
         if sb.all_greedy:
             ids = torch.argmax(logits, dim=-1)
+        elif self.backend == "flashinfer" and not sb.seeded:
+            ids = _draw_flashinfer(logits, sb)
         else:
             ids = self._draw(logits, sb)
             if sb.is_greedy is not None:
@@ -217,3 +236,32 @@ class Sampler:
         last_kept = (p > 0).sum(dim=-1, keepdim=True) - 1
         pos = torch.minimum(pos, last_kept)
         return order.gather(1, pos).view(-1)
+
+
+def _draw_flashinfer(logits: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """The same filters as `Sampler._draw` (top-k, then top-p on the top-k-renormalized
+    mass, then min-p relative to the top probability), by FlashInfer's kernels: rejection
+    sampling over the unsorted probabilities, no host sync."""
+    from flashinfer import sampling as fis
+
+    probs = torch.softmax(logits / sb.temperatures, dim=-1)
+    # Philox offsets 256 numbers apart per output index: a step's rejection rounds never
+    # reuse the next step's randomness
+    seed, offset = sb.rng_keys, sb.steps * 256
+    top_k = sb.top_ks.view(-1).to(torch.int32) if sb.top_ks is not None else None
+    # +inf marks "off" in the pytorch path; FlashInfer wants a probability
+    top_p = sb.top_ps.view(-1).clamp(max=1.0) if sb.top_ps is not None else None
+    if sb.min_ps is not None:
+        if top_k is not None:
+            probs = fis.top_k_renorm_probs(probs, top_k)
+        if top_p is not None:
+            probs = fis.top_p_renorm_probs(probs, top_p)
+        ids = fis.min_p_sampling_from_probs(probs, sb.min_ps.view(-1), seed=seed, offset=offset)
+    elif top_k is not None or top_p is not None:
+        ids = fis.top_k_top_p_sampling_from_probs(
+            probs, top_k if top_k is not None else probs.shape[-1],
+            top_p if top_p is not None else 1.0, filter_apply_order="top_k_first",
+            seed=seed, offset=offset)
+    else:
+        ids = fis.sampling_from_probs(probs, seed=seed, offset=offset)
+    return ids.to(torch.int64)

@@ -47,7 +47,7 @@ class FlashInferBackend(AttentionBackend):
 
     def __init__(self, *, device: torch.device, num_heads: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, kv_dtype: Optional[torch.dtype] = None):
-        _reuse_prebuilt_modules()
+        reuse_prebuilt_modules()
         from flashinfer import BatchPrefillWithPagedKVCacheWrapper
 
         if dtype not in (torch.float16, torch.bfloat16):
@@ -201,7 +201,7 @@ def _kv_indices(batch: "ForwardBatch", total: int) -> torch.Tensor:
 _PATCHED = False
 
 
-def _reuse_prebuilt_modules() -> None:
+def reuse_prebuilt_modules() -> None:
     """With ASGL_FLASHINFER_PREBUILT=1, load an already built JIT module as is.
 
     FlashInfer asks ninja whether a cached module is fresh, and ninja rebuilds when the

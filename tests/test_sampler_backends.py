@@ -1,0 +1,36 @@
+"""--sampling-backend: which draw a batch gets. FlashInfer's kernels (checked against the
+exact distribution on the GPU by bench/gpu_checks.py sampling) mix the row's position
+into their randomness, so batches with an explicitly seeded request keep the pytorch draw,
+whose seeded results do not depend on the batch."""
+
+import torch
+
+from asgl.engine.req import Req
+from asgl.engine.sampler import Sampler, SamplingBatch
+from asgl.engine.sampling_params import SamplingParams
+
+V = 64
+
+
+def _req(i: int, **sp) -> Req:
+    return Req(rid=f"r{i}", prompt_ids=[1, 2, 3], sampling=SamplingParams(**sp), seed=1000 + i)
+
+
+def test_seeded_flag():
+    cpu = torch.device("cpu")
+    assert not SamplingBatch.from_reqs([_req(0, temperature=1.0)], V, cpu).seeded
+    assert SamplingBatch.from_reqs([_req(0, temperature=1.0), _req(1, temperature=0.7, seed=5)],
+                                   V, cpu).seeded
+    # a greedy request's seed draws nothing
+    assert not SamplingBatch.from_reqs([_req(0, temperature=1.0), _req(1, temperature=0.0, seed=5)],
+                                       V, cpu).seeded
+
+
+def test_seeded_batches_keep_the_batch_invariant_draw():
+    """With the flashinfer backend a seeded batch takes the pytorch draw (flashinfer itself
+    is never imported here: the CPU has none), so its tokens equal the pytorch backend's."""
+    logits = torch.randn(4, V)
+    reqs = [_req(i, temperature=0.9, top_p=0.8, seed=i) for i in range(4)]
+    sb = SamplingBatch.from_reqs(reqs, V, torch.device("cpu"))
+    got = Sampler("flashinfer").sample(logits, sb).next_token_ids
+    assert torch.equal(got, Sampler("pytorch").sample(logits, sb).next_token_ids)
