@@ -29,6 +29,7 @@ async def measure(cfg: EngineConfig, num_decoding: int, prompt_len: int, seed: i
         vocab = min(engine.vocab_size, 32000)
         await engine.generate(input_ids=[100] * 8, sampling_params={"max_new_tokens": 2})
         stamps: list[list[float]] = [[] for _ in range(num_decoding)]
+        gpu = engine.runner.gpu_stats if engine.runner.on_cuda else None
         window: dict[str, float] = {}
 
         async def decode(i: int) -> None:
@@ -43,9 +44,14 @@ async def measure(cfg: EngineConfig, num_decoding: int, prompt_len: int, seed: i
             while min(len(s) for s in stamps) < 20:  # decoding is in its steady state
                 await asyncio.sleep(0.01)
             ids = [rng.randrange(100, vocab) for _ in range(prompt_len)]
+            if gpu is not None:
+                gpu.trace = []
             window["start"] = time.perf_counter()
             await engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 1})
             window["end"] = time.perf_counter()
+            if gpu is not None:
+                window["trace"] = gpu.trace
+                gpu.trace = None
 
         await asyncio.gather(long_prompt(), *(decode(i) for i in range(num_decoding)))
     idle, during, first = [], [], []
@@ -62,7 +68,10 @@ async def measure(cfg: EngineConfig, num_decoding: int, prompt_len: int, seed: i
             "worst_gap_during_prefill_ms": round(max(during) * 1e3, 2),
             "median_gap_during_prefill_ms": round(statistics.median(during) * 1e3, 2),
             "prefill_seconds": round(window["end"] - window["start"], 3),
-            "gaps_of_request_0_during_prefill_ms": first}
+            "gaps_of_request_0_during_prefill_ms": first,
+            # GPU: per step from the prompt's arrival to its end (decode?, CUDA graph?,
+            # GPU busy ms, GPU idle ms before the step)
+            "gpu_steps": window.get("trace")}
 
 
 async def main_async(args) -> list[dict]:

@@ -214,7 +214,7 @@ def graphs(args) -> None:
     for bs in (1, 13, 64):
         key, err = _extend_graph_vs_eager(runner, pool, alloc, [100] * bs, [1] * bs)
         records.append((f"decode bs={bs} -> graph {key}", err,
-                        key == (bs, bs) and err < _GRAPH_TOL))
+                        key is not None and key[0] == key[1] >= bs and err < _GRAPH_TOL))
     rng = torch.Generator().manual_seed(0)
     jump = torch.randint(1, 13, (32,), generator=rng).tolist()
     for name, prefix, extend in (

@@ -443,6 +443,8 @@ class GpuStepStats:
     def __init__(self) -> None:
         self.steps = self.decode_steps = self.graph_steps = 0
         self.extend_steps = self.extend_graph_steps = 0  # prefill / mixed steps
+        # benches set a list here to get (decode, graph, busy ms, idle ms before) per step
+        self.trace: Optional[list] = None
         self.busy_ms = self.idle_ms = 0.0
         self.decode_busy_ms = self.decode_idle_ms = 0.0
         self._prev_done: Optional[torch.cuda.Event] = None
@@ -455,6 +457,8 @@ class GpuStepStats:
         busy = start.elapsed_time(done)
         gap = max(self._prev_done.elapsed_time(start), 0.0) if self._prev_done is not None else 0.0
         self._prev_done = done
+        if self.trace is not None:
+            self.trace.append((decode, graph, round(busy, 2), round(gap, 2)))
         self.steps += 1
         self.busy_ms += busy
         self.idle_ms += gap
