@@ -110,6 +110,7 @@ class CudaGraphRunner:
         self.out_cache_loc = torch.zeros(n, dtype=torch.int64, device=dev)
         self.req_pool_indices = torch.zeros(n, dtype=torch.int64, device=dev)
         self.arange = torch.arange(n, dtype=torch.int64, device=dev)
+        self.zero_rows = torch.zeros(self.max_bs, dtype=torch.int64, device=dev)
         # keyed by (padded requests, padded tokens): decode graphs have the two equal
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
@@ -165,6 +166,11 @@ class CudaGraphRunner:
                 out = self._forward(batch)
             pool = graph.pool()
             self.graphs[key], self.outputs[key], self.batches[key] = graph, out, batch
+        # the LM head runs outside the graphs on row counts padded to these sizes
+        # (ModelRunner._logits_cuda): load each size's cuBLAS kernel now, not mid-serving
+        hidden = self.outputs[keys[0]]
+        for bs in self.sizes:
+            r.model.compute_logits(hidden[self.zero_rows[:bs]])
         torch.cuda.synchronize(r.device)
         logger.info("captured %d CUDA graphs (decode batch sizes %d..%d; extend token counts "
                     "%s) in %.1fs, %.0f MiB", len(keys), self.sizes[0], self.max_bs,
