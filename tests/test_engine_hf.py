@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from tests.conftest import make_llm, run_on
+from tests.conftest import make_llm, reference_threads, run_on
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def reference(hf_smol, prompts):
     refs = []
     for p in prompts:
         ids = tok(p, return_tensors="pt").input_ids
-        with torch.no_grad():
+        with torch.no_grad(), reference_threads():  # the engine is idle meanwhile
             out = model.generate(ids, max_new_tokens=MAX_NEW, do_sample=False,
                                  output_logits=True, return_dict_in_generate=True,
                                  pad_token_id=tok.eos_token_id)
@@ -106,9 +106,15 @@ def test_one_at_a_time(llm, prompts, reference):
         assert out.prompt_tokens == len(reference[i][0])
 
 
-def test_all_at_once(llm, prompts, reference):
-    outs = llm.generate(prompts, GREEDY)
-    for i, out in enumerate(outs):
+@pytest.fixture(scope="module")
+def batch_outputs(llm, prompts):
+    """Every prompt in one batch (greedy): checked against HF by test_all_at_once, and its
+    texts against the tokenizer by test_text_equals_decode_of_ids."""
+    return llm.generate(prompts, GREEDY)
+
+
+def test_all_at_once(llm, batch_outputs, reference):
+    for i, out in enumerate(batch_outputs):
         _, ref_new, gaps = reference[i]
         assert_matches_reference(out.output_ids, ref_new, gaps, f"prompt {i} in batch")
     assert llm.engine.scheduler.is_idle_and_clean()
@@ -134,7 +140,7 @@ def test_arriving_while_others_decode(llm, prompts, reference):
         assert_matches_reference(out.output_ids, ref_new, gaps, f"prompt {i} staggered")
 
 
-def test_text_equals_decode_of_ids(llm, prompts, hf_smol):
+def test_text_equals_decode_of_ids(batch_outputs, hf_smol):
     _, tok = hf_smol
-    out = llm.generate(prompts[2], GREEDY)
-    assert out.text == tok.decode(out.output_ids, skip_special_tokens=True)
+    for out in batch_outputs:
+        assert out.text == tok.decode(out.output_ids, skip_special_tokens=True)

@@ -12,6 +12,7 @@ import torch
 
 import asgl as sgl
 from server_fixture import main_server  # noqa: F401
+from tests.conftest import ENGINE_KV_TOKENS, reference_threads
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,7 +42,7 @@ async def pick_in_chat(s, question, choices):
 
 @pytest.fixture(scope="module")
 def runtime():
-    rt = sgl.Runtime()
+    rt = sgl.Runtime(max_total_tokens=ENGINE_KV_TOKENS)  # sized like every test engine
     yield rt
     rt.shutdown()
 
@@ -64,7 +65,7 @@ def hf_normalized_logprobs(hf_smol, prefix: str, choices: list[str]) -> list[flo
         k = 0
         while k < min(len(ids), len(prefix_ids)) and ids[k] == prefix_ids[k]:
             k += 1
-        with torch.no_grad():
+        with torch.no_grad(), reference_threads():  # the engines are idle meanwhile
             logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
         token_lps = [float(logprobs[p - 1, ids[p]]) for p in range(max(k, 1), len(ids))]
         scores.append(sum(token_lps) / len(token_lps))

@@ -22,29 +22,27 @@ from asgl.models.loader import ModelLoadError, init_dummy_weights, resolve_model
 
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def cache_root(tmp_path_factory):
-    """A fresh conversion cache for this module (ASGL_CACHE_DIR)."""
-    root = tmp_path_factory.mktemp("asgl-cache")
+def cache_root(smol_conversion):
+    """A fresh conversion cache for this module (ASGL_CACHE_DIR): the session's, in which
+    only the embedded model has been converted (conftest.py; test_tokenizer.py reads it)."""
+    root = smol_conversion[0]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ASGL_CACHE_DIR", str(root))
         yield root
 
 
 @pytest.fixture(scope="module")
-def embedded(cache_root):
+def embedded(cache_root, smol_conversion):
     """The embedded SmolLM2 GGUF, resolved (converted) once; returns (source, seconds)."""
-    started = time.perf_counter()
-    source = resolve_model(EngineConfig())
-    return source, time.perf_counter() - started
+    _, source, seconds = smol_conversion
+    return source, seconds
 
 
 @pytest.fixture(scope="module")
-def reference(embedded):
-    """transformers' own load of the same GGUF: the reference for our conversion."""
-    from transformers import AutoModelForCausalLM
-
-    folder, name = os.path.split(loader.embedded_model_path())
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+def reference(embedded, hf_smol):
+    """transformers' own load of the same GGUF (fp32): the reference for our conversion.
+    The session's load (conftest.py's `hf_smol`), shared with the other HF comparisons."""
+    model, _ = hf_smol
     return model
 
 

@@ -16,9 +16,12 @@ CHAT = [{"role": "system", "content": "Be brief."},
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory):
+def source(smol_conversion):
+    """The embedded model resolved in a fresh conversion cache (not the user's): the
+    session's, where conftest.py converted it once for this module and test_loader.py."""
+    root = smol_conversion[0]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ASGL_CACHE_DIR", str(tmp_path_factory.mktemp("asgl-cache")))
+        mp.setenv("ASGL_CACHE_DIR", str(root))
         yield resolve_model(EngineConfig())
 
 
