@@ -34,3 +34,20 @@ def test_seeded_batches_keep_the_batch_invariant_draw():
     sb = SamplingBatch.from_reqs(reqs, V, torch.device("cpu"))
     got = Sampler("flashinfer").sample(logits, sb).next_token_ids
     assert torch.equal(got, Sampler("pytorch").sample(logits, sb).next_token_ids)
+
+
+def test_greedy_rows_stay_greedy_with_the_flashinfer_draw(monkeypatch):
+    """In a batch mixing greedy and sampled rows, the flashinfer draw serves the sampled
+    rows only: greedy rows are the argmax whichever backend draws (the draw itself is
+    replaced here by one that always picks token 0, so the override is what is checked)."""
+    import asgl.engine.sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "_draw_flashinfer",
+                        lambda logits, sb: torch.zeros(logits.shape[0], dtype=torch.int64))
+    logits = torch.randn(6, V)
+    logits[:, 0] = -100.0  # token 0 is never the argmax
+    reqs = [_req(i, temperature=0.0 if i % 2 else 0.8) for i in range(6)]
+    sb = SamplingBatch.from_reqs(reqs, V, torch.device("cpu"))
+    ids = Sampler("flashinfer").sample(logits, sb).next_token_ids
+    assert torch.equal(ids[1::2], logits[1::2].argmax(-1))
+    assert torch.equal(ids[0::2], torch.zeros(3, dtype=torch.int64))

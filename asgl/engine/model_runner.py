@@ -271,11 +271,10 @@ class ModelRunner:
         ids = self._input_ids(batch)
         graph = self.graph_runner
         key = graph.graph_key(batch) if graph is not None else None
-        if key is None:
-            graph = None
-        else:
+        if key is not None:
             graph.prepare(batch, ids, key)
-        if graph is None:
+        else:
+            graph = None
             self.attn_backend.prepare(batch)
         start = _timing_event()  # after host-side planning: gaps before it are GPU idle
         hidden = graph.launch(batch) if graph is not None else \

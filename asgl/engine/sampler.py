@@ -196,10 +196,11 @@ class Sampler:
 
         if sb.all_greedy:
             ids = torch.argmax(logits, dim=-1)
-        elif self.backend == "flashinfer" and not sb.seeded:
-            ids = _draw_flashinfer(logits, sb)
         else:
-            ids = self._draw(logits, sb)
+            if self.backend == "flashinfer" and not sb.seeded:
+                ids = _draw_flashinfer(logits, sb)
+            else:
+                ids = self._draw(logits, sb)
             if sb.is_greedy is not None:
                 ids = torch.where(sb.is_greedy, torch.argmax(logits, dim=-1), ids)
 
