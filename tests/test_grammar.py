@@ -66,15 +66,23 @@ def walk(backend, compiled, tokenizer, rng: random.Random, max_tokens: int = 150
 # --------------------------------------------------------------------------- spec checks
 
 
+_NS = r"\ud800-\udfff"  # surrogates, which no class may admit
+
+
 @pytest.mark.parametrize("regex, expected", [
-    (r"a.b", r"a[^\n]b"),
+    (r"a.b", rf"a[^\n{_NS}]b"),
     (r"a\.b", r"a\.b"),
     (r"[.]x", r"[.]x"),
-    (r"[].]x.", r"[].]x[^\n]"),
-    (r"[^].]+", r"[^].]+"),
-    (r"\\.", r"\\[^\n]"),
+    (r"[].]x.", rf"[\].]x[^\n{_NS}]"),
+    (r"[^].]+", rf"[^{_NS}\].]+"),
+    (r"\\.", rf"\\[^\n{_NS}]"),
+    (r"[^a-]", rf"[^{_NS}a\-]"),
+    (r"[ -\uffff]", r"[ -\ud7ff\ue000-\uffff]"),
+    (r"[\x00-\U0010FFFF]", r"[\x00-\ud7ff\ue000-\U0010FFFF]"),
+    (r"\S\W\d", rf"[^\s{_NS}][^\w{_NS}]\d"),
+    (r"[abc", r"[abc"),  # malformed: left for xgrammar to refuse
 ])
-def test_python_dot(regex, expected):
+def test_python_regex(regex, expected):
     assert python_regex(regex) == expected
 
 
@@ -106,9 +114,10 @@ def test_rewrites_keep_meaning():
     s = normalize_json_schema({"type": "object", "properties": {
         "s": {"type": "string", "maxLength": 4}, "o": {"type": "object"},
         "p": {"type": "string", "pattern": "^a.c$"}}})
-    assert s["properties"]["s"] == {"type": "string", "pattern": '^[^"\\\\\\x00-\\x1f]{0,4}$'}
+    assert s["properties"]["s"] == {"type": "string",
+                                "pattern": '^[^"\\\\\\x00-\\x1f\\ud800-\\udfff]{0,4}$'}
     assert s["properties"]["o"]["additionalProperties"] is True  # any object, not only {}
-    assert s["properties"]["p"]["pattern"] == "^a[^\\n]c$"
+    assert s["properties"]["p"]["pattern"] == "^a[^\\n\\ud800-\\udfff]c$"
 
 
 def test_compile_errors_are_400s(backend):
@@ -167,6 +176,15 @@ def test_random_walks_match_regexes(backend, tokenizer, regex, seed):
     text, finished = walk(backend, compiled, tokenizer, random.Random(seed), p_stop=0.3)
     assert finished
     assert full_match(text, regex), (text, regex)
+
+
+@pytest.mark.parametrize("regex", [r"[a-z]x [^\n,]\.", r"x .\.", r"x \S\.", r"x [ -\uffff]\."])
+def test_classes_never_admit_surrogates(backend, tokenizer, regex):
+    # byte tokens can spell a surrogate's 3-byte form (ED A0..BF xx), which is not UTF-8
+    compiled = backend.compile_sync("regex", regex)
+    for seed in range(400):
+        text, finished = walk(backend, compiled, tokenizer, random.Random(seed), p_stop=0.3)
+        assert finished and full_match(text, regex) and "\ufffd" not in text, (seed, text)
 
 
 def test_length_bounded_strings_stay_valid_json(backend, tokenizer):

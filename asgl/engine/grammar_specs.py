@@ -45,7 +45,7 @@ _HINTS = {
     "uniqueItems": "only uniqueItems: false can be enforced",
 }
 # A string that needs no escaping in JSON: what a length-bounded string may hold.
-_PLAIN_CHAR = r'[^"\\\x00-\x1f]'
+_PLAIN_CHAR = r'[^"\\\x00-\x1f\ud800-\udfff]'
 
 
 def requested_grammar(sp: SamplingParams) -> Optional[tuple[str, str]]:
@@ -69,35 +69,101 @@ def check_spec_text(kind: str, spec: Any) -> str:
 # --------------------------------------------------------------------------- regex
 
 
+# xgrammar's character classes span code points, surrogates included, and it emits a surrogate
+# as its 3-byte (invalid) UTF-8 form: every class that could admit one is narrowed to exclude them.
+_NO_SURROGATES = r"\ud800-\udfff"
+# negated shorthands outside a class, as classes that also exclude surrogates
+_NEGATED_SHORTHANDS = {"\\S": r"\s", "\\W": r"\w", "\\D": r"\d"}
+_HEX = frozenset("0123456789abcdefABCDEF")
+_SIMPLE_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "0": "\0"}
+
+
 def python_regex(regex: str) -> str:
-    """`regex` with every `.` outside a character class made `[^\\n]`, as in Python's re."""
+    """`regex` for xgrammar with Python's meaning: every `.` outside a character class is
+    `[^\\n]`, and no class, dot or negated shorthand admits a UTF-16 surrogate."""
     out: list[str] = []
     i, n = 0, len(regex)
-    in_class = False
     while i < n:
         c = regex[i]
         if c == "\\":
-            out.append(regex[i:i + 2])
+            esc = regex[i:i + 2]
+            negated = _NEGATED_SHORTHANDS.get(esc)
+            out.append(f"[^{negated}{_NO_SURROGATES}]" if negated else esc)
             i += 2
-            continue
-        if in_class:
-            if c == "]":
-                in_class = False
         elif c == "[":
-            in_class = True
-            # a ']' right after '[' or '[^' is a literal member, not the end of the class
-            j = i + 1 + (regex[i + 1:i + 2] == "^")
-            if regex[j:j + 1] == "]":
-                out.append(regex[i:j + 1])
-                i = j + 1
-                continue
+            text, i = _char_class(regex, i)
+            out.append(text)
         elif c == ".":
-            out.append(r"[^\n]")
+            out.append(f"[^\\n{_NO_SURROGATES}]")
             i += 1
-            continue
-        out.append(c)
-        i += 1
+        else:
+            out.append(c)
+            i += 1
     return "".join(out)
+
+
+def _char_class(regex: str, start: int) -> tuple[str, int]:
+    """The class opening at `start`, rewritten to exclude surrogates, and the index after it.
+    A negated class gets the surrogate range added; a range crossing them is split; literal
+    `]`, `-` and `^` members are escaped."""
+    i = start + 1
+    negated = regex[i:i + 1] == "^"
+    i += negated
+    members: list[str] = []
+    first = True
+    while i < len(regex) and (regex[i] != "]" or first):  # a leading ']' is a literal
+        first = False
+        lo, i = _class_member(regex, i)
+        if regex[i:i + 1] == "-" and regex[i + 1:i + 2] not in ("]", ""):
+            hi, i = _class_member(regex, i + 1)
+            members.append(_split_range(lo, hi))
+        else:
+            members.append(lo)
+    if i >= len(regex):  # unterminated: left as written for xgrammar to refuse
+        return regex[start:], len(regex)
+    body = "".join(members)
+    if negated:
+        return f"[^{_NO_SURROGATES}{body}]", i + 1
+    return f"[{body}]", i + 1
+
+
+def _class_member(regex: str, i: int) -> tuple[str, int]:
+    if regex[i] != "\\":
+        # class syntax characters taken literally are escaped: members may be reordered
+        return ("\\" + regex[i] if regex[i] in "]-^" else regex[i]), i + 1
+    kind = regex[i + 1:i + 2]
+    end = i + 2
+    for _ in range({"x": 2, "u": 4, "U": 8}.get(kind, 0)):
+        if regex[end:end + 1] not in _HEX:
+            break  # malformed: kept as written for xgrammar to refuse
+        end += 1
+    return regex[i:end], end
+
+
+def _code_point(member: str) -> int | None:
+    if not member.startswith("\\"):
+        return ord(member)
+    kind = member[1:2]
+    if kind in ("x", "u", "U"):
+        try:
+            return int(member[2:], 16)
+        except ValueError:
+            return None  # malformed: xgrammar reports it
+    if kind in _SIMPLE_ESCAPES:
+        return ord(_SIMPLE_ESCAPES[kind])
+    return ord(kind) if kind and not kind.isalnum() else None
+
+
+def _split_range(lo: str, hi: str) -> str:
+    a, b = _code_point(lo), _code_point(hi)
+    if a is None or b is None or a > 0xDFFF or b < 0xD800 or a > b:
+        return f"{lo}-{hi}"
+    parts = []
+    if a < 0xD800:
+        parts.append(f"{lo}-\\ud7ff")
+    if b > 0xDFFF:
+        parts.append(f"\\ue000-{hi}")
+    return "".join(parts)
 
 
 # --------------------------------------------------------------------------- JSON schema
