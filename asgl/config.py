@@ -60,6 +60,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     cuda_graph_max_bs: Optional[int] = None
     cuda_graph_max_tokens: Optional[int] = None
     enable_torch_compile: bool = False
+    torch_compile_max_bs: Optional[int] = None
 
     # --- parallelism ---
     tp_size: int = 1
@@ -84,7 +85,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     def validate(self) -> None:
         """Reject values that cannot work, naming the option."""
         positive = ("context_length", "max_running_requests", "max_total_tokens",
-                    "max_queued_requests", "cuda_graph_max_bs")
+                    "max_queued_requests", "cuda_graph_max_bs", "torch_compile_max_bs")
         if self.cuda_graph_max_tokens is not None and self.cuda_graph_max_tokens < 0:
             raise ConfigError("--cuda-graph-max-tokens must be >= 0 (0: decode graphs only)")
         for name in positive:
@@ -216,7 +217,9 @@ _HELP: dict[str, str] = {
     "attention_backend": "attention kernels (default: flashinfer on CUDA, torch on the CPU)",
     "sampling_backend": "pytorch (default: batch-invariant seeded draws) or flashinfer (CUDA: "
                         "no sort; batches with a seeded request still use pytorch)",
-    "enable_torch_compile": "accepted for SGLang compatibility; not implemented (warns)",
+    "enable_torch_compile": "run the model through torch.compile (inductor) for small batches "
+                            "(inside the CUDA graphs on CUDA)",
+    "torch_compile_max_bs": "most tokens of a step that runs compiled (default 32)",
     "grammar_backend": "constrained decoding backend",
     "disable_cuda_graph": "run every step eagerly (no CUDA graphs)",
     "cuda_graph_max_bs": "largest decode batch replayed from a CUDA graph (default: the most "

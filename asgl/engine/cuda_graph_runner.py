@@ -202,7 +202,7 @@ class CudaGraphRunner:
             req_to_token=r.req_to_token, kv_pool=r.kv_pool, attn_backend=r.attn_backend)
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        return self.runner.model(batch.input_ids, batch.positions, batch)
+        return self.runner.forward(batch, batch.input_ids)
 
     # ------------------------------------------------------------------ replay
     def prepare(self, batch: ForwardBatch, input_ids: torch.Tensor,

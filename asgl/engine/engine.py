@@ -76,7 +76,6 @@ class Engine:
         from asgl.models.loader import resolve_model
 
         cfg = self.config
-        _warn_unimplemented(cfg)
         loop = asyncio.get_running_loop()
         self.worker = DeviceWorker()
         self.source = await loop.run_in_executor(None, resolve_model, cfg)
@@ -523,14 +522,6 @@ class Engine:
         return {"capacity": self.allocator.capacity, "free": self.allocator.available(),
                 "cached": self.cache.total_size(), "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting)}
-
-
-def _warn_unimplemented(cfg) -> None:
-    """An SGLang flag accepted (scripts pass it) but not implemented yet: say so instead of
-    ignoring it silently."""
-    if cfg.enable_torch_compile:
-        logger.warning("--enable-torch-compile is not implemented: running without it "
-                       "(decode and small extend steps replay CUDA graphs)")
 
 
 def _release_device_memory() -> None:

@@ -33,6 +33,7 @@ from asgl.distributed import get_tp_rank
 from asgl.engine.forward_batch import ForwardBatch
 from asgl.engine.kv_pool import KVPool
 from asgl.engine.logprobs import compute_prompt_logprobs
+from asgl.engine.torch_compile import compiled_forward
 from asgl.kernels.attention import AttentionBackend, create_attention_backend
 
 logger = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class ModelRunner:
         logger.info("model %s loaded in %.1fs (%s, %s, %.2f GiB of weights)",
                     arch[0] if arch else "?", time.perf_counter() - t0, self.device,
                     str(self.dtype).replace("torch.", ""), self.weight_bytes / 2**30)
+        self.compiled = compiled_forward(cfg, self.model, self.device)
         self.vocab_size = int(hf_config.vocab_size)
         self.sampler = Sampler(self._sampling_backend())
         self.attn_backend = self._create_attention_backend()
@@ -277,8 +279,7 @@ class ModelRunner:
             graph = None
             self.attn_backend.prepare(batch)
         start = _timing_event()  # after host-side planning: gaps before it are GPU idle
-        hidden = graph.launch(batch) if graph is not None else \
-            self.model(ids, batch.positions, batch)
+        hidden = graph.launch(batch) if graph is not None else self.forward(batch, ids)
         logits = self._logits_cuda(hidden, batch.logits_indices)
         out = self._sample(batch, logits, sampling)
         pending = _PendingResults(out, batch, logits, start, self.gpu_stats,
@@ -315,9 +316,16 @@ class ModelRunner:
             ids = torch.where(ids < 0, self.last_next_ids[(-1 - ids).clamp(min=0)], ids)
         return ids
 
+    def forward(self, batch: ForwardBatch, ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states of the batch's tokens: compiled for small batches when asked."""
+        compiled = self.compiled
+        if compiled is not None and compiled.wants(batch.num_tokens):
+            return compiled.forward(ids, batch.positions, batch)
+        return self.model(ids, batch.positions, batch)
+
     def _logits(self, batch: ForwardBatch, ids: torch.Tensor) -> torch.Tensor:
         self.attn_backend.prepare(batch)
-        hidden = self.model(ids, batch.positions, batch)
+        hidden = self.forward(batch, ids)
         return self.model.compute_logits(hidden[batch.logits_indices])
 
     def _sample(self, batch: ForwardBatch, logits: torch.Tensor, sampling: Any) -> StepOutput:

@@ -25,6 +25,8 @@ FORCE: Optional[bool] = None
 
 def use_fused(x: torch.Tensor) -> bool:
     """Whether a layer should run its fused Triton kernel on activation `x`."""
+    if torch.compiler.is_compiling():
+        return False  # inductor fuses the reference path itself (asgl/engine/torch_compile.py)
     if FORCE is not None:
         return FORCE
     return x.is_cuda and x.dtype in _HALF and not _DISABLED
