@@ -106,6 +106,9 @@ run() {
     echo "=== check_smollm2 skipped: the GGUF's first half is not on this machine (run 'stage' first)"
   fi
   step check_graphs 90 python3 bench/gpu_checks.py graphs --out "$R"
+  step check_compile 200 python3 bench/gpu_checks.py graphs --torch-compile --out "$R"
+  step offline_w1 60 python3 bench/offline.py $M --attention-backend flashinfer --workload W1 --out "$R"
+  step offline_compile 240 python3 bench/offline.py $M --attention-backend flashinfer --workload W1 W400 --enable-torch-compile --out "$R" --tag torch-compile
   step check_sampling 60 python3 bench/gpu_checks.py sampling --out "$R"
   for c in ${CHUNKS:-128 256 512}; do
     step chunked_$c 100 python3 bench/chunked_prefill.py --model-path llama-3.1-8b \

@@ -169,7 +169,7 @@ def main() -> None:
     options = {k: v for k, v in vars(args).items()
                if k in ("attention_backend", "disable_cuda_graph", "disable_radix_cache",
                         "disable_overlap_schedule", "max_running_requests", "cuda_graph_max_bs",
-                        "chunked_prefill_size")}
+                        "chunked_prefill_size", "enable_torch_compile")}
     for record in asyncio.run(run(args, cfg)):
         record.update({"tag": args.tag, "options": options})
         append_record(args.out, record)
