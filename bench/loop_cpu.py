@@ -86,7 +86,7 @@ async def main_async(args) -> dict:
                           skip_tokenizer_init=True, max_running_requests=args.batch,
                           random_seed=0).start()
     engine.req_pool.track_writes = True  # as on the GPU path (the device replays them)
-    prof = cProfile.Profile() if args.profile else None
+    prof = cProfile.Profile(time.thread_time) if args.profile else None
     timer = _Timer(engine, args.batch, prof)
     sp = {"max_new_tokens": args.steps, "ignore_eos": True, "temperature": 0.0}
     prompts = [[(7 * i + j) % 4000 + 10 for j in range(args.prompt_len)]

@@ -16,14 +16,15 @@ from asgl.engine.scheduler import ScheduledBatch
 def apply_step_output(batch: ScheduledBatch, out: StepOutput, context_len: int) -> None:
     for (req, first_pos, count, offset) in batch.prompt_lp_spans:
         _add_prompt_logprobs(req, out, first_pos, count, offset)
+    next_ids = out.next_ids
     for k, req in enumerate(batch.sampling_reqs):
         req.num_inflight -= 1
-        if req.finished:
+        if req.finish_reason is not None:
             continue
         if req.max_new_tokens == 0:  # prompt-logprob-only request: nothing is generated
             _finish(req, FinishReason("length"))
             continue
-        token = out.next_ids[k]
+        token = next_ids[k]
         req.output_ids.append(token)
         logprob = top = None
         if req.return_logprob and out.logprobs is not None:
@@ -60,7 +61,8 @@ def _stop_reason(req: Req, token: int, context_len: int) -> FinishReason | None:
         return FinishReason("stop", matched=token)
     if not sp.ignore_eos and token in req.eos_ids:
         return FinishReason("stop", matched=token)
-    if len(req.output_ids) >= req.max_new_tokens or req.seq_len >= context_len:
+    produced = len(req.output_ids)
+    if produced >= req.max_new_tokens or len(req.prompt_ids) + produced >= context_len:
         return FinishReason("length")
     return None
 

@@ -106,7 +106,7 @@ class Req:
             top = [None] * len(first) + list(self.prompt_top_logprobs)
         return first + list(self.prompt_logprobs), top
 
-    @property
-    def max_new_tokens(self) -> int:
+    def __post_init__(self) -> None:
+        # read per request per step: a plain attribute, not a property
         m = self.sampling.max_new_tokens
-        return 1 << 30 if m is None else m
+        self.max_new_tokens: int = 1 << 30 if m is None else m

@@ -183,7 +183,7 @@ class Scheduler:
         budget = self.chunk_size
         # 1. running requests: one decode token each, or their next prefill chunk.
         for req in list(self.running):
-            if req.finished:
+            if req.finish_reason is not None:
                 continue
             if req.grammar is not None and req.grammar.jump_pending and self.jump_forward:
                 if req.inflight_steps:
@@ -193,10 +193,11 @@ class Scheduler:
                     self.running.remove(req)
                     self._release(req)
                     continue
-            pending = req.seq_len + req.num_inflight - req.num_computed
-            if pending <= 0 or len(req.output_ids) + req.num_inflight >= req.max_new_tokens:
+            produced = len(req.output_ids) + req.num_inflight
+            pending = len(req.prompt_ids) + produced - req.num_computed
+            if pending <= 0 or produced >= req.max_new_tokens:
                 continue  # its last token is still being processed
-            if pending == 1 and req.num_inflight + len(req.output_ids) > 0:
+            if pending == 1 and produced > 0:
                 plan.append((req, 1))
             elif budget > 0:
                 take = min(pending, budget)
@@ -374,6 +375,15 @@ class Scheduler:
                 else:  # the last token is in flight: a placeholder for it
                     input_ids.append(-1 - req.extra_sample_row)
                     placeholders = True
+                if req.logprob_start_len < 0:  # the common decode: nothing below applies
+                    req.num_computed = start + 1
+                    req.inflight_steps += 1
+                    if start + 1 == p + len(out) + req.num_inflight:
+                        sample_rows.append(len(logits_rows))
+                        logits_rows.append(offset)
+                        sampling_reqs.append(req)
+                    offset += 1
+                    continue
             else:
                 ids = _known_ids(req, start, n)
                 if len(ids) < n:
@@ -393,6 +403,7 @@ class Scheduler:
                         lp_targets.append(req.prompt_ids[pos + 1])
                     lp_topk = max(lp_topk, req.top_logprobs_num)
             req.num_computed = start + n
+            req.inflight_steps += 1
             if start < p:
                 # Publish the prompt prefix now, so requests admitted from the next step on
                 # reuse it even while this step is in flight: every later step runs after
@@ -406,8 +417,6 @@ class Scheduler:
         for k, req in enumerate(sampling_reqs):
             req.extra_sample_row = k
             req.num_inflight += 1
-        for req, _ in plan:
-            req.inflight_steps += 1
         decode_only = num_decodes == len(plan)
         mode = (ForwardMode.DECODE if decode_only else
                 ForwardMode.MIXED if num_decodes else ForwardMode.EXTEND)
