@@ -187,6 +187,30 @@ def test_classes_never_admit_surrogates(backend, tokenizer, regex):
         assert finished and full_match(text, regex) and "\ufffd" not in text, (seed, text)
 
 
+def _byte_token(tokenizer, byte: int) -> int:
+    """The byte-level BPE token of one raw byte (GPT-2's printable byte alphabet)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    char = chr(byte) if byte in printable else chr(256 + sorted(
+        set(range(256)) - set(printable)).index(byte))
+    return tokenizer.convert_tokens_to_ids(char)
+
+
+@pytest.mark.parametrize("schema", [{"type": "string"},
+                                    {"type": "object", "properties": {"a": {"type": "string"}}}])
+def test_json_strings_never_admit_surrogates(backend, tokenizer, schema):
+    # ED A0..BF starts a surrogate's 3-byte form; ED 80..9F is valid UTF-8 (U+D000-U+D7FF)
+    state = backend.new_state(backend.compile_sync("json_schema", json.dumps(schema)),
+                              jump_forward=False)
+    mask = torch.empty((1, backend.words), dtype=torch.int32)
+    prefix = b'"' if schema["type"] == "string" else b'{"a": "'
+    for byte in prefix + b"\xed":
+        assert state.accept(_byte_token(tokenizer, byte)) is None
+    backend.fill_rows(mask, [0], [state])
+    ok = set(allowed(mask[0]).tolist())
+    assert _byte_token(tokenizer, 0x9F) in ok
+    assert not ok & {_byte_token(tokenizer, b) for b in range(0xA0, 0xC0)}
+
+
 def test_length_bounded_strings_stay_valid_json(backend, tokenizer):
     # xgrammar's own maxLength strings admit raw control characters; ours must not
     schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 3}},

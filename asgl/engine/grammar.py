@@ -54,6 +54,11 @@ _BATCH_FILL_MIN_ROWS = 4
 # JSON formatting of generated objects: compact separators, no free whitespace (fewer
 # tokens, long forced runs for jump-forward, no whitespace loops at high temperature).
 _JSON_OPTIONS = dict(any_whitespace=False, strict_mode=True)
+# The character class of xgrammar's JSON string rule spans code points with the UTF-16
+# surrogates included, which it would emit as (invalid) 3-byte UTF-8: the grammar is
+# printed, that class narrowed, and the text compiled (as python_regex does for regexes).
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+_JSON_STRING_CHAR_NO_SURROGATES = _JSON_STRING_CHAR[:-1] + r"\ud800-\udfff]"
 _XGR_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: ")
 
 
@@ -161,7 +166,9 @@ class GrammarBackend:
                 return c.compile_regex(python_regex(spec))
             if kind == "json_schema":
                 schema = normalize_json_schema(parse_json_schema(spec))
-                return c.compile_json_schema(json.dumps(schema), **_JSON_OPTIONS)
+                grammar = xgr.Grammar.from_json_schema(json.dumps(schema), **_JSON_OPTIONS)
+                return c.compile_grammar(str(grammar).replace(
+                    _JSON_STRING_CHAR, _JSON_STRING_CHAR_NO_SURROGATES))
             if kind == "ebnf":
                 return c.compile_grammar(spec)
             if kind == "structural_tag":
