@@ -37,8 +37,9 @@ from typing import Any, Optional, Sequence
 import torch
 import xgrammar as xgr
 
-from asgl.engine.grammar_specs import (check_spec_text, normalize_json_schema,
-                                       normalize_structural_tag, parse_json_schema, python_regex)
+from asgl.engine.grammar_specs import (check_spec_text, json_strings_without_surrogates,
+                                       normalize_json_schema, normalize_structural_tag,
+                                       parse_json_schema, python_regex)
 from asgl.engine.req import FinishReason, Req
 from asgl.engine.sampling_params import InvalidRequest
 
@@ -54,11 +55,6 @@ _BATCH_FILL_MIN_ROWS = 4
 # JSON formatting of generated objects: compact separators, no free whitespace (fewer
 # tokens, long forced runs for jump-forward, no whitespace loops at high temperature).
 _JSON_OPTIONS = dict(any_whitespace=False, strict_mode=True)
-# The character class of xgrammar's JSON string rule spans code points with the UTF-16
-# surrogates included, which it would emit as (invalid) 3-byte UTF-8: the grammar is
-# printed, that class narrowed, and the text compiled (as python_regex does for regexes).
-_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
-_JSON_STRING_CHAR_NO_SURROGATES = _JSON_STRING_CHAR[:-1] + r"\ud800-\udfff]"
 _XGR_LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+?:\d+: ")
 
 
@@ -167,8 +163,7 @@ class GrammarBackend:
             if kind == "json_schema":
                 schema = normalize_json_schema(parse_json_schema(spec))
                 grammar = xgr.Grammar.from_json_schema(json.dumps(schema), **_JSON_OPTIONS)
-                return c.compile_grammar(str(grammar).replace(
-                    _JSON_STRING_CHAR, _JSON_STRING_CHAR_NO_SURROGATES))
+                return c.compile_grammar(json_strings_without_surrogates(str(grammar)))
             if kind == "ebnf":
                 return c.compile_grammar(spec)
             if kind == "structural_tag":

@@ -102,6 +102,16 @@ def python_regex(regex: str) -> str:
     return "".join(out)
 
 
+# The character class of xgrammar's JSON string rule, as its printed grammar spells it.
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+
+
+def json_strings_without_surrogates(ebnf: str) -> str:
+    """xgrammar's printed JSON-schema grammar with its string characters narrowed as the
+    regex classes are (the rule has the same hole)."""
+    return ebnf.replace(_JSON_STRING_CHAR, _JSON_STRING_CHAR[:-1] + _NO_SURROGATES + "]")
+
+
 def _char_class(regex: str, start: int) -> tuple[str, int]:
     """The class opening at `start`, rewritten to exclude surrogates, and the index after it.
     A negated class gets the surrogate range added; a range crossing them is split; literal

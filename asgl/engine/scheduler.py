@@ -375,15 +375,6 @@ class Scheduler:
                 else:  # the last token is in flight: a placeholder for it
                     input_ids.append(-1 - req.extra_sample_row)
                     placeholders = True
-                if req.logprob_start_len < 0:  # the common decode: nothing below applies
-                    req.num_computed = start + 1
-                    req.inflight_steps += 1
-                    if start + 1 == p + len(out) + req.num_inflight:
-                        sample_rows.append(len(logits_rows))
-                        logits_rows.append(offset)
-                        sampling_reqs.append(req)
-                    offset += 1
-                    continue
             else:
                 ids = _known_ids(req, start, n)
                 if len(ids) < n:
