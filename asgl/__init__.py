@@ -1,10 +1,11 @@
 """asgl: a fast asyncio-native serving engine for LLMs, with a language for LLM programs."""
 
 from asgl.config import EngineConfig
-from asgl.engine.engine import Engine
-from asgl.engine.outputs import GenerateOutput, StreamChunk
-from asgl.engine.sampling_params import InvalidRequest, SamplingParams
-from asgl.engine.sync_engine import LLM
+from asgl.engine.loop.engine import Engine
+from asgl.engine.contracts.outputs import GenerateOutput, StreamChunk
+from asgl.engine.contracts.errors import InvalidRequest
+from asgl.engine.contracts.sampling_params import SamplingParams
+from asgl.engine.loop.sync_engine import LLM
 from asgl.lang import (Anthropic, BackendError, OpenAI, Runtime, RuntimeEndpoint, assistant,
                        assistant_begin, assistant_end, fork, function, gen, image, select,
                        set_default_backend, system, system_begin, system_end, user,

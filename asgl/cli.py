@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from asgl.engine.engine import Engine
+    from asgl.engine.loop.engine import Engine
 
     cfg = EngineConfig.from_namespace(args)
     _setup_logging(cfg.log_level if args.log_level != "info" else "warning")
@@ -34,7 +34,7 @@ def _generate(args: argparse.Namespace) -> int:
         async with Engine(cfg) as engine:
             prompt = args.prompt
             if args.chat:
-                from asgl.engine.tokenizer import apply_chat_template
+                from asgl.engine.loop.tokenizer import apply_chat_template
                 prompt = apply_chat_template(engine.tokenizer,
                                              [{"role": "user", "content": prompt}],
                                              chat_template=engine.chat_template)
@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from asgl.engine.sampling_params import InvalidRequest
-    from asgl.models.loader import ModelLoadError
+    from asgl.engine.contracts.errors import InvalidRequest
+    from asgl.engine.contracts.errors import ModelLoadError
 
     try:
         return args.func(args)

@@ -44,7 +44,7 @@ _GRAPH_TOL = 2e-2
 
 # ---------------------------------------------------------------------- SmolLM2 fp32
 async def _smollm2_generate(device: str, max_new: int) -> dict:
-    from asgl.engine.engine import Engine
+    from asgl.engine.loop.engine import Engine
 
     engine = await Engine(device=device, dtype="float32", attention_backend="torch",
                           random_seed=0).start()
@@ -92,8 +92,8 @@ def smollm2(args) -> None:
 # ---------------------------------------------------------------------- attention
 def _paged_case(prefix: list[int], extend: list[int], H: int, Hkv: int, D: int, dev):
     """A batch over a pool whose slots are a random permutation (nothing contiguous)."""
-    from asgl.engine.forward_batch import ForwardBatch, ForwardMode
-    from asgl.engine.kv_pool import KVPool
+    from asgl.engine.contracts.forward_batch import ForwardBatch, ForwardMode
+    from asgl.engine.worker.kv_cache import KVPool
 
     seq = [p + e for p, e in zip(prefix, extend)]
     n_slots = sum(seq) + 1
@@ -147,7 +147,7 @@ def _reference(fb, q: torch.Tensor, spec) -> torch.Tensor:
 
 
 def attn(args) -> None:
-    from asgl.kernels.attention.base import AttentionSpec
+    from asgl.engine.contracts.attention import AttentionSpec
     from asgl.kernels.attention.flashinfer_backend import FlashInferBackend
 
     dev = torch.device("cuda")
@@ -198,8 +198,8 @@ def attn(args) -> None:
 # ---------------------------------------------------------------------- graphs
 def graphs(args) -> None:
     from asgl.config import EngineConfig
-    from asgl.engine.kv_pool import ReqToTokenPool, TokenSlotAllocator
-    from asgl.engine.model_runner import ModelRunner
+    from asgl.engine.scheduler.slots import ReqToTokenPool, TokenSlotAllocator
+    from asgl.engine.worker.model_runner import ModelRunner
     from asgl.models.loader import resolve_model
 
     # --torch-compile: graphs of up to 32 tokens capture the compiled forward, so the
@@ -245,8 +245,8 @@ def _extend_graph_vs_eager(runner, pool, alloc, prefix_lens, extend_lens):
     over prefix_lens[i] already in the pool, written by an eager prefill first) from its
     CUDA graph and from the eager forward. Returns (graph key, rel err); err is inf when
     no graph takes the batch."""
-    from asgl.engine.forward_batch import ForwardBatch, ForwardMode
-    from asgl.engine.model_runner import _upload
+    from asgl.engine.contracts.forward_batch import ForwardBatch, ForwardMode
+    from asgl.engine.worker.step_io import upload
 
     gen = torch.Generator().manual_seed(sum(extend_lens))
     rows = [pool.alloc() for _ in prefix_lens]
@@ -269,7 +269,7 @@ def _extend_graph_vs_eager(runner, pool, alloc, prefix_lens, extend_lens):
             prefix_lens=[starts[i] for i in keep], extend_lens=lens_k,
             logits_rows=list(torch.cumsum(torch.tensor(lens_k), 0) - 1),
             sample_rows=list(range(len(keep))), device=torch.device("cpu"))
-        _upload(fb, pool.take_writes(), runner.device)
+        upload(fb, pool.take_writes(), runner.device)
         r, c, v = fb.extra.pop("table_writes")
         runner.req_to_token[r, c] = v
         runner._attach(fb, runner.req_to_token)
@@ -306,8 +306,8 @@ def _fused_vs_torch_layers(runner, pool, alloc, args) -> None:
     hidden states (bf16, 4 layers) and the kernels each launches (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from asgl.engine.forward_batch import ForwardMode
-    from asgl.engine.model_runner import _upload
+    from asgl.engine.contracts.forward_batch import ForwardMode
+    from asgl.engine.worker.step_io import upload
     from asgl.layers import fused
     from bench.one_batch import StaticBatch
 
@@ -317,7 +317,7 @@ def _fused_vs_torch_layers(runner, pool, alloc, args) -> None:
     fb = sb._forward(ForwardMode.DECODE, ids, 1)
     hidden, kernels = {}, {}
     with torch.inference_mode():
-        _upload(fb, pool.take_writes(), runner.device)
+        upload(fb, pool.take_writes(), runner.device)
         rows, cols, vals = fb.extra.pop("table_writes")
         runner.req_to_token[rows, cols] = vals
         runner._attach(fb, runner.req_to_token)
@@ -370,7 +370,7 @@ def sampling(args) -> None:
     128,256-token vocabulary."""
     import triton.testing
 
-    from asgl.engine.sampler import Sampler, SamplingBatch
+    from asgl.engine.sampling.sampler import Sampler, SamplingBatch
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(5)

@@ -108,7 +108,7 @@ async def run_batch(engine, prompts: list[str], params: list[dict]) -> dict:
 
 
 async def with_engine(options: dict, fn):
-    from asgl.engine.engine import Engine
+    from asgl.engine.loop.engine import Engine
 
     engine = Engine(**options)
     await engine.start()

@@ -80,12 +80,12 @@ class _Timer:
 
 
 async def main_async(args) -> dict:
-    from asgl.engine.engine import Engine
+    from asgl.engine.loop.engine import Engine
 
     engine = await Engine(model_path="tiny-llama", load_format="dummy", device="cpu",
                           skip_tokenizer_init=True, max_running_requests=args.batch,
                           random_seed=0).start()
-    engine.req_pool.track_writes = True  # as on the GPU path (the device replays them)
+    engine.memory.table.track_writes = True  # as on the GPU path (the device replays them)
     prof = cProfile.Profile(time.thread_time) if args.profile else None
     timer = _Timer(engine, args.batch, prof)
     sp = {"max_new_tokens": args.steps, "ignore_eos": True, "temperature": 0.0}

@@ -84,7 +84,7 @@ class LoopTimer:
 
 async def run(args: argparse.Namespace, cfg) -> list[dict]:
     """Start one engine, then run each workload in turn (one record each)."""
-    from asgl.engine.engine import Engine
+    from asgl.engine.loop.engine import Engine
 
     t0 = time.perf_counter()
     engine = await Engine(cfg).start()
@@ -130,7 +130,7 @@ async def run_workload(engine, name: str, max_prompts: int, detokenize: bool) ->
         "cached_tokens": sum(o.cached_tokens or 0 for o in outs),
         "output_tok_s": round(out_tokens / elapsed, 1),
         "total_tok_s": round((out_tokens + in_tokens) / elapsed, 1),
-        "kv_tokens": engine.allocator.capacity,
+        "kv_tokens": engine.memory.capacity,
     }
     if len(reqs) == 1:
         record["decode_ms_per_token"] = round(1e3 * elapsed / max(out_tokens, 1), 3)

@@ -36,7 +36,7 @@ class StaticBatch:
         self.bs, self.seq_len = bs, 0
 
     def _forward(self, mode, ids: list[int], extend: int):
-        from asgl.engine.forward_batch import ForwardBatch
+        from asgl.engine.contracts.forward_batch import ForwardBatch
 
         bs = self.bs
         slots = self.allocator.alloc(bs * extend)
@@ -54,11 +54,14 @@ class StaticBatch:
         return fb
 
     def step(self, mode, ids: list[int], extend: int) -> list[int]:
-        from asgl.engine.sampler import SamplingBatch
+        from asgl.engine.contracts.step import StepPlan
+        from asgl.engine.sampling.batch import SamplingBatch
 
         fb = self._forward(mode, ids, extend)
         sampling = SamplingBatch(size=self.bs, vocab_size=self.runner.vocab_size, all_greedy=True)
-        out = self.runner.step(fb, sampling, self.req_pool.req_to_token, self.req_pool.take_writes())
+        out = self.runner.step(StepPlan(forward=fb, sampling=sampling,
+                                        table_writes=self.req_pool.take_writes(),
+                                        req_to_token=self.req_pool.req_to_token))
         if out.wait is not None:
             out = out.wait()
         return out.next_ids
@@ -72,7 +75,7 @@ class StaticBatch:
 
 def run_one(runner, req_pool, allocator, bs: int, input_len: int, output_len: int,
             seed: int) -> dict:
-    from asgl.engine.forward_batch import ForwardMode
+    from asgl.engine.contracts.forward_batch import ForwardMode
 
     sb = StaticBatch(runner, req_pool, allocator, bs, input_len, seed)
     sync = torch.cuda.synchronize if runner.on_cuda else (lambda: None)
@@ -97,8 +100,8 @@ def run_one(runner, req_pool, allocator, bs: int, input_len: int, output_len: in
 
 def main() -> None:
     from asgl.config import EngineConfig
-    from asgl.engine.kv_pool import ReqToTokenPool, TokenSlotAllocator
-    from asgl.engine.model_runner import ModelRunner
+    from asgl.engine.scheduler.slots import ReqToTokenPool, TokenSlotAllocator
+    from asgl.engine.worker.model_runner import ModelRunner
     from asgl.models.loader import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

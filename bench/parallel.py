@@ -31,8 +31,8 @@ CHECK_PROMPTS, CHECK_PROMPT_LEN, CHECK_NEW = 8, 96, 32
 
 async def _one(cfg, workload: str, max_prompts: int, check: bool) -> dict:
     """One engine (DPEngine when dp_size > 1): optional agreement probe, then the workload."""
-    from asgl.engine.dp import DPEngine
-    from asgl.engine.engine import Engine
+    from asgl.engine.dp.engine import DPEngine
+    from asgl.engine.loop.engine import Engine
 
     t0 = time.perf_counter()
     engine = DPEngine(cfg) if cfg.dp_size > 1 else Engine(cfg)

@@ -115,7 +115,7 @@ async def main_async(args) -> list[dict]:
             vocab = min(engine.vocab_size, 32000)
             # warm-up outside the measurement
             await engine.generate(input_ids=[100, 200, 300], sampling_params={"max_new_tokens": 2})
-            engine.cache.reset()
+            engine.memory.flush()
             for name, make in WORKLOADS.items():
                 if args.workloads and name not in args.workloads:
                     continue
@@ -124,7 +124,7 @@ async def main_async(args) -> list[dict]:
                 row.update(workload=name, radix_cache=cache_on, model=args.model_path or "smollm2",
                            device=str(engine.runner.device))
                 rows.append(row)
-                engine.cache.reset()
+                engine.memory.flush()
                 print(json.dumps(row), flush=True)
     return rows
 

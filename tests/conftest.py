@@ -132,7 +132,7 @@ ENGINE_KV_TOKENS = 16384
 
 def make_llm(**options):
     """An LLM whose scheduler checks memory integrity after every step."""
-    from asgl.engine.sync_engine import LLM
+    from asgl.engine.loop.sync_engine import LLM
 
     options.setdefault("debug_check_integrity", True)
     options.setdefault("max_total_tokens", ENGINE_KV_TOKENS)

@@ -9,8 +9,9 @@ from typing import Optional
 
 import torch
 
-from asgl.engine.forward_batch import ForwardBatch, ForwardMode
-from asgl.engine.kv_pool import KVPool, ReqToTokenPool, TokenSlotAllocator
+from asgl.engine.contracts.forward_batch import ForwardBatch, ForwardMode
+from asgl.engine.scheduler.slots import ReqToTokenPool, TokenSlotAllocator
+from asgl.engine.worker.kv_cache import KVPool
 from asgl.kernels.attention import create_attention_backend
 
 

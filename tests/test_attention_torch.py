@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from asgl.kernels.attention import create_attention_backend
-from asgl.kernels.attention.base import AttentionSpec
+from asgl.engine.contracts.attention import AttentionSpec
 from helpers import Pools, encoder_batch
 
 

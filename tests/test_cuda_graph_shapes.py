@@ -7,9 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from asgl.engine.cuda_graph_runner import (EXTEND_GRAPH_BS, CudaGraphRunner, capture_sizes,
-                                           extend_token_sizes, pad_extend_lengths)
-from asgl.engine.forward_batch import ForwardBatch, ForwardMode
+from asgl.engine.contracts.forward_batch import ForwardBatch, ForwardMode
+from asgl.engine.worker.cuda_graph_runner import (EXTEND_GRAPH_BS, CudaGraphRunner, capture_sizes,
+                                                  extend_token_sizes)
+from asgl.kernels.attention.padding import pad_extend_lengths
 
 
 def test_extend_token_sizes():

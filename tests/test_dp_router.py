@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from asgl.engine.dp_router import CacheAwareRouter, ReplicaCacheView, block_hashes
+from asgl.engine.dp.router import CacheAwareRouter, ReplicaCacheView, block_hashes
 
 
 def doc(seed: int, n: int = 64) -> list[int]:

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from asgl.engine.embedder import PoolingConfig, pool
-from asgl.engine.engine import Engine
-from asgl.engine.sampling_params import InvalidRequest
+from asgl.engine.loop.embedder import PoolingConfig
+from asgl.engine.worker.encode import pool
+from asgl.engine.loop.engine import Engine
+from asgl.engine.contracts.errors import InvalidRequest
 from asgl.models.loader import ModelLoadError, embedded_embedding_model_path
 from asgl.models.registry import get_model_class
 from helpers import rel_err

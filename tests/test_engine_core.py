@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from asgl.engine.sampling_params import InvalidRequest
+from asgl.engine.contracts.errors import InvalidRequest
 from tests.conftest import make_llm, run_on
 
 PROMPTS = [f"Story {i}: The {w} walked into the" for i, w in enumerate(
@@ -177,8 +177,8 @@ def test_stress_more_requests_than_the_pool_holds():
                 f"request {i} changed under memory pressure"
         sched = small.engine.scheduler
         assert sched.is_idle_and_clean()
-        assert small.engine.cache.reset()
-        assert small.engine.allocator.available() == small.engine.allocator.capacity
+        assert small.engine.memory.flush()
+        assert small.engine.memory.available() == small.engine.memory.capacity
     finally:
         small.shutdown()
 

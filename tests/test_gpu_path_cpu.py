@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import torch
 
-from asgl.engine.cuda_graph_runner import capture_sizes
-from asgl.engine.kv_pool import ReqToTokenPool
+from asgl.engine.worker.cuda_graph_runner import capture_sizes
+from asgl.engine.scheduler.slots import ReqToTokenPool
 from asgl.kernels.attention.flashinfer_backend import _kv_indices
 
 
@@ -43,7 +43,7 @@ def test_take_writes_replays_every_write_in_order():
 
 
 def test_known_ids_slices_prompt_and_output():
-    from asgl.engine.scheduler import _known_ids
+    from asgl.engine.scheduler.scheduler import _known_ids
 
     req = SimpleNamespace(prompt_ids=[1, 2, 3], output_ids=[4, 5])
     full = req.prompt_ids + req.output_ids

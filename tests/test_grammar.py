@@ -13,10 +13,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asgl.engine.grammar import GrammarBackend
-from asgl.engine.grammar_specs import normalize_json_schema, python_regex
-from asgl.engine.req import Req
-from asgl.engine.sampling_params import InvalidRequest, SamplingParams
+from asgl.engine.grammar.backend import GrammarBackend
+from asgl.engine.grammar.specs import normalize_json_schema, python_regex
+from asgl.engine.scheduler.req import Req
+from asgl.engine.contracts.errors import InvalidRequest
+from asgl.engine.contracts.sampling_params import SamplingParams
 from grammar_strategies import full_match, json_schemas, regexes, validates
 
 pytestmark = pytest.mark.timeout(300)
@@ -28,7 +29,7 @@ VOCAB = 49152
 @pytest.fixture(scope="module")
 def tokenizer():
     from asgl.config import EngineConfig
-    from asgl.engine.tokenizer import load_tokenizer
+    from asgl.engine.loop.tokenizer import load_tokenizer
     from asgl.models.loader import resolve_model
 
     return load_tokenizer(resolve_model(EngineConfig()))
@@ -222,14 +223,14 @@ def test_length_bounded_strings_stay_valid_json(backend, tokenizer):
 
 
 def test_unsatisfiable_and_empty_grammars(backend):
-    from asgl.engine.grammar import GrammarStep
+    from asgl.engine.grammar.backend import GrammarStep
 
     reqs = []
     for regex in (r"[^\x00-\U0010FFFF]", r"a{0}", r"ab"):
         r = Req(rid=regex, prompt_ids=[1], sampling=SamplingParams(), seed=0)
         r.grammar = backend.new_state(backend.compile_sync("regex", regex), jump_forward=False)
         reqs.append(r)
-    step = GrammarStep(backend, reqs, torch.device("cpu"))
+    step = GrammarStep(backend, reqs, pinned=False)
     ended = {r.rid: reason for r, reason in step.fill()}
     assert ended[r"[^\x00-\U0010FFFF]"].kind == "abort"  # nothing can ever be produced
     assert ended[r"a{0}"].kind == "stop"  # complete: only EOS could follow
@@ -238,7 +239,7 @@ def test_unsatisfiable_and_empty_grammars(backend):
 
 
 def test_bitmask_kernels_agree():
-    from asgl.engine.grammar import apply_bitmask, apply_bitmask_torch
+    from asgl.engine.grammar.backend import apply_bitmask, apply_bitmask_torch
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 1000, generator=gen)
@@ -264,7 +265,7 @@ class _Sink:
 
 
 def _jump_req(backend, tokenizer, regex, prompt, output_text):
-    from asgl.engine.detokenizer import IncrementalDetokenizer
+    from asgl.engine.loop.detokenizer import IncrementalDetokenizer
 
     prompt_ids = tokenizer.encode(prompt)
     req = Req(rid="r", prompt_ids=prompt_ids, sampling=SamplingParams(max_new_tokens=200),
@@ -282,7 +283,7 @@ def _jump_req(backend, tokenizer, regex, prompt, output_text):
 def test_forced_text_with_multibyte_characters(backend, tokenizer):
     """Forced strings are bytes to xgrammar: after part of a character is accepted the rest
     is no text (found by fuzzing the server: this was a 500)."""
-    from asgl.engine.jump_forward import JumpForward
+    from asgl.engine.loop.jump_forward import JumpForward
 
     req = _jump_req(backend, tokenizer, "0\x80\u00e9\U0001F600", "Say:", "")
     byte_tokens = tokenizer.encode("0\x80", add_special_tokens=False)
@@ -298,7 +299,7 @@ def test_forced_text_with_multibyte_characters(backend, tokenizer):
 
 
 def test_jump_forward_retokenizes_the_boundary(backend, tokenizer):
-    from asgl.engine.jump_forward import JumpForward
+    from asgl.engine.loop.jump_forward import JumpForward
 
     jf = JumpForward(tokenizer, backend, context_len=1024)
     regex = r'\{"name": "[a-z]{1,8}", "house": "(Gryffindor|Slytherin)"\}'
@@ -320,7 +321,7 @@ def test_jump_forward_retokenizes_the_boundary(backend, tokenizer):
 
 
 def test_jump_forward_at_the_start_and_to_the_end(backend, tokenizer):
-    from asgl.engine.jump_forward import JumpForward
+    from asgl.engine.loop.jump_forward import JumpForward
 
     jf = JumpForward(tokenizer, backend, context_len=1024)
     req = _jump_req(backend, tokenizer, r"hello world", "Say:", "")

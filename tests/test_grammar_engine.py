@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asgl.engine.sampling_params import InvalidRequest
+from asgl.engine.contracts.errors import InvalidRequest
 from grammar_strategies import (CHARACTER_PROMPT, CHARACTER_REGEX, IP_REGEX, full_match,
                                 json_schemas, regexes, validates)
 from tests.conftest import make_llm, run_on

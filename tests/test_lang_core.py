@@ -65,7 +65,7 @@ class FakeBackend(Backend):
 @pytest.fixture(scope="module")
 def smol_tokenizer():
     from asgl.config import EngineConfig
-    from asgl.engine.tokenizer import load_tokenizer
+    from asgl.engine.loop.tokenizer import load_tokenizer
     from asgl.models.loader import resolve_model
     return load_tokenizer(resolve_model(EngineConfig()))
 
@@ -179,7 +179,7 @@ def test_errors_surface():
 def test_roles_render_exactly_like_the_template(smol_tokenizer):
     """SmolLM2's own template (which adds a system prompt before a first user turn), the
     Llama 3 one (BOS, headers) and Mistral's (system folded into the first [INST])."""
-    from asgl.engine.tokenizer import apply_chat_template
+    from asgl.engine.loop.tokenizer import apply_chat_template
 
     @function
     def chat(s, with_system):

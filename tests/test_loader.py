@@ -17,7 +17,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from asgl.config import EngineConfig
 from asgl.models import gguf_loader, loader, presets
-from asgl.models.loader import ModelLoadError, init_dummy_weights, resolve_model
+from asgl.models.dummy_weights import init_dummy_weights
+from asgl.models.loader import ModelLoadError, resolve_model
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asgl.engine.forward_batch import ForwardMode
+from asgl.engine.contracts.forward_batch import ForwardMode
 from tests.conftest import make_llm, run_on
 
 TINY = dict(model_path="tiny-llama", load_format="dummy", random_seed=0)
@@ -75,8 +75,8 @@ def test_greedy_identical_with_and_without_cache(engines, workload):
         sched = llm.engine.scheduler
         assert not sched.running and not sched.waiting
         # free + cached == capacity: nothing leaked
-        assert llm.engine.allocator.available() + llm.engine.cache.total_size() \
-            == llm.engine.allocator.capacity
+        assert llm.engine.memory.available() + llm.engine.memory.cached_tokens() \
+            == llm.engine.memory.capacity
 
 
 def test_small_pool_config_really_retracts(engines):
@@ -122,7 +122,7 @@ def test_prefill_chunk_and_decodes_share_a_forward_batch(smol):
 
     def spy(plan):
         batch = original(plan)
-        modes.append((batch.forward.mode, sorted(batch.extend_lens)))
+        modes.append((batch.forward.mode, sorted(batch.forward.extend_lens_cpu)))
         return batch
 
     async def scenario():
@@ -146,6 +146,6 @@ def test_prefill_chunk_and_decodes_share_a_forward_batch(smol):
 def test_flush_cache_only_when_idle(smol):
     smol.generate("Some text to cache", {"max_new_tokens": 2})
     engine = smol.engine
-    assert engine.cache.total_size() > 0
-    assert engine.cache.reset()
-    assert engine.allocator.available() == engine.allocator.capacity
+    assert engine.memory.cached_tokens() > 0
+    assert engine.memory.flush()
+    assert engine.memory.available() == engine.memory.capacity

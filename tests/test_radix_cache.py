@@ -13,10 +13,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from asgl.engine.kv_pool import ReqToTokenPool, TokenSlotAllocator
-from asgl.engine.radix_cache import RadixCache
-from asgl.engine.req import Req
-from asgl.engine.sampling_params import SamplingParams
+from asgl.engine.scheduler.slots import ReqToTokenPool, TokenSlotAllocator
+from asgl.engine.scheduler.radix_cache import RadixCache
+from asgl.engine.scheduler.req import Req
+from asgl.engine.contracts.sampling_params import SamplingParams
 
 
 def make(cap: int = 16, rows: int = 4, ctx: int = 32, disable: bool = False):

@@ -7,11 +7,11 @@ import random
 import pytest
 import torch
 
-from asgl.engine.penalties import PenaltyBatch
-from asgl.engine.req import Req
-from asgl.engine.sampler import (Sampler, SamplingBatch, compute_prompt_logprobs,
+from asgl.engine.sampling.penalties import PenaltyBatch
+from asgl.engine.scheduler.req import Req
+from asgl.engine.sampling.sampler import (Sampler, SamplingBatch, compute_prompt_logprobs,
                                  counter_uniform, seed_key)
-from asgl.engine.sampling_params import SamplingParams
+from asgl.engine.contracts.sampling_params import SamplingParams
 
 V = 64
 CPU = torch.device("cpu")
@@ -27,7 +27,7 @@ def make_req(seed: int = 0, prompt: list[int] | None = None, output: list[int] |
 
 
 def sample(reqs: list[Req], logits: torch.Tensor, **kw):
-    sb = SamplingBatch.from_reqs(reqs, logits.shape[-1], CPU, **kw)
+    sb = SamplingBatch.from_reqs(reqs, logits.shape[-1], **kw).to(CPU)
     return Sampler().sample(logits, sb)
 
 
@@ -42,7 +42,7 @@ def crafted_logits(probs: list[float], vocab: int = V) -> torch.Tensor:
 def test_greedy_is_argmax_and_lean():
     logits = torch.randn(6, V)
     reqs = [make_req(i, temperature=0.0) for i in range(6)]
-    sb = SamplingBatch.from_reqs(reqs, V, CPU)
+    sb = SamplingBatch.from_reqs(reqs, V).to(CPU)
     assert sb.plain_greedy and sb.temperatures is None and sb.rng_keys is None
     out = Sampler().sample(logits, sb)
     assert torch.equal(out.next_token_ids, logits.argmax(-1))
@@ -146,8 +146,8 @@ def test_step_offsets_shift_the_output_index():
     logits = torch.randn(1, V)
     later = make_req(5, output=[1, 2, 3], temperature=1.0)
     early = make_req(5, output=[1, 2], temperature=1.0)
-    sb_late = SamplingBatch.from_reqs([later], V, CPU)
-    sb_early = SamplingBatch.from_reqs([early], V, CPU, step_offsets=[1])
+    sb_late = SamplingBatch.from_reqs([later], V).to(CPU)
+    sb_early = SamplingBatch.from_reqs([early], V, step_offsets=[1]).to(CPU)
     assert torch.equal(sb_late.steps, sb_early.steps)
     assert torch.equal(Sampler().sample(logits, sb_late).next_token_ids,
                        Sampler().sample(logits, sb_early).next_token_ids)
@@ -208,7 +208,7 @@ def test_penalties_match_reference(all_rows):
     expect = torch.stack([reference_penalties(logits[i], r) for i, r in enumerate(reqs)])
 
     rows = [i for i, r in enumerate(reqs) if r.sampling.has_penalties]
-    pb = PenaltyBatch.build([reqs[i] for i in rows], rows, 10, V, CPU)
+    pb = PenaltyBatch.build([reqs[i] for i in rows], rows, 10, V).to(CPU)
     assert (pb.rows is None) == all_rows
     got = logits.clone()
     pb.apply(got)
@@ -290,7 +290,7 @@ def test_sample_never_syncs_with_the_host(monkeypatch):
     reqs = [_random_other_req(rng, rng.randrange(10)) for _ in range(16)]
     reqs.append(make_req(1, min_new_tokens=5, eos=(0,), return_logprob=True,
                          top_logprobs_num=4))
-    sb = SamplingBatch.from_reqs(reqs, V, CPU)
+    sb = SamplingBatch.from_reqs(reqs, V).to(CPU)
     logits = torch.randn(len(reqs), V)
 
     def forbidden(*a, **k):

@@ -3,26 +3,31 @@ prefixes, heaviest subtree first; lpm orders by cached length."""
 
 from __future__ import annotations
 
+import random
+
 import torch
 
-from asgl.engine.kv_pool import ReqToTokenPool, TokenSlotAllocator
-from asgl.engine.radix_cache import RadixCache
-from asgl.engine.req import Req
-from asgl.engine.sampling_params import SamplingParams
-from asgl.engine.scheduler import Scheduler, dfs_weight_order
+from asgl.engine.contracts.sampling_params import SamplingParams
+from asgl.engine.scheduler.memory import KVMemory
+from asgl.engine.scheduler.policy import dfs_weight_order, order_waiting
+from asgl.engine.scheduler.radix_cache import RadixCache
+from asgl.engine.scheduler.req import Req
 
 
 def _req(rid: str, prompt: list[int]) -> Req:
     return Req(rid=rid, prompt_ids=prompt, sampling=SamplingParams(), seed=0)
 
 
-def _cache() -> RadixCache:
+def _memory() -> KVMemory:
     """A tree of [1,2,3] -> {[4,5,6], [7,8]} and [9,9,9] (a split on insert)."""
-    pool, alloc = ReqToTokenPool(8, 64, "cpu"), TokenSlotAllocator(64)
-    cache = RadixCache(pool, alloc)
+    memory = KVMemory(64, 8, 64)
     for key in ([1, 2, 3, 4, 5, 6], [1, 2, 3, 7, 8], [9, 9, 9]):
-        cache.insert(key, alloc.alloc(len(key)))
-    return cache
+        memory.cache.insert(key, memory.slots.alloc(len(key)))
+    return memory
+
+
+def _cache() -> RadixCache:
+    return _memory().cache
 
 
 # arrival order a..f; weights: [1,2,3] holds b, c, d, f; [4,5,6] holds b, d
@@ -69,11 +74,9 @@ def test_scheduler_applies_policies():
     for policy, expected in (("dfs-weight", DFS_ORDER),
                              ("lpm", ["b", "d", "c", "a", "f", "e"]),  # by length: a ties f
                              ("fcfs", list(REQS))):
-        cache = _cache()
-        sched = Scheduler(req_pool=cache.req_to_token_pool, allocator=cache.allocator,
-                          cache=cache, max_running=8, chunk_size=64, max_prefill_tokens=64,
-                          context_len=64, policy=policy)
-        for k, v in REQS.items():
-            sched.add(_req(k, v))
-        sched._order_waiting()
-        assert [r.rid for r in sched.waiting] == expected, policy
+        memory = _memory()
+        waiting = [_req(k, v) for k, v in REQS.items()]
+        order = order_waiting(waiting, policy,
+                              lambda r: memory.match(r, len(r.fill_ids) - 1, peek=True),
+                              random.Random(0))
+        assert [r.rid for r in order] == expected, policy

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asgl.config import EngineConfig
-from asgl.engine.sampling_params import SamplingParams
+from asgl.engine.contracts.sampling_params import SamplingParams
 from asgl.server import limits
 from asgl.server.errors import ApiError, error_body
 from asgl.server.metrics import Metrics

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from asgl.config import EngineConfig
-from asgl.engine.tokenizer import (BUILTIN_CHAT_TEMPLATES, apply_chat_template, load_tokenizer,
+from asgl.engine.loop.tokenizer import (BUILTIN_CHAT_TEMPLATES, apply_chat_template, load_tokenizer,
                                    resolve_chat_template)
 from asgl.models.loader import resolve_model
 

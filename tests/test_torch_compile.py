@@ -26,7 +26,7 @@ def test_compiled_greedy_output_equals_eager():
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from asgl.engine.torch_compile import CompiledForward
+    from asgl.engine.worker.torch_compile import CompiledForward
 
     torch._dynamo.reset()
     counters.clear()

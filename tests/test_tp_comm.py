@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from asgl.engine.forward_batch import ForwardBatch, ForwardMode
-from asgl.engine.tp_comm import (CTRL_WORDS, Header, Op, decode_step, encode_step, pack,
+from asgl.engine.contracts.forward_batch import ForwardBatch, ForwardMode
+from asgl.engine.worker.tp_comm import (CTRL_WORDS, Header, Op, decode_step, encode_step, pack,
                                  unpack)
 
 

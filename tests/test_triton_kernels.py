@@ -20,10 +20,11 @@ if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed")
 
-from asgl.engine.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
-from asgl.engine.kv_pool import KVPool, ReqToTokenPool, TokenSlotAllocator  # noqa: E402
+from asgl.engine.contracts.forward_batch import ForwardBatch, ForwardMode  # noqa: E402
+from asgl.engine.scheduler.slots import ReqToTokenPool, TokenSlotAllocator
+from asgl.engine.worker.kv_cache import KVPool  # noqa: E402
 from asgl.kernels.attention import create_attention_backend  # noqa: E402
-from asgl.kernels.attention.base import AttentionSpec  # noqa: E402
+from asgl.engine.contracts.attention import AttentionSpec  # noqa: E402
 from asgl.kernels.triton.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from asgl.kernels.triton.decode_attention import (decode_attention,  # noqa: E402
                                                   decode_attention_ref)

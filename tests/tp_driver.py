@@ -15,7 +15,7 @@ import sys
 
 def main() -> int:
     spec = json.load(sys.stdin)
-    from asgl.engine.sync_engine import LLM
+    from asgl.engine.loop.sync_engine import LLM
 
     llm = LLM(**spec["options"])
     try:

@@ -43,7 +43,7 @@ class JinjaChatTemplate:
     def from_tokenizer(cls, tokenizer: Any, template: Optional[str] = None) -> "JinjaChatTemplate":
         """Render as asgl's server does (`apply_chat_template`): `template` is a built-in
         name, a file or Jinja text; None uses the tokenizer's own."""
-        from asgl.engine.tokenizer import apply_chat_template
+        from asgl.engine.loop.tokenizer import apply_chat_template
 
         def render(messages: list[dict], add_generation_prompt: bool) -> str:
             return apply_chat_template(tokenizer, messages, chat_template=template,

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from asgl.lang import interpreter, ir, sampling
+from asgl.lang import event_loop, ir, sampling
 from asgl.lang.backends.base import Backend, Prompt
 from asgl.lang.chat import ChatTemplate, text_only
 from asgl.lang.images import ImageData
@@ -49,7 +49,7 @@ class Executor:
         self.backend = backend
         self.defaults = defaults
         self.stream = stream  # generate with the backend's streaming API (text_iter)
-        self.loop = interpreter.loop()
+        self.loop = event_loop.loop()
         self.text = ""
         self.vars: dict[str, Any] = {}
         self.meta: dict[str, dict] = {}

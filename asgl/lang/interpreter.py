@@ -1,85 +1,41 @@
-"""The interpreter: one private event loop that runs every state's operations and every
-backend call, and the drivers behind `fn.run`, `fn.run_batch` and their async twins.
+"""The interpreter: the drivers behind `fn.run`, `fn.run_batch` and their async twins.
 
-Why one private loop (in a daemon thread): backends hold loop-bound resources (HTTP
-sessions, an in-process engine), and `fn.run()` must work from any caller, including one
-that already runs an event loop (a notebook, an async server), where it cannot start
-another loop in its own thread. So the sync form hands the program to this loop and
-blocks on the result; the async form (`await fn.arun()`) runs an `async def` program on
-the caller's loop and awaits its operations, which still run here. A `def` program is
-ordinary blocking code: it runs in a worker thread, submitting operations to this loop.
+Every state's operations and every backend call run on one private event loop (see
+event_loop.py for why). The sync form hands the program to that loop and blocks on the
+result; the async form (`await fn.arun()`) runs an `async def` program on the caller's
+loop and awaits its operations, which still run there. A `def` program is ordinary
+blocking code: it runs in a worker thread, submitting operations to the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures as cf
 import functools
 import logging
 import threading
-import weakref
-from typing import TYPE_CHECKING, Any, Coroutine, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Optional
+
+# loop, close_at_exit, in_loop_thread and call_sync live in event_loop (so the executor
+# and the backends need not import this module); they stay importable from here.
+from asgl.lang.event_loop import call_sync, close_at_exit, in_loop_thread, loop
+from asgl.lang.executor import Executor
+from asgl.lang.state import ProgramState
 
 if TYPE_CHECKING:
     from asgl.lang.api import Program
     from asgl.lang.backends.base import Backend
-    from asgl.lang.state import ProgramState
+
+__all__ = ["arun", "arun_batch", "call_sync", "close_at_exit", "execute", "in_loop_thread",
+           "loop", "new_state", "run", "run_batch"]
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 _lock = threading.Lock()
-_loop: Optional[asyncio.AbstractEventLoop] = None
-_thread: Optional[threading.Thread] = None
 _bodies: Optional[cf.ThreadPoolExecutor] = None
 # Threads for `def` program bodies. A body only blocks when it reads a value still being
 # generated, so a batch needs about as many threads as programs that read mid-way.
 _MAX_BODY_THREADS = 256
-
-
-def loop() -> asyncio.AbstractEventLoop:
-    """The interpreter's loop, started on first use."""
-    global _loop, _thread
-    with _lock:
-        if _loop is None or _thread is None or not _thread.is_alive():
-            _loop = asyncio.new_event_loop()
-            _thread = threading.Thread(target=_loop.run_forever, name="asgl-lang", daemon=True)
-            _thread.start()
-        return _loop
-
-
-def close_at_exit(resource: Any) -> None:
-    """`await resource.aclose()` on this loop when Python exits (HTTP sessions, engines)."""
-    _resources.add(resource)
-
-
-_resources: "weakref.WeakSet[Any]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_all() -> None:
-    if _loop is None or not _loop.is_running():
-        return
-    for resource in list(_resources):
-        try:
-            asyncio.run_coroutine_threadsafe(resource.aclose(), _loop).result(timeout=10)
-        except Exception:  # exiting anyway
-            logger.debug("closing %r at exit failed", resource, exc_info=True)
-
-
-def in_loop_thread() -> bool:
-    return _thread is not None and threading.current_thread() is _thread
-
-
-def call_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run `coro` on the interpreter's loop and wait for it (from any other thread)."""
-    if in_loop_thread():
-        coro.close()
-        raise RuntimeError("a blocking call (fn.run, Runtime()) from code running on asgl's "
-                           "interpreter loop would deadlock: in an async program use "
-                           "`await fn.arun(...)`")
-    return asyncio.run_coroutine_threadsafe(coro, loop()).result()
 
 
 def _body_pool() -> cf.ThreadPoolExecutor:
@@ -91,8 +47,6 @@ def _body_pool() -> cf.ThreadPoolExecutor:
 
 
 def new_state(backend: "Backend", defaults: dict, stream: bool = False) -> "ProgramState":
-    from asgl.lang.executor import Executor
-    from asgl.lang.state import ProgramState
     return ProgramState(Executor(backend, defaults, stream=stream))
 
 

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Iterator, Optional
 
 from asgl.lang import ir
 from asgl.lang.executor import Barrier, Executor, StreamEnd
+from asgl.lang.generation import gen, select
 
 
 def _in_event_loop() -> bool:
@@ -43,12 +44,10 @@ class ProgramState:
     def gen(self, name: Optional[str] = None, **kwargs: Any) -> "Pending":
         """Queue a generation (`choices=` selects); `await` it for the text (or
         `.result()` in a `def` program)."""
-        from asgl.lang.api import gen
         return Pending(self._ex.submit(gen(name, **kwargs)))
 
     def select(self, name: Optional[str] = None, choices: Optional[list[str]] = None,
                temperature: float = 0.0) -> "Pending":
-        from asgl.lang.api import select
         return Pending(self._ex.submit(select(name, choices, temperature=temperature)))
 
     def fork(self, n: int = 1) -> "ForkGroup":

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from asgl.kernels.attention.base import AttentionSpec
+from asgl.engine.contracts.attention import AttentionSpec
 
 if TYPE_CHECKING:
-    from asgl.engine.forward_batch import ForwardBatch
+    from asgl.engine.contracts.forward_batch import ForwardBatch
 
 
 class Attention(nn.Module):

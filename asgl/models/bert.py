@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asgl.engine.forward_batch import ForwardBatch
+from asgl.engine.contracts.forward_batch import ForwardBatch
 from asgl.layers.attention import Attention
 from asgl.layers.embedding import VocabParallelEmbedding
 from asgl.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
 
-from asgl.models.loader import ModelLoadError
+from asgl.engine.contracts.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 

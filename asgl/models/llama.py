@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from asgl.engine.forward_batch import ForwardBatch
+from asgl.engine.contracts.forward_batch import ForwardBatch
 from asgl.layers.activation import get_act_and_mul
 from asgl.layers.attention import Attention
 from asgl.layers.embedding import ParallelLMHead, VocabParallelEmbedding

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-from torch import nn
 from tqdm import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from asgl.config import EngineConfig
+from asgl.engine.contracts.errors import ModelLoadError
 from asgl.models import presets
 
 logger = logging.getLogger(__name__)
@@ -40,10 +40,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_EMBEDDING_NAME = "all-MiniLM-L6-v2"
 _MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-class ModelLoadError(ValueError):
-    """The model cannot be found or read; the message names the path and what is wrong."""
 
 
 @dataclass
@@ -374,43 +370,3 @@ def _iter_file(path: str, fmt: str) -> Iterator[tuple[str, torch.Tensor]]:
     except RuntimeError:  # legacy (pre-zip) torch.save format cannot be memory-mapped
         state = torch.load(path, map_location="cpu", weights_only=True)
     yield from state.items()
-
-
-# --------------------------------------------------------------------------- dummy weights
-@torch.no_grad()
-def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Fill every parameter in place: N(0, 0.02) for matrices, ones for norm weights, zeros
-    for biases. Values are drawn on each parameter's own device, so it is fast on a GPU.
-
-    Under tensor parallelism every rank draws the unsharded tensors in the same order and
-    keeps its slice, so TP=N gets the very weights of TP=1 (asgl/models/sharded_dummy.py)."""
-    from asgl.distributed import get_tp_size
-
-    if get_tp_size() > 1:
-        from asgl.models.sharded_dummy import init_sharded_dummy_weights
-        return init_sharded_dummy_weights(model, seed)
-    generators: dict[torch.device, torch.Generator] = {}
-    for name, param in model.named_parameters():
-        fill_dummy(name, param.data, generators, seed)
-
-
-def fill_dummy(name: str, data: torch.Tensor, generators: dict[torch.device, torch.Generator],
-               seed: int) -> None:
-    """Fill one parameter as `init_dummy_weights` does; draws come from `generators`, one
-    per device, created with `seed` on first use."""
-    if name.endswith("bias"):
-        data.zero_()
-    elif name.endswith("norm.weight") or data.dim() == 1:
-        data.fill_(1.0)
-    elif not data.is_floating_point():
-        data.zero_()  # packed integer (quantized) storage: any bit pattern is valid
-    else:
-        gen = generators.get(data.device)
-        if gen is None:
-            gen = torch.Generator(device=data.device).manual_seed(seed)
-            generators[data.device] = gen
-        if data.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            data.normal_(0.0, 0.02, generator=gen)
-        else:  # e.g. fp8: normal_ is not implemented, so draw in bf16 and cast
-            tmp = torch.empty(data.shape, dtype=torch.bfloat16, device=data.device)
-            data.copy_(tmp.normal_(0.0, 0.02, generator=gen))

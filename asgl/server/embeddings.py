@@ -24,7 +24,7 @@ import msgspec
 import numpy as np
 from aiohttp import web
 
-from asgl.engine.sampling_params import InvalidRequest
+from asgl.engine.contracts.errors import InvalidRequest
 from asgl.server import limits
 from asgl.server.errors import ApiError, bad_request
 from asgl.server.jsonio import json_response, read_json

@@ -65,8 +65,8 @@ _encode = msgspec.json.Encoder().encode
 
 def classify(exc: BaseException) -> Optional[ApiError]:
     """The client-facing error for an exception we expect, or None for a bug."""
-    from asgl.engine.engine import EngineNotRunning
-    from asgl.engine.sampling_params import InvalidRequest
+    from asgl.engine.contracts.errors import EngineNotRunning
+    from asgl.engine.contracts.errors import InvalidRequest
 
     if isinstance(exc, ApiError):
         return exc

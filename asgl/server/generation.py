@@ -17,8 +17,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Optional
 
-from asgl.engine.outputs import StreamChunk
-from asgl.engine.sampling_params import SamplingParams
+from asgl.engine.contracts.outputs import StreamChunk
+from asgl.engine.contracts.sampling_params import SamplingParams
 from asgl.server.state import ServerState
 
 

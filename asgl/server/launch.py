@@ -27,7 +27,7 @@ GRACEFUL_SHUTDOWN_S = 30.0
 def run_server(config: EngineConfig) -> None:
     if config.node_rank > 0:
         # A node other than 0 runs only its tensor-parallel ranks; node 0 serves HTTP.
-        from asgl.engine.tp_launch import run_node
+        from asgl.engine.worker.tp_launch import run_node
         raise SystemExit(run_node(config))
     try:
         import uvloop
@@ -40,7 +40,7 @@ def run_server(config: EngineConfig) -> None:
 
 async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None) -> None:
     """Serve until SIGTERM/SIGINT (or until `stop` is set, for embedding)."""
-    from asgl.engine.engine import Engine
+    from asgl.engine.loop.engine import Engine
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -58,7 +58,7 @@ async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None) -> N
         except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
             pass
     if config.dp_size > 1:  # replicas in processes behind this server (asgl/engine/dp.py)
-        from asgl.engine.dp import DPEngine
+        from asgl.engine.dp.engine import DPEngine
         engine = DPEngine(config)
     else:
         engine = Engine(config)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import msgspec
 
-from asgl.engine.sampling_params import SamplingParams
+from asgl.engine.contracts.sampling_params import SamplingParams
 from asgl.server.errors import ApiError, bad_request
 from asgl.server.state import ServerState
 

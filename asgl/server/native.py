@@ -17,7 +17,7 @@ import msgspec
 from aiohttp import web
 
 import asgl
-from asgl.engine.sampling_params import SamplingParams
+from asgl.engine.contracts.sampling_params import SamplingParams
 from asgl.server import limits
 from asgl.server.errors import ApiError, bad_request
 from asgl.server.generation import Choice, Generation, Job, merged_events, run_all

@@ -10,8 +10,9 @@ from typing import Optional
 
 from aiohttp import web
 
-from asgl.engine.grammar_specs import normalize_json_schema, parse_json_schema
-from asgl.engine.sampling_params import InvalidRequest, SamplingParams
+from asgl.engine.grammar.specs import normalize_json_schema, parse_json_schema
+from asgl.engine.contracts.errors import InvalidRequest
+from asgl.engine.contracts.sampling_params import SamplingParams
 from asgl.server import limits
 from asgl.server.errors import ApiError, bad_request
 from asgl.server.generation import Generation

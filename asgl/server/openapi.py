@@ -9,7 +9,7 @@ import msgspec
 from aiohttp import web
 
 import asgl
-from asgl.engine.sampling_params import SamplingParams
+from asgl.engine.contracts.sampling_params import SamplingParams
 from asgl.server.jsonio import json_response
 from asgl.server.embeddings import EmbeddingRequest, EncodeRequest
 from asgl.server.protocol import (AbortRequest, ChatCompletionRequest, CompletionRequest,

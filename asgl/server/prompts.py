@@ -119,7 +119,7 @@ def template_text(state: ServerState) -> str:
 
 def _render(tokenizer: Any, messages: list[dict], template: Optional[str],
             add_generation_prompt: bool, tools: Optional[list[dict]] = None) -> str:
-    from asgl.engine.tokenizer import apply_chat_template
+    from asgl.engine.loop.tokenizer import apply_chat_template
     return apply_chat_template(tokenizer, messages, chat_template=template,
                                add_generation_prompt=add_generation_prompt, tools=tools)
 

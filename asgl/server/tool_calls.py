@@ -21,8 +21,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from asgl.engine.grammar_specs import normalize_json_schema
-from asgl.engine.sampling_params import InvalidRequest
+from asgl.engine.grammar.specs import normalize_json_schema
+from asgl.engine.contracts.errors import InvalidRequest
 from asgl.server.errors import bad_request
 from asgl.server.tool_parsers import (CallDelta, JsonCallParser, TaggedCallParser,
                                       ToolCallParser)

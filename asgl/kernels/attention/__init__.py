@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from asgl.kernels.attention.base import AttentionBackend, AttentionSpec
+from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec
 
 
 def _torch(**kw: Any) -> AttentionBackend:

@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Optional
 import numpy as np
 import torch
 
-from asgl.kernels.attention.base import AttentionBackend, AttentionSpec
+from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec
 
 if TYPE_CHECKING:
-    from asgl.engine.forward_batch import ForwardBatch
+    from asgl.engine.contracts.forward_batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class FlashInferBackend(AttentionBackend):
                            padded_tokens: Optional[int] = None) -> None:
         """Plan the (padded_bs, padded_tokens) graph wrapper for `batch`; the padding
         requests' keys are slot 0 (`pad_extend_lengths` says how many)."""
-        from asgl.engine.cuda_graph_runner import pad_extend_lengths
+        from asgl.kernels.attention.padding import pad_extend_lengths
 
         bs = batch.batch_size
         padded_tokens = padded_bs if padded_tokens is None else padded_tokens

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from asgl.kernels.attention.base import AttentionBackend, AttentionSpec
+from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec
 
 if TYPE_CHECKING:
-    from asgl.engine.forward_batch import ForwardBatch
+    from asgl.engine.contracts.forward_batch import ForwardBatch
 
 
 @dataclass

@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from asgl.kernels.attention.base import AttentionBackend, AttentionSpec
+from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec
 from asgl.kernels.triton.decode_attention import decode_attention, decode_scratch, num_kv_splits
 from asgl.kernels.triton.extend_attention import build_schedule, extend_attention, tokens_per_block
 
 if TYPE_CHECKING:
-    from asgl.engine.forward_batch import ForwardBatch
+    from asgl.engine.contracts.forward_batch import ForwardBatch
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """What every backend implements, and the `select` fallback for backends that cannot score.
 
-A backend is called only from the interpreter's event loop (see interpreter.py), so its
+A backend is called only from the interpreter's event loop (see event_loop.py), so its
 HTTP sessions live on that one loop.
 
 `select` scoring: backends with prompt log-probabilities (the asgl runtime, over HTTP or in

@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator, Optional
 
 import aiohttp
 
+from asgl.lang import event_loop
 from asgl.lang.backends.base import BackendError
 
 # run_batch pushes every program at once: don't let the client's pool be the bottleneck.
@@ -33,8 +34,7 @@ class HttpClient:
                 headers=self.headers, timeout=aiohttp.ClientTimeout(total=self.timeout),
                 connector=aiohttp.TCPConnector(limit=_MAX_CONNECTIONS))
             self._sessions[loop] = session
-            from asgl.lang import interpreter
-            interpreter.close_at_exit(self)
+            event_loop.close_at_exit(self)
         return session
 
     async def get_json(self, path: str) -> Any:

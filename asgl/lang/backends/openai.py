@@ -17,7 +17,7 @@ import json
 import os
 from typing import Any, AsyncIterator, Optional
 
-from asgl.lang import interpreter
+from asgl.lang import event_loop
 from asgl.lang.backends.base import Backend, BackendError, GenResult, Prompt, StreamEvent
 
 # our names -> OpenAI's, for the parameters its API defines
@@ -53,7 +53,7 @@ class OpenAI(Backend):
         if loop not in self._clients:
             self._clients[loop] = openai.AsyncOpenAI(api_key=self.api_key, base_url=self.base_url,
                                                      **self._client_options)
-            interpreter.close_at_exit(self)
+            event_loop.close_at_exit(self)
         return self._clients[loop]
 
     async def aclose(self) -> None:

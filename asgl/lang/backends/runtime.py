@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
-from asgl.lang import interpreter
+from asgl.lang import event_loop
 from asgl.lang.backends.base import StreamEvent
 from asgl.lang.backends.native import NativeBackend, NativeOutput
 from asgl.lang.chat import ChatTemplate, JinjaChatTemplate, PlainChatTemplate
@@ -21,19 +21,19 @@ T = TypeVar("T")
 class Runtime(NativeBackend):
     def __init__(self, engine: Any = None, **engine_options: Any):
         if engine is None:
-            from asgl.engine.engine import Engine
+            from asgl.engine.loop.engine import Engine
 
             engine = Engine(**engine_options)
-            interpreter.call_sync(engine.start())
+            event_loop.call_sync(engine.start())
             self._owns_engine = True
-            interpreter.close_at_exit(self)
+            event_loop.close_at_exit(self)
         elif engine_options:
             raise TypeError("give either a started engine or engine options, not both")
         else:
             self._owns_engine = False
         self.engine = engine
         task = getattr(engine, "_loop_task", None)  # the engine's step loop runs on its loop
-        self._loop = task.get_loop() if task is not None else interpreter.loop()
+        self._loop = task.get_loop() if task is not None else event_loop.loop()
 
     def __repr__(self) -> str:
         return f"Runtime({getattr(self.engine.source, 'name', 'engine')!r})"
@@ -94,7 +94,7 @@ class Runtime(NativeBackend):
 
     def shutdown(self) -> None:
         """Stop the engine this Runtime started (an engine given to it is left running)."""
-        interpreter.call_sync(self.aclose())
+        event_loop.call_sync(self.aclose())
 
     async def aclose(self) -> None:
         if self._owns_engine:

@@ -114,7 +114,7 @@ def _output(item: dict) -> NativeOutput:
 def _local_tokenizer(tokenizer_path: Optional[str], info: dict) -> Optional[tuple[Any, Any]]:
     """(tokenizer, chat template) of the served model from files on this machine, or None."""
     from asgl.config import EngineConfig
-    from asgl.engine.tokenizer import load_tokenizer
+    from asgl.engine.loop.tokenizer import load_tokenizer
     from asgl.models import presets
     from asgl.models.loader import ModelLoadError, embedded_model_path, resolve_model
 
@@ -143,7 +143,7 @@ def _local_tokenizer(tokenizer_path: Optional[str], info: dict) -> Optional[tupl
 def _template_without_tokenizer(template: str, info: dict) -> ChatTemplate:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    from asgl.engine.tokenizer import BUILTIN_CHAT_TEMPLATES
+    from asgl.engine.loop.tokenizer import BUILTIN_CHAT_TEMPLATES
 
     text = BUILTIN_CHAT_TEMPLATES.get(template, template)
     special = {k: info.get(k) or "" for k in ("bos_token", "eos_token")}
