@@ -5,6 +5,7 @@
 #   bench/gpu_suite.sh stage     # device call 1 (optional): stores the first half of the
 #                                # SmolLM2 GGUF in /tmp, for the fp32 check of call 2
 #   bench/gpu_suite.sh run       # device call 2: install, checks, benchmarks, table
+#   BASELINE=.baseline bench/gpu_suite.sh ab   # A/B offline rounds against an older tree
 #
 # What travels (`carry`): .carry/site.tar.xz (flashinfer, apache-tvm-ffi, msgspec, gguf,
 # unpacked from their wheels, without the CUDA sources that only the JIT compiler needs),
@@ -85,13 +86,18 @@ step() {
   echo "=== $name done in $((SECONDS - t))s (rc=$rc)"
 }
 
-run() {
+# the start of a device call: deadline, $OUT/logs, the carried packages set up
+begin_call() {
   DEADLINE=${DEADLINE:-575}  # seconds after the script started; the call's limit is 600
   OUT=${OUT:-/tmp/asgl_out}
   LOGS=$OUT/logs
   mkdir -p "$LOGS"
   setup_device > "$LOGS/setup.log" 2>&1
   cat "$LOGS/setup.log"
+}
+
+run() {
+  begin_call
   local R=$OUT/results.jsonl
   local M="--model-path llama-3.1-8b --load-format dummy --log-level info"
   # in priority order; each step is cut to the time left before DEADLINE
@@ -120,6 +126,17 @@ run() {
   step offline_detok 70 python3 bench/offline.py $M --attention-backend flashinfer --workload W400 --detokenize --tokenizer-path $CARRY/tok --out "$R"
   step offline_bs256 60 python3 bench/offline.py $M --attention-backend flashinfer --workload W400 --max-running-requests 256 --out "$R" --tag max-running-256
   step offline_wp_noradix 70 python3 bench/offline.py $M --attention-backend flashinfer --workload WP --disable-radix-cache --out "$R" --tag no-radix-cache
+  # the loop thread creates no CUDA tensor while serving (passes here); the same test on the
+  # BASELINE tree, where the loop still built sampling tensors on the device, must fail
+  step loop_tensors 180 env ASGL_GPU_TEST_TOKENIZER=$ROOT/$CARRY/tok \
+    python3 -m pytest tests/test_loop_device_tensors.py -q -p no:cacheprovider
+  if [[ -n ${BASELINE:-} ]]; then
+    sed 's/asgl.engine.loop.engine/asgl.engine.engine/' tests/test_loop_device_tensors.py \
+      > "$BASELINE/tests/test_loop_device_tensors.py"
+    step loop_tensors_baseline 180 env ASGL_GPU_TEST_TOKENIZER=$ROOT/$CARRY/tok \
+      PYTHONPATH=/tmp/asgl_site:/tmp/asgl_smol:$ROOT/$BASELINE python3 -m pytest \
+      "$BASELINE/tests/test_loop_device_tensors.py" -q -p no:cacheprovider --rootdir "$BASELINE"
+  fi
   # the same workloads on an older tree (BASELINE=dir holding e.g. `git archive HEAD`),
   # on the same machine: before/after figures from one call
   if [[ -n ${BASELINE:-} ]]; then
@@ -131,9 +148,28 @@ run() {
   python3 bench/gpu_suite_carry.py table "$R"
 }
 
+# A/B offline throughput: ROUNDS rounds of (this tree, then the BASELINE tree), each a fresh
+# process running AB_WORKLOADS; prints each workload's median per tree and their ratio.
+ab() {
+  : "${BASELINE:?set BASELINE to the folder of the older tree}"
+  begin_call
+  local R=$OUT/results.jsonl
+  local M="--model-path llama-3.1-8b --load-format dummy --log-level warning --attention-backend flashinfer"
+  for i in $(seq "${ROUNDS:-3}"); do
+    step ab_after_$i 170 python3 bench/offline.py $M --workload ${AB_WORKLOADS:-W400 W1000} \
+      --out "$R" --tag after
+    step ab_before_$i 170 env PYTHONPATH=/tmp/asgl_site:/tmp/asgl_smol:$ROOT/$BASELINE \
+      python3 "$BASELINE/bench/offline.py" $M --workload ${AB_WORKLOADS:-W400 W1000} \
+      --out "$R" --tag baseline
+  done
+  tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+  python3 bench/gpu_suite_carry.py ab-table "$R"
+}
+
 case $MODE in
   prepare) prepare ;;
   stage) stage ;;
   run) run ;;
-  *) echo "usage: $0 prepare|stage|run"; exit 2 ;;
+  ab) ab ;;
+  *) echo "usage: $0 prepare|stage|run|ab"; exit 2 ;;
 esac

@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import zipfile
@@ -163,9 +164,27 @@ def table(path: str) -> None:
                   f"({r['decode_tok_s']:,.1f} tok/s) [{r['attention_backend']}, graphs={r['cuda_graph']}]")
 
 
+def ab_table(path: str) -> None:
+    """Median output tok/s per (workload, tag) of the A/B rounds, and after / baseline."""
+    rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    runs: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if r.get("bench") == "offline" and "error" not in r:
+            runs.setdefault((r["workload"], r.get("tag", "")), []).append(r["output_tok_s"])
+    print("\n==================== A/B offline (median of rounds) ====================")
+    if rows:
+        print(f"card: {rows[0].get('card')}  date: {rows[0].get('date')}")
+    for wl in sorted({w for w, _ in runs}):
+        after, before = runs.get((wl, "after"), []), runs.get((wl, "baseline"), [])
+        if after and before:
+            ratio = statistics.median(after) / statistics.median(before)
+            print(f"{wl:<8} after {statistics.median(after):>9,.0f} {after}  baseline "
+                  f"{statistics.median(before):>9,.0f} {before}  ratio {ratio:.3f}")
+
+
 def main() -> None:
     cmd, *rest = sys.argv[1:]
-    {"site": site, "jit": jit, "smollm2": smollm2, "table": table}[cmd](*rest)
+    {"site": site, "jit": jit, "smollm2": smollm2, "table": table, "ab-table": ab_table}[cmd](*rest)
 
 
 if __name__ == "__main__":

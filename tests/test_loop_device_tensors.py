@@ -10,6 +10,7 @@ logit_bias, min_new_tokens, logprobs, a grammar, overlap) under it.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -60,12 +61,24 @@ REQUESTS = [
 ]
 
 
+def _gpu_engine_options() -> dict:
+    """The GPU path as served: flashinfer, CUDA graphs, overlap. The model is the 8B dummy
+    preset unless ASGL_GPU_TEST_MODEL names another; ASGL_GPU_TEST_TOKENIZER a tokenizer
+    directory (the GPU suite carries SmolLM2's), else the model's own."""
+    options = dict(device="cuda", random_seed=0, load_format="dummy",
+                   model_path=os.environ.get("ASGL_GPU_TEST_MODEL", "llama-3.1-8b"),
+                   max_running_requests=64)
+    if os.environ.get("ASGL_GPU_TEST_TOKENIZER"):
+        options["tokenizer_path"] = os.environ["ASGL_GPU_TEST_TOKENIZER"]
+    return options
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU path needs CUDA")
 def test_loop_thread_creates_no_cuda_tensor_while_serving():
     guard = DeviceTensorGuard("cuda")
 
     async def main() -> None:
-        async with Engine(device="cuda", random_seed=0) as engine:
+        async with Engine(**_gpu_engine_options()) as engine:
             with guard:
                 outs = await asyncio.gather(*(
                     engine.generate(f"Question {i}: is the sky blue?", sp,

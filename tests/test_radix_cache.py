@@ -81,7 +81,6 @@ def test_insert_and_match_exact():
     assert cache.insert([1, 2, 3, 4], dup) == 4
     alloc.free(dup)
     assert cache.total_size() == 4
-    assert (cache.num_queried_tokens, cache.num_matched_tokens) == (7, 4)
     cache.check_integrity([])
 
 
@@ -238,14 +237,11 @@ def test_max_len_caps_match():
 def test_peek_does_not_modify():
     cache, _, alloc = make()
     cache.insert([1, 2, 3, 4], alloc.alloc(4))
-    before = (cache.num_queried_tokens, cache.num_matched_tokens)
     node = cache.match_prefix([1, 2, 3, 4]).node
     t = node.last_access
     m = cache.match_prefix([1, 2, 9], peek=True)
     assert (m.length, ids(m.slots)) == (2, [13, 14]) and m.node.is_root
     assert node.key == (1, 2, 3, 4) and node.last_access == t  # no split, no touch
-    assert (cache.num_queried_tokens, cache.num_matched_tokens) == (before[0] + 4,
-                                                                     before[1] + 4)
 
 
 # ---------------------------------------------------------------------- request helpers
