@@ -133,9 +133,10 @@ run() {
   if [[ -n ${BASELINE:-} ]]; then
     sed 's/asgl.engine.loop.engine/asgl.engine.engine/' tests/test_loop_device_tensors.py \
       > "$BASELINE/tests/test_loop_device_tensors.py"
+    # from inside the baseline tree: `python -m` puts the working directory first on the path
     step loop_tensors_baseline 180 env ASGL_GPU_TEST_TOKENIZER=$ROOT/$CARRY/tok \
-      PYTHONPATH=/tmp/asgl_site:/tmp/asgl_smol:$ROOT/$BASELINE python3 -m pytest \
-      "$BASELINE/tests/test_loop_device_tensors.py" -q -p no:cacheprovider --rootdir "$BASELINE"
+      PYTHONPATH=/tmp/asgl_site:/tmp/asgl_smol:$ROOT/$BASELINE bash -c "cd $BASELINE && \
+      python3 -m pytest tests/test_loop_device_tensors.py -q -p no:cacheprovider"
   fi
   # the same workloads on an older tree (BASELINE=dir holding e.g. `git archive HEAD`),
   # on the same machine: before/after figures from one call
