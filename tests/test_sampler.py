@@ -301,3 +301,52 @@ def test_sample_never_syncs_with_the_host(monkeypatch):
     out = Sampler().sample(logits, sb)
     monkeypatch.undo()
     assert out.next_token_ids.shape == (len(reqs),)
+
+
+# ---------------------------------------------------------------- the running set's arrays
+@pytest.mark.parametrize("mix", ["greedy", "sampled", "mixed", "slow"])
+def test_batch_from_running_set_equals_batch_from_requests(mix):
+    """SamplingBatch.from_running (arrays written at admission, rows gathered per step)
+    builds the same batch as from_reqs and samples the same tokens."""
+    from asgl.engine.scheduler.running_set import RunningSet
+
+    params = {
+        "greedy": [dict(temperature=0.0)] * 4,
+        "sampled": [dict(temperature=0.7, top_p=0.9), dict(temperature=1.2, top_k=5, seed=3),
+                    dict(temperature=0.5, min_p=0.1), dict(temperature=1.0)],
+        "mixed": [dict(temperature=0.0), dict(temperature=0.9, top_k=10),
+                  dict(temperature=0.0, seed=4), dict(temperature=0.8, top_p=0.5, seed=9)],
+        "slow": [dict(temperature=0.8, repetition_penalty=1.3), dict(temperature=0.0,
+                 logit_bias={"7": 5.0}), dict(temperature=0.9, min_new_tokens=3),
+                 dict(temperature=0.6, frequency_penalty=0.5)],
+    }[mix]
+    reqs = [Req(rid=f"r{i}", prompt_ids=[1, 2, 3], sampling=SamplingParams(**p), seed=10 + i,
+                eos_ids=frozenset((1,)), return_logprob=(i == 3),
+                top_logprobs_num=2 if i == 3 else 0, output_ids=[5, 6][:i])
+            for i, p in enumerate(params)]
+    running = RunningSet(16, V)
+    rows = [11, 2, 7, 0]
+    for req, row in zip(reqs, rows):
+        req.req_pool_idx = row
+        running.admit(req)
+    running.check(reqs)
+    steps = [len(r.output_ids) for r in reqs]
+    import numpy as np
+    a = SamplingBatch.from_running(running, np.array(rows), np.array(steps), reqs).to(CPU)
+    b = SamplingBatch.from_reqs(reqs, V).to(CPU)
+    for name in ("all_greedy", "seeded", "return_logprob", "top_logprobs_num"):
+        assert getattr(a, name) == getattr(b, name), name
+    for name in SamplingBatch._TENSORS:
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert torch.equal(x, y), name
+    assert (a.penalties is None) == (b.penalties is None) and (a.edits is None) == (b.edits is None)
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(Sampler().sample(logits, a).next_token_ids,
+                       Sampler().sample(logits, b).next_token_ids)
+    # a changed row is caught
+    running.temperature[rows[1]] += 0.5
+    if not reqs[1].sampling.is_greedy:
+        with pytest.raises(AssertionError, match="running-set row"):
+            running.check(reqs)

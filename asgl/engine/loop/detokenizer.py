@@ -9,7 +9,9 @@ the (unchanged) text of `ids[prefix:read]` gives the new text with the right spa
 byte merging at the seam. Text ending in U+FFFD is an incomplete UTF-8 sequence: wait for
 more tokens. The window starts a few prompt tokens back, so that a tokenizer that strips
 the leading space of a decoded sequence (SentencePiece) renders the first output token's
-space as in the full text.
+space as in the full text. With a fast (Rust) tokenizer the window is the tokenizers
+library's `DecodeStream`, which runs that algorithm in one call per step instead of two
+decodes in Python.
 
 Stop strings: the earliest-ending occurrence wins, even when it spans tokens. Nothing past
 the stop string is ever emitted, nor the stop string itself unless `no_stop_trim`. The
@@ -21,6 +23,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional
 
+try:  # tokenizers >= 0.21; a list of ids per step from 0.22
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # pragma: no cover - older tokenizers: the Python window below
+    DecodeStream = None
+
 # Prompt tokens the window reaches back: enough context for a leading space or a
 # multi-token character at the prompt/output seam.
 _PROMPT_CONTEXT = 5
@@ -28,11 +35,20 @@ _PROMPT_CONTEXT = 5
 _COMPACT_AT = 64
 
 
+def _rust_backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer when `tokenizer.decode` is exactly its decode (an HF fast
+    tokenizer without Python-side space clean-up), else None."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return backend
+    return None
+
+
 def _decoder(tokenizer: Any, skip_special_tokens: bool,
              spaces_between_special_tokens: bool) -> Callable[[list[int]], str]:
     """ids -> text, as `tokenizer.decode` would give it."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+    backend = _rust_backend(tokenizer)
+    if backend is not None:
         # HF fast tokenizer: its decode is exactly the backend's; skip the Python wrapper.
         return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
     # Slow tokenizers honour spaces_between_special_tokens; fast ones ignore it. With
@@ -54,6 +70,13 @@ class IncrementalDetokenizer:
             self._ids = []
         self._prefix = 0  # ids[prefix:read] are decoded context for the seam
         self._read = len(self._ids)  # ids[read:] are not turned into text yet
+        # The Rust window: it keeps its own ids; ours then only hold the ids since the
+        # last emitted text after the context that emitted it (what `flush` must decode).
+        self._backend = _rust_backend(tokenizer) if DecodeStream is not None else None
+        self._stream = None
+        if self._backend is not None:
+            self._stream = DecodeStream(ids=list(self._ids),
+                                        skip_special_tokens=skip_special_tokens)
         self._stops = [s for s in stop_strings if s]
         # every proper prefix of a stop string: what a held-back tail may look like
         self._stop_prefixes = {s[:i] for s in self._stops for i in range(1, len(s))}
@@ -73,7 +96,7 @@ class IncrementalDetokenizer:
         if self.stopped:
             return "", None
         self._ids.extend(new_ids)
-        new_text = self._decode_new()
+        new_text = self._decode_new() if self._stream is None else self._stream_new(new_ids)
         if not new_text:
             return "", None
         return self._emit(self._held + new_text)
@@ -97,6 +120,16 @@ class IncrementalDetokenizer:
         return pending
 
     # ------------------------------------------------------------------ internals
+    def _stream_new(self, new_ids: list[int]) -> str:
+        text = self._stream.step(self._backend, new_ids if len(new_ids) > 1 else new_ids[0])
+        if text is None:
+            return ""
+        # emitted: what follows is decoded after the ids just turned into text, as the
+        # Rust window does (ids[prefix:read] context, nothing unread)
+        del self._ids[:self._read]
+        self._prefix, self._read = 0, len(self._ids)
+        return text
+
     def _decode_new(self) -> str:
         prefix_text = self._decode(self._ids[self._prefix:self._read])
         full = self._decode(self._ids[self._prefix:])

@@ -104,9 +104,9 @@ class Engine:
         chunk = cfg.chunked_prefill_size or (2048 if on_cpu else 8192)
         self._memory_args = dict(capacity=capacity, max_running=max_running, on_cpu=on_cpu,
                                  chunk=context_len if chunk == -1 else chunk)
+        self.vocab_size = self.runner.vocab_size
         self._init_memory_state()
         self.overlap = not cfg.disable_overlap_schedule
-        self.vocab_size = self.runner.vocab_size
         self.eos_ids = frozenset(self.source.eos_token_ids or ())
         self.chat_template = resolve_chat_template(cfg.chat_template, self.source)
         await self._start_grammar()
@@ -133,7 +133,8 @@ class Engine:
             memory=self.memory, max_running=m["max_running"], chunk_size=m["chunk"],
             max_prefill_tokens=max(cfg.max_prefill_tokens, m["chunk"]),
             context_len=self.context_len, policy=cfg.schedule_policy,
-            check_integrity=cfg.debug_check_integrity, seed=cfg.random_seed or 0)
+            check_integrity=cfg.debug_check_integrity, seed=cfg.random_seed or 0,
+            vocab_size=self.vocab_size)
         self.scheduler.jump_forward = self._jump_forward
 
     async def _start_grammar(self) -> None:
@@ -219,7 +220,7 @@ class Engine:
                                     logprob_start_len, top_logprobs_num, collect=True)
         try:
             while not stream.done:
-                await stream.queue.get()
+                await stream.next_chunks()
         finally:
             if not stream.done:
                 self.abort(stream.rid)
@@ -238,10 +239,11 @@ class Engine:
         stream = await self._submit(prompt, sampling_params, input_ids, rid, return_logprob,
                                     logprob_start_len, top_logprobs_num)
         try:
-            while not stream.done:
-                yield await stream.queue.get()
-            while not stream.queue.empty():
-                yield stream.queue.get_nowait()
+            while True:
+                for chunk in await stream.next_chunks():
+                    yield chunk
+                if stream.done and not stream.has_chunks:
+                    break
         finally:
             if not stream.done:
                 self.abort(stream.rid)
@@ -468,9 +470,9 @@ class Engine:
         """Hand the worker this step's host-side plan (no device tensor is made here)."""
         sampling = None
         if batch.sampling_reqs:
-            sampling = SamplingBatch.from_reqs(
-                batch.sampling_reqs, self.vocab_size,
-                step_offsets=[r.num_inflight - 1 for r in batch.sampling_reqs])
+            sampling = SamplingBatch.from_running(
+                self.scheduler.running_set, batch.sample_table_rows, batch.sample_steps,
+                batch.sampling_reqs)
             if self.grammar_backend is not None:
                 sampling.grammar = self._grammar_step = self.grammar_backend.step(
                     batch.sampling_reqs, pinned=not self._memory_args["on_cpu"])

@@ -1,7 +1,8 @@
 """SamplingBatch: per-row sampling parameters of one step, built on the host.
 
-Owners: the loop builds it once per step from the sampling requests (`from_reqs`, CPU
-tensors only: the loop thread never creates a device tensor); the worker thread moves it
+Owners: the loop builds it once per step, from the running set's arrays
+(`from_running`; `from_reqs` builds the same from the requests alone), as CPU tensors
+only: the loop thread never creates a device tensor; the worker thread moves it
 to its device (`to`) and hands it to the `Sampler`. Rows follow `ForwardBatch.sample_rows`.
 """
 
@@ -11,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+import numpy as np
 import torch
 
 from asgl.engine.sampling.penalties import PenaltyBatch, SparseLogitEdits, to_device
@@ -64,6 +66,49 @@ class SamplingBatch:
             edits=self.edits.to(device) if self.edits is not None else None)
 
     @classmethod
+    def from_running(cls, running: Any, rows: np.ndarray, steps: np.ndarray,
+                     reqs: Sequence["Req"]) -> "SamplingBatch":
+        """Row i samples for `reqs[i]`, whose parameters sit at `rows[i]` of the running
+        set's arrays (asgl/engine/scheduler/running_set.py), at output index `steps[i]`.
+
+        A fixed number of array operations whatever the batch size; per-request Python
+        only when some row needs penalties, logit_bias, min_new_tokens or logprobs."""
+        n = len(rows)
+        greedy = running.greedy[rows]
+        sb = cls(size=n, vocab_size=running.vocab_size, all_greedy=bool(greedy.all()))
+        if not sb.all_greedy:
+            sb.temperatures = torch.from_numpy(running.temperature[rows].reshape(n, 1))
+            if greedy.any():
+                sb.is_greedy = torch.from_numpy(greedy)
+            top_k = running.top_k[rows]
+            if (top_k < running.vocab_size).any():
+                sb.top_ks = torch.from_numpy(top_k.reshape(n, 1))
+            top_p = running.top_p[rows]
+            if np.isfinite(top_p).any():
+                sb.top_ps = torch.from_numpy(top_p.reshape(n, 1))
+            min_p = running.min_p[rows]
+            if (min_p > 0).any():
+                sb.min_ps = torch.from_numpy(min_p.reshape(n, 1))
+            sb.rng_keys = torch.from_numpy(running.rng_key[rows])
+            sb.steps = torch.from_numpy(np.asarray(steps, dtype=np.int64))
+            sb.seeded = bool(running.seeded[rows].any())
+        if running.slow[rows].any():
+            sb._add_token_dependent(list(reqs), np.asarray(steps).tolist())
+        return sb
+
+    def _add_token_dependent(self, reqs: list["Req"], out_lens: list[int]) -> None:
+        """Penalties, logit_bias / min_new_tokens edits and logprob settings of `reqs`."""
+        penalized = [i for i, r in enumerate(reqs) if r.sampling.has_penalties]
+        if penalized:
+            self.penalties = PenaltyBatch.build([reqs[i] for i in penalized], penalized,
+                                                len(reqs), self.vocab_size)
+        self.edits = SparseLogitEdits.build(reqs, out_lens)
+        self.return_logprob = any(r.return_logprob for r in reqs)
+        if self.return_logprob:
+            self.top_logprobs_num = max(r.top_logprobs_num if r.return_logprob else 0
+                                        for r in reqs)
+
+    @classmethod
     def from_reqs(cls, reqs: Sequence["Req"], vocab_size: int,
                   step_offsets: Optional[Sequence[int]] = None) -> "SamplingBatch":
         """Row i samples for `reqs[i]`, at output index len(output_ids) + step_offsets[i].
@@ -98,12 +143,5 @@ class SamplingBatch:
             sb.steps = torch.tensor(out_lens, dtype=i64)
             sb.seeded = any(sp.seed is not None for g, sp in zip(greedy, sps) if not g)
 
-        penalized = [i for i, sp in enumerate(sps) if sp.has_penalties]
-        if penalized:
-            sb.penalties = PenaltyBatch.build([reqs[i] for i in penalized], penalized, n,
-                                              vocab_size)
-        sb.edits = SparseLogitEdits.build(list(reqs), out_lens)
-        sb.return_logprob = any(r.return_logprob for r in reqs)
-        if sb.return_logprob:
-            sb.top_logprobs_num = max(r.top_logprobs_num if r.return_logprob else 0 for r in reqs)
+        sb._add_token_dependent(list(reqs), out_lens)
         return sb

@@ -41,6 +41,7 @@ from asgl.engine.contracts.outputs import FinishReason
 from asgl.engine.scheduler.memory import KVMemory
 from asgl.engine.scheduler.policy import order_waiting
 from asgl.engine.scheduler.req import Req, ReqState
+from asgl.engine.scheduler.running_set import RunningSet
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class ScheduledBatch:
 
     reqs: list[Req]
     sampling_reqs: list[Req]
+    # the sampling requests' running-set rows and the output index each samples
+    sample_table_rows: np.ndarray
+    sample_steps: np.ndarray
     # (req, first prompt position scored, count, offset in the step's prompt logprobs)
     prompt_lp_spans: list[tuple[Req, int, int, int]]
     forward: ForwardBatch
@@ -97,8 +101,11 @@ def _known_ids(req: Req, start: int, n: int) -> list[int]:
 class Scheduler:
     def __init__(self, *, memory: KVMemory, max_running: int, chunk_size: int,
                  max_prefill_tokens: int, context_len: int, policy: str = "lpm",
-                 check_integrity: bool = False, seed: int = 0):
+                 check_integrity: bool = False, seed: int = 0,
+                 vocab_size: Optional[int] = None):
         self.memory = memory
+        # sampling parameters by table row, written at admission (running_set.py)
+        self.running_set = RunningSet(memory.num_rows, vocab_size or (1 << 31) - 1)
         self.max_running = max_running
         self.chunk_size = chunk_size
         self.max_prefill_tokens = max_prefill_tokens
@@ -238,6 +245,7 @@ class Scheduler:
                 break  # would likely force a retraction soon: wait for memory instead
             if not mem.admit(req, match, extend + reserved):
                 break
+            self.running_set.admit(req)
             if req.num_retractions == 0:
                 req.first_scheduled_time = time.monotonic()
                 req.num_cached = match.length
@@ -272,6 +280,7 @@ class Scheduler:
         logits_rows: list[int] = []
         sample_rows: list[int] = []
         sampling_reqs: list[Req] = []
+        sample_steps: list[int] = []  # the output index each sampling request samples
         lp_rows: list[int] = []
         lp_targets: list[int] = []
         lp_spans: list[tuple[Req, int, int, int]] = []
@@ -319,6 +328,7 @@ class Scheduler:
                 sample_rows.append(len(logits_rows))
                 logits_rows.append(offset + n - 1)
                 sampling_reqs.append(req)
+                sample_steps.append(start + n - p)
             offset += n
         for k, req in enumerate(sampling_reqs):
             req.extra_sample_row = k
@@ -339,8 +349,13 @@ class Scheduler:
         self.stats.num_forward_tokens += total
         if decode_only:
             self.new_token_ratio = max(self._min_ratio, self.new_token_ratio - self._ratio_decay)
-        return ScheduledBatch(reqs=reqs, sampling_reqs=sampling_reqs, prompt_lp_spans=lp_spans,
-                              forward=forward, decode_only=decode_only)
+        table_rows = np.fromiter((r.req_pool_idx for r in sampling_reqs), np.int64,
+                                 len(sampling_reqs))
+        return ScheduledBatch(reqs=reqs, sampling_reqs=sampling_reqs,
+                              sample_table_rows=table_rows,
+                              sample_steps=np.array(sample_steps, dtype=np.int64),
+                              prompt_lp_spans=lp_spans, forward=forward,
+                              decode_only=decode_only)
 
     # ------------------------------------------------------------------ results
     def finish_step(self, batch: ScheduledBatch) -> list[Req]:
@@ -368,6 +383,7 @@ class Scheduler:
     # ------------------------------------------------------------------ checks
     def check_integrity(self) -> None:
         self.memory.check(self.running)
+        self.running_set.check(self.running)
 
     def is_idle_and_clean(self) -> bool:
         """True when nothing runs or waits and every slot is free or cached (for tests)."""
