@@ -17,6 +17,7 @@ from asgl.engine.contracts.sampling_params import SamplingParams
 from asgl.engine.contracts.step import StepOutput
 from asgl.engine.loop.output_processor import apply_step_output
 from asgl.engine.scheduler.memory import KVMemory
+from asgl.engine.scheduler.policy import order_waiting
 from asgl.engine.scheduler.req import Req, ReqState
 from asgl.engine.scheduler.scheduler import NEED_DRAIN, ScheduledBatch, Scheduler
 
@@ -286,3 +287,30 @@ def test_memory_ordering_rules_are_enforced():
     h.finish(batch)
     with pytest.raises(AssertionError, match="reserved"):
         h.memory.extend(np.array([a.req_pool_idx] * 2), np.array([3, 4]))
+
+
+def test_queue_is_ordered_only_when_something_can_be_admitted():
+    h = Harness(capacity=64, max_running=1)
+    h.sched.policy = "lpm"
+    calls = []
+    match = h.memory.match
+    h.memory.match = lambda req, n, peek=False: calls.append((req.rid, peek)) or match(
+        req, n, peek=peek)
+    a = h.add("a", [1, 2, 3], max_new=4)
+    for rid in "bcd":
+        h.add(rid, [4, 5, 6, 7], max_new=1)
+    h.step()  # a admitted (a queue of 4: ordered once, each peeked)
+    assert a.state == ReqState.RUNNING
+    assert sorted(c for c in calls if c[1]) == [(r, True) for r in "abcd"]
+    calls.clear()
+    for _ in range(3):  # a decodes; no row is free: no peek at all
+        h.step()
+    assert calls == []
+    h.step()  # a finished: its tokens changed the tree, so b, c, d are peeked again
+    assert sorted(c for c in calls if c[1]) == [(r, True) for r in "bcd"]
+    # while the tree is unchanged, ordering again reuses the peeks (b's admission above
+    # published its prompt, so the first order peeks c and d once more)
+    for expected in ([("c", True), ("d", True)], []):
+        calls.clear()
+        h.sched.waiting = order_waiting(h.sched.waiting, "lpm", h.sched._peek, h.sched._rng)
+        assert sorted(c for c in calls if c[1]) == expected

@@ -118,6 +118,10 @@ class RadixCache:
         self._clear_tree()
 
     def _clear_tree(self) -> None:
+        # bumped whenever a match could return another length or node (a node added,
+        # split or evicted, a flush): peek results cached by the scheduler stay valid
+        # while it stays the same
+        self.version = getattr(self, "version", 0) + 1
         self._roots: dict[Optional[str], TreeNode] = {}
         self._evictable = 0
         self._protected = 0
@@ -179,6 +183,7 @@ class RadixCache:
             leaf.last_access = self._clock
             node.children[leaf.key[0]] = leaf
             self._evictable += len(leaf.key)
+            self.version += 1
         return pos
 
     def _walk(self, root: TreeNode, key: Sequence[int], modify: bool):
@@ -206,6 +211,7 @@ class RadixCache:
 
     def _split(self, child: TreeNode, n: int) -> TreeNode:
         """Cut `child` after its first `n` tokens; returns the new upper node."""
+        self.version += 1
         parent = child.parent
         upper = TreeNode(child.key[:n], child.value[:n], parent, child.namespace)
         upper.lock_ref = child.lock_ref  # same subtree, same holders
@@ -248,6 +254,7 @@ class RadixCache:
             _, _, node = heapq.heappop(heap)
             self.allocator.free(node.value)
             freed += len(node.key)
+            self.version += 1
             self._evictable -= len(node.key)
             parent = node.parent
             del parent.children[node.key[0]]

@@ -31,7 +31,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from asgl.engine.scheduler.memory import KVMemory
 from asgl.engine.scheduler.policy import order_waiting
 from asgl.engine.scheduler.req import Req, ReqState
 from asgl.engine.scheduler.running_set import RunningSet
+
+if TYPE_CHECKING:
+    from asgl.engine.scheduler.radix_cache import MatchResult
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +109,9 @@ class Scheduler:
         self.memory = memory
         # sampling parameters by table row, written at admission (running_set.py)
         self.running_set = RunningSet(memory.num_rows, vocab_size or (1 << 31) - 1)
+        # waiting request -> its peek match, valid while the tree's version is unchanged
+        self._peek_cache: dict[tuple[int, int], tuple[Req, "MatchResult"]] = {}
+        self._peek_version = -1
         self.max_running = max_running
         self.chunk_size = chunk_size
         self.max_prefill_tokens = max_prefill_tokens
@@ -193,6 +199,20 @@ class Scheduler:
         if keep is not None:
             self.memory.rollback(req, keep)
 
+    def _peek(self, req: Req) -> "MatchResult":
+        """req's cached prefix for ordering the queue, computed again only when the tree
+        changed since (a match per waiting request per step costs milliseconds)."""
+        version = self.memory.cache.version
+        if version != self._peek_version:
+            self._peek_cache.clear()
+            self._peek_version = version
+        key = (id(req), len(req.output_ids))
+        hit = self._peek_cache.get(key)
+        if hit is None or hit[0] is not req:
+            hit = self._peek_cache[key] = (req, self.memory.match(req, len(req.fill_ids) - 1,
+                                                                  peek=True))
+        return hit[1]
+
     def _retract_until_fits(self, plan: list[tuple[Req, int]]) -> list[tuple[Req, int]]:
         """Drop the latest-arrived request of the plan until the rest fits."""
         while plan and not self.memory.reserve(sum(n for _, n in plan)):
@@ -215,12 +235,11 @@ class Scheduler:
 
     def _admit(self, budget: int, reserved: int) -> list[tuple[Req, int]]:
         admitted: list[tuple[Req, int]] = []
-        if not self.waiting or budget <= 0:
-            return admitted
         mem = self.memory
-        self.waiting = order_waiting(
-            self.waiting, self.policy, lambda r: mem.match(r, len(r.fill_ids) - 1, peek=True),
-            self._rng)
+        if (not self.waiting or budget <= 0 or len(self.running) >= self.max_running
+                or mem.rows_available() == 0):
+            return admitted  # nothing can be admitted: no need to order the queue
+        self.waiting = order_waiting(self.waiting, self.policy, self._peek, self._rng)
         prefill_tokens = 0
         # room the running requests are expected to grow into
         headroom = sum(min(r.max_new_tokens - len(r.output_ids), self.context_len - r.seq_len)
