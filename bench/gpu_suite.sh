@@ -6,6 +6,7 @@
 #                                # SmolLM2 GGUF in /tmp, for the fp32 check of call 2
 #   bench/gpu_suite.sh run       # device call 2: install, checks, benchmarks, table
 #   BASELINE=.baseline bench/gpu_suite.sh ab   # A/B offline rounds against an older tree
+#   BASELINE=.baseline bench/gpu_suite.sh serve_ab   # A/B through `asgl serve` + serving.py
 #
 # What travels (`carry`): .carry/site.tar.xz (flashinfer, apache-tvm-ffi, msgspec, gguf,
 # unpacked from their wheels, without the CUDA sources that only the JIT compiler needs),
@@ -167,10 +168,48 @@ ab() {
   python3 bench/gpu_suite_carry.py ab-table "$R"
 }
 
+# Serving A/B: `asgl serve` (8B dummy, SmolLM2's tokenizer, so every token is detokenized)
+# on this tree, then on the BASELINE tree, each driven by bench/serving.py with 1,000
+# requests at once (W1000's lengths: prompts 128-1,024, outputs 64-512 tokens); then the
+# offline figure with --detokenize on this tree, the bar the serving path is held to.
+serve_one() {  # serve_one TAG TREE
+  local tag=$1 tree=$2 port=30123 t0=$SECONDS
+  # from inside the tree: `python -m` puts the working directory first on the path
+  (cd "$ROOT/$tree" && exec env PYTHONPATH=/tmp/asgl_site:/tmp/asgl_smol:$ROOT/$tree \
+    python3 -m asgl.cli serve --model-path llama-3.1-8b --load-format dummy \
+    --tokenizer-path $ROOT/$CARRY/tok --port $port --log-level warning) \
+    > "$LOGS/serve_$tag.log" 2>&1 &
+  local pid=$!
+  until curl -fs http://127.0.0.1:$port/health > /dev/null 2>&1; do
+    sleep 1
+    if ! kill -0 $pid 2>/dev/null || (( SECONDS - t0 > 150 )); then
+      echo "=== serve_$tag: server did not come up"; tail -5 "$LOGS/serve_$tag.log"; kill $pid; return
+    fi
+  done
+  echo "=== serve_$tag ready in $((SECONDS - t0))s"
+  timeout -k 5 200 python3 bench/serving.py --base-url http://127.0.0.1:$port --backend asgl \
+    --num-prompts ${SERVE_PROMPTS:-1000} --input-len 1024 --output-len 512 --range-ratio 0.125 \
+    --disable-tqdm --output-file "$OUT/serving.jsonl" > "$LOGS/bench_$tag.log" 2>&1
+  echo "[$tag] $(grep -iE 'completed|output tok|itl|ttft' "$LOGS/bench_$tag.log" | tr '\n' ' ' | cut -c1-400)"
+  kill -INT $pid; wait $pid 2>/dev/null
+}
+
+serve_ab() {
+  : "${BASELINE:?set BASELINE to the folder of the older tree}"
+  begin_call
+  serve_one after .
+  serve_one baseline "$BASELINE"
+  local M="--model-path llama-3.1-8b --load-format dummy --log-level warning --attention-backend flashinfer"
+  step offline_detok 120 python3 bench/offline.py $M --workload W1000 --detokenize \
+    --tokenizer-path $CARRY/tok --out "$OUT/results.jsonl"
+  tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+}
+
 case $MODE in
   prepare) prepare ;;
   stage) stage ;;
   run) run ;;
   ab) ab ;;
-  *) echo "usage: $0 prepare|stage|run|ab"; exit 2 ;;
+  serve_ab) serve_ab ;;
+  *) echo "usage: $0 prepare|stage|run|ab|serve_ab"; exit 2 ;;
 esac
