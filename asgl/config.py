@@ -79,6 +79,15 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_request_body_mb: float = 32.0
     tool_call_parser: Optional[str] = None
 
+    # --- request limits (each refused with a 400 naming the flag, before anything is queued) ---
+    max_prompt_chars: Optional[int] = None
+    max_stop_strings: int = 32
+    max_stop_string_chars: int = 256
+    max_schema_depth: int = 64
+    max_schema_bytes: int = 256 * 1024
+    max_regex_chars: int = 64 * 1024
+    max_tools: int = 128
+
     def __post_init__(self) -> None:
         self.validate()
 
@@ -107,6 +116,16 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         self._validate_parallelism()
         if not 0 <= self.port < 65536:
             raise ConfigError(f"--port must be in [0, 65535], got {self.port}")
+        self._validate_request_limits()
+
+    def _validate_request_limits(self) -> None:
+        # The engine checks every request against fixed ceilings of its own (what stays safe
+        # and fast whoever calls it); a server limit above its ceiling would be refused there.
+        for name, ceiling in _LIMIT_CEILINGS.items():
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= (ceiling or value):
+                bound = f"in [1, {ceiling}]" if ceiling else ">= 1"
+                raise ConfigError(f"--{_flag(name)} must be {bound}, got {value}")
 
     def _validate_parallelism(self) -> None:
         if self.tp_size % self.nnodes:
@@ -180,6 +199,25 @@ def _scalar_type(annotation: Any) -> type:
     return str
 
 
+# Ceilings the engine itself enforces on every request, whoever calls it (SamplingParams.validate,
+# asgl/engine/grammar/specs.py): what stays safe (no recursion overflow, bounded stop-string
+# state) however a server limit is set. A server limit may not exceed its ceiling.
+STOP_STRINGS_CEILING = 64
+STOP_STRING_CHARS_CEILING = 1024
+SCHEMA_DEPTH_CEILING = 128  # nesting levels: recursive checks and xgrammar stay well inside
+SPEC_CHARS_CEILING = 1 << 20  # a JSON schema, EBNF grammar or structural tag, as text
+REGEX_CHARS_CEILING = 128 * 1024
+
+_LIMIT_CEILINGS: dict[str, Optional[int]] = {
+    "max_prompt_chars": None,
+    "max_stop_strings": STOP_STRINGS_CEILING,
+    "max_stop_string_chars": STOP_STRING_CHARS_CEILING,
+    "max_schema_depth": SCHEMA_DEPTH_CEILING,
+    "max_schema_bytes": SPEC_CHARS_CEILING,
+    "max_regex_chars": REGEX_CHARS_CEILING,
+    "max_tools": None,
+}
+
 _ALIASES: dict[str, list[str]] = {
     "model_path": ["--model"],
     "tp_size": ["--tp", "--tensor-parallel-size"],
@@ -238,4 +276,14 @@ _HELP: dict[str, str] = {
     "log_level": "logging level",
     "max_request_body_mb": "largest accepted request body",
     "tool_call_parser": "tool-call format of the model (hermes, llama3)",
+    "max_prompt_chars": "most characters of a text prompt (or of a chat's messages), refused "
+                        "before tokenizing (default: 16 x the context length)",
+    "max_stop_strings": "most stop strings per request (at most 64)",
+    "max_stop_string_chars": "most characters of one stop string (at most 1024)",
+    "max_schema_depth": "most nesting levels of a JSON schema (response_format, json_schema, "
+                        "tool parameters; at most 128)",
+    "max_schema_bytes": "most bytes of a JSON schema, EBNF grammar or structural tag, and of "
+                        "a request's tool schemas in all (at most 1 MiB)",
+    "max_regex_chars": "most characters of a regex constraint (at most 128 KiB)",
+    "max_tools": "most tools in a chat request",
 }

@@ -32,7 +32,7 @@ prepare() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp $plat -d .whl flashinfer-python==$FI_VERSION \
     apache-tvm-ffi==0.1.15.post2 msgspec==0.22.0 gguf==0.19.0 orjson==3.11.4 \
-    xgrammar==0.2.9 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \
+    xgrammar==0.2.8 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 \
     typing-inspection==0.4.2 typing-extensions==4.15.0
   # 1. the device's site-packages additions, pruned to what runs (and xz: 107 -> 10 MB)
   rm -rf $CARRY/site && python3 bench/gpu_suite_carry.py site .whl $CARRY/site

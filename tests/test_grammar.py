@@ -179,6 +179,15 @@ def test_random_walks_match_regexes(backend, tokenizer, regex, seed):
     assert full_match(text, regex), (text, regex)
 
 
+@pytest.mark.parametrize("regex", [r"[^b]{4,10}", r".{2,10}", r"[^\n,][^\n,]{1,3}"])
+def test_eos_waits_for_a_repetitions_minimum(backend, regex):
+    # xgrammar 0.2.9 allowed EOS at the start of these (a regression; pyproject refuses it)
+    state = backend.new_state(backend.compile_sync("regex", regex), jump_forward=False)
+    mask = torch.empty((1, backend.words), dtype=torch.int32)
+    backend.fill_rows(mask, [0], [state])
+    assert EOS not in allowed(mask[0]).tolist()
+
+
 @pytest.mark.parametrize("regex", [r"[a-z]x [^\n,]\.", r"x .\.", r"x \S\.", r"x [ -\uffff]\."])
 def test_classes_never_admit_surrogates(backend, tokenizer, regex):
     # byte tokens can spell a surrogate's 3-byte form (ED A0..BF xx), which is not UTF-8

@@ -9,6 +9,7 @@ import msgspec
 from aiohttp import web
 
 from asgl.server.errors import ApiError
+from asgl.server.limits import max_tokens_hint
 from asgl.server.state import get_state
 
 T = TypeVar("T")
@@ -17,6 +18,7 @@ _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder] = {}
 _PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
+_MAX_TOKENS_FIELDS = frozenset({"max_tokens", "max_completion_tokens"})
 
 
 async def read_json(request: web.Request, typ: type[T]) -> T:
@@ -35,7 +37,11 @@ async def read_json(request: web.Request, typ: type[T]) -> T:
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as e:
-        raise ApiError(400, f"invalid request: {e}", _param_of(str(e))) from None
+        param = _param_of(str(e))
+        hint = ""
+        if param in _MAX_TOKENS_FIELDS:  # e.g. 1e23: say what would be accepted
+            hint = max_tokens_hint(get_state(request), param)
+        raise ApiError(400, f"invalid request: {e}{hint}", param) from None
     except msgspec.DecodeError as e:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from None
     except RecursionError:  # msgspec's guard against deeply nested input
@@ -45,7 +51,7 @@ async def read_json(request: web.Request, typ: type[T]) -> T:
 def _param_of(message: str) -> str | None:
     """The field a msgspec error is about, as a dotted path ("messages[0].role")."""
     m = _PATH.search(message)
-    path = m.group(1) if m else ""
+    path = m.group(1).replace("[...]", "") if m else ""  # "[...]": a value of a map
     field = _FIELD.search(message)
     if field:  # unknown or missing field: name it within its object
         path = f"{path}.{field.group(1)}" if path else field.group(1)

@@ -76,7 +76,7 @@ async def _jobs(state: ServerState, body: GenerateRequest) -> tuple[list[Job], b
             raise bad_request("text must not be an empty list", "text")
         param = "text"
     elif body.input_ids is not None:
-        ids_list, single = _id_lists(body.input_ids)
+        ids_list, single = _id_lists(state, body.input_ids)
         param = "input_ids"
     else:
         raise bad_request("a prompt is required: give text or input_ids", "text")
@@ -84,8 +84,11 @@ async def _jobs(state: ServerState, body: GenerateRequest) -> tuple[list[Job], b
 
     params = []
     for k, raw in enumerate(_per_prompt(body.sampling_params, count, "sampling_params")):
-        sp, explicit_max = _sampling_params(raw, f"sampling_params{'' if single else f'[{k}]'}")
-        params.append((limits.check_sampling(state, sp), explicit_max))
+        sp, explicit_max = _sampling_params(state, raw,
+                                            f"sampling_params{'' if single else f'[{k}]'}")
+        params.append((limits.check_sampling(
+            state, sp, max_tokens_param="max_new_tokens" if explicit_max else None),
+            explicit_max))
     rids = _per_prompt(body.rid, count, "rid")
     return_lp = _per_prompt(body.return_logprob, count, "return_logprob")
     start_lp = _per_prompt(body.logprob_start_len, count, "logprob_start_len")
@@ -112,7 +115,14 @@ async def _jobs(state: ServerState, body: GenerateRequest) -> tuple[list[Job], b
     return jobs, single
 
 
-def _id_lists(raw: list) -> tuple[list[list[int]], bool]:
+def _id_lists(state: ServerState, raw: list) -> tuple[list[list[int]], bool]:
+    # lengths first: a prompt longer than the context is refused before its ids are scanned
+    if raw and type(raw[0]) is int:
+        limits.check_ids_length(state, len(raw), "input_ids")
+    else:
+        for x in raw:
+            if isinstance(x, list):
+                limits.check_ids_length(state, len(x), "input_ids")
     if raw and all(type(t) is int for t in raw):
         return [raw], True
     if raw and all(isinstance(x, list) and x and all(type(t) is int for t in x) for x in raw):
@@ -130,7 +140,8 @@ def _per_prompt(value: Any, count: int, name: str) -> list:
     return [value] * count
 
 
-def _sampling_params(raw: Optional[dict], where: str) -> tuple[SamplingParams, bool]:
+def _sampling_params(state: ServerState, raw: Optional[dict],
+                     where: str) -> tuple[SamplingParams, bool]:
     """The SamplingParams of one prompt, and whether max_new_tokens was given."""
     raw = raw or {}
     unknown = sorted(set(raw) - _SAMPLING_FIELDS)
@@ -140,7 +151,9 @@ def _sampling_params(raw: Optional[dict], where: str) -> tuple[SamplingParams, b
     try:
         sp = msgspec.convert(raw, SamplingParams)
     except msgspec.ValidationError as e:
-        raise bad_request(f"{where}: {e}", where) from None
+        hint = limits.max_tokens_hint(state, "max_new_tokens") \
+            if str(e).endswith("`$.max_new_tokens`") else ""
+        raise bad_request(f"{where}: {e}{hint}", where) from None
     return sp, raw.get("max_new_tokens") is not None
 
 

@@ -40,7 +40,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = get_state(request)
     req = await read_json(request, ChatCompletionRequest)
     _refuse_unsupported(req)
-    tools = ToolSetup.from_request(req.tools, req.tool_choice, req.parallel_tool_calls)
+    tools = ToolSetup.from_request(req.tools, req.tool_choice, req.parallel_tool_calls,
+                                   config=state.config)
     fmt = get_format(state.config.tool_call_parser)
     include_usage = check_stream_options(req)
     max_tokens, param = req.max_tokens, "max_tokens"
@@ -53,7 +54,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                               f"calls: it cannot be combined with response_format, regex or "
                               f"ebnf", "tool_choice")
         sp = limits.check_sampling(state, msgspec.structs.replace(
-            sp, structural_tag=fmt.structural_tag(tools)))
+            sp, structural_tag=fmt.structural_tag(tools)), user_grammar=False)
     top_n = req.top_logprobs or 0
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")

@@ -37,10 +37,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     include_usage = check_stream_options(req)
     explicit_max = req.max_tokens is not None
     sp = sampling_params(state, req, req.max_tokens if explicit_max else _DEFAULT_MAX_TOKENS,
-                         "max_tokens")
+                         "max_tokens", explicit_max)
     if req.best_of is not None and req.best_of != sp.n:
         raise bad_request("best_of is not supported (only best_of == n)", "best_of")
-    texts, ids_list = _prompts(req.prompt)
+    texts, ids_list = _prompts(state, req.prompt)
     count = len(texts) if texts is not None else len(ids_list)
     limits.check_sequences(count * sp.n)
     if texts is not None:
@@ -69,8 +69,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
                                             choices=choices, usage=usage(gens)))
 
 
-def _prompts(prompt) -> tuple[Optional[list[str]], Optional[list[list[int]]]]:
+def _prompts(state: ServerState,
+             prompt) -> tuple[Optional[list[str]], Optional[list[list[int]]]]:
     """(texts, None) or (None, id lists) from OpenAI's four prompt shapes."""
+    # lengths first: a prompt longer than the context is refused before its ids are scanned
+    if isinstance(prompt, list) and prompt and type(prompt[0]) is int:
+        limits.check_ids_length(state, len(prompt), "prompt")
+    elif isinstance(prompt, list):
+        for p in prompt:
+            if isinstance(p, list):
+                limits.check_ids_length(state, len(p), "prompt")
     if isinstance(prompt, str):
         return [prompt], None
     if prompt and all(isinstance(p, str) for p in prompt):

@@ -15,6 +15,7 @@ import json
 from typing import Any, Callable, Optional, TypeVar
 
 from asgl.server.errors import bad_request
+from asgl.server.limits import check_prompt_chars
 from asgl.server.state import ServerState
 
 # Below this many characters tokenizing takes well under a millisecond: stay on the loop.
@@ -35,11 +36,13 @@ async def tokenize(state: ServerState, text: str, param: str) -> list[int]:
                           "send token ids", param)
     if not text:
         raise bad_request("the prompt is empty", param)
+    check_prompt_chars(state, len(text), param)
     return await _maybe_offload(len(text), state.engine.tokenize, text)
 
 
 async def tokenize_rendered(state: ServerState, text: str) -> list[int]:
     """A rendered chat prompt: it already holds the template's special tokens (BOS too)."""
+    check_prompt_chars(state, len(text), "messages")  # the template and tools add to it
     return await _maybe_offload(len(text), _encode_plain, state.engine.tokenizer, text)
 
 
@@ -48,6 +51,8 @@ def _encode_plain(tokenizer: Any, text: str) -> list[int]:
 
 
 async def tokenize_all(state: ServerState, texts: list[str], param: str) -> list[list[int]]:
+    for t in texts:  # all of them before any is tokenized
+        check_prompt_chars(state, len(t), param)
     return list(await asyncio.gather(*(tokenize(state, t, param) for t in texts)))
 
 
@@ -131,6 +136,7 @@ async def render_chat(state: ServerState, messages: list[dict],
         raise bad_request("chat needs a tokenizer; this server runs without one", "messages")
     template = getattr(engine, "chat_template", None) or state.config.chat_template
     size = sum(len(m["content"]) for m in messages)
+    check_prompt_chars(state, size, "messages")  # before rendering, as before tokenizing
     try:
         return await _maybe_offload(size, _render, engine.tokenizer, messages, template,
                                     add_generation_prompt, tools)

@@ -12,12 +12,28 @@ fields that OpenAI omits rather than nulls are `UNSET` here.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import msgspec
-from msgspec import UNSET, UnsetType
+from msgspec import UNSET, Meta, UnsetType
+
+from asgl.config import STOP_STRING_CHARS_CEILING, STOP_STRINGS_CEILING
+from asgl.engine.contracts.sampling_params import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
 
 _REQ = dict(forbid_unknown_fields=True, kw_only=True)
+
+# Fixed ranges of OpenAI fields, enforced when the body is decoded and shown in /openapi.json
+# (the same as SamplingParams.validate's and limits.py's). Limits that depend on the server's
+# flags (stop strings, tools, the context) are the engine's ceilings here; openapi.py shows the
+# configured values, and limits.py enforces them.
+_NonNegative = Annotated[int, Meta(ge=0)]
+_Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+_Stop = Union[Annotated[str, Meta(max_length=STOP_STRING_CHARS_CEILING)],
+              Annotated[list[Annotated[str, Meta(max_length=STOP_STRING_CHARS_CEILING)]],
+                        Meta(max_length=STOP_STRINGS_CEILING)], None]
+MAX_N = 128  # choices per prompt
+MAX_TOP_LOGPROBS = 20
+_TopLogprobs = Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)]
 
 # --------------------------------------------------------------------------- SGLang native
 
@@ -77,23 +93,24 @@ class StreamOptions(msgspec.Struct, **_REQ):
 class _SamplingFields(msgspec.Struct, **_REQ):
     """Sampling fields shared by /v1/completions and /v1/chat/completions."""
     model: Optional[str] = None
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    logit_bias: Optional[dict[str, float]] = None
-    max_tokens: Optional[int] = None
-    n: Optional[int] = None
+    frequency_penalty: Optional[_Penalty] = None
+    presence_penalty: Optional[_Penalty] = None
+    logit_bias: Optional[dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]]] = None
+    max_tokens: Optional[_NonNegative] = None
+    n: Optional[Annotated[int, Meta(ge=1, le=MAX_N)]] = None
     seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
+    stop: _Stop = None
     stream: Optional[bool] = None
     stream_options: Optional[StreamOptions] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
+    temperature: Optional[Annotated[float, Meta(ge=0.0, le=1e4)]] = None
+    top_p: Optional[Annotated[float, Meta(gt=0.0, le=1.0)]] = None
     user: Optional[str] = None
     # extensions that SGLang and vLLM accept (the openai SDK sends them via extra_body)
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    min_tokens: Optional[int] = None
+    top_k: Optional[Annotated[int, Meta(ge=-1)]] = None
+    min_p: Optional[Annotated[float, Meta(ge=0.0, le=1.0)]] = None
+    repetition_penalty: Optional[Annotated[float, Meta(ge=MIN_REPETITION_PENALTY,
+                                                       le=MAX_REPETITION_PENALTY)]] = None
+    min_tokens: Optional[_NonNegative] = None
     ignore_eos: Optional[bool] = None
     stop_token_ids: Optional[list[int]] = None
     skip_special_tokens: Optional[bool] = None
@@ -110,7 +127,7 @@ class CompletionRequest(_SamplingFields, **_REQ):
     # str, list[str], list[int] or list[list[int]] (checked by the handler)
     prompt: Union[str, list[Any]]
     echo: Optional[bool] = None
-    logprobs: Optional[int] = None
+    logprobs: Optional[_TopLogprobs] = None
     best_of: Optional[int] = None
     suffix: Optional[str] = None
 
@@ -133,9 +150,9 @@ class ChatMessage(msgspec.Struct, **_REQ):
 
 class ChatCompletionRequest(_SamplingFields, **_REQ):
     messages: list[ChatMessage]
-    max_completion_tokens: Optional[int] = None
+    max_completion_tokens: Optional[_NonNegative] = None
     logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
+    top_logprobs: Optional[_TopLogprobs] = None
     add_generation_prompt: Optional[bool] = None  # extension: False to continue a message
     tools: Optional[list[Any]] = None
     tool_choice: Any = None

@@ -13,6 +13,9 @@ from asgl.server.metrics import Metrics
 from asgl.server.tokens import TokenTexts
 
 
+PROMPT_CHARS_PER_TOKEN = 16
+
+
 @dataclass
 class ServerState:
     engine: Any  # asgl.Engine, or anything with its API (tests use fakes)
@@ -26,6 +29,13 @@ class ServerState:
     @property
     def max_body_bytes(self) -> int:
         return int(self.config.max_request_body_mb * (1 << 20))
+
+    @property
+    def max_prompt_chars(self) -> int:
+        """--max-prompt-chars, or 16 characters per token of context: English runs about 4,
+        so a prompt this long cannot fit, and tokenizing it is bounded (about 50 ms for a
+        context of 8192 tokens)."""
+        return self.config.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * self.context_len
 
     @property
     def context_len(self) -> int:

@@ -21,6 +21,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import msgspec
+
+from asgl.config import EngineConfig
 from asgl.engine.grammar.specs import normalize_json_schema
 from asgl.engine.contracts.errors import InvalidRequest
 from asgl.server.errors import bad_request
@@ -33,6 +36,7 @@ __all__ = ["CallDelta", "ToolCallParser", "ToolFormat", "ToolSetup", "get_format
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 # Whitespace runs allowed inside constrained arguments (keeps small models from looping).
 _MAX_WS = 2
+_DEFAULT_LIMITS = EngineConfig()  # the limits of a call without a server's config
 
 
 # --------------------------------------------------------------------------- request side
@@ -53,14 +57,25 @@ class ToolSetup:
     parallel: bool = True
 
     @classmethod
-    def from_request(cls, tools: Optional[list], tool_choice: Any,
-                     parallel: Optional[bool]) -> Optional["ToolSetup"]:
-        """None when the request has no tools (tool_choice alone is a 400, as OpenAI)."""
+    def from_request(cls, tools: Optional[list], tool_choice: Any, parallel: Optional[bool],
+                     config: Optional[EngineConfig] = None) -> Optional["ToolSetup"]:
+        """None when the request has no tools (tool_choice alone is a 400, as OpenAI).
+        `config` gives the limits (--max-tools, --max-schema-depth, --max-schema-bytes)."""
         if not tools:
             if tool_choice not in (None, "none"):
                 raise bad_request("tool_choice needs tools", "tool_choice")
             return None
-        parsed = [_parse_tool(t, i) for i, t in enumerate(tools)]
+        cfg = config or _DEFAULT_LIMITS
+        if len(tools) > cfg.max_tools:
+            raise bad_request(f"{len(tools)} tools; the limit is {cfg.max_tools} (--max-tools)",
+                              "tools")
+        # every tool is shown in the prompt and their schemas join one grammar: bounded
+        # together, measured by msgspec's C encoder before any Python walks them
+        size = len(msgspec.json.encode(tools))
+        if size > cfg.max_schema_bytes:
+            raise bad_request(f"the tools have {size} bytes (as JSON) in all; the limit is "
+                              f"{cfg.max_schema_bytes} (--max-schema-bytes)", "tools")
+        parsed = [_parse_tool(t, i, cfg.max_schema_depth) for i, t in enumerate(tools)]
         names = [t.name for t in parsed]
         if len(set(names)) != len(names):
             raise bad_request("tool names must be unique", "tools")
@@ -85,7 +100,7 @@ class ToolSetup:
                 for t in self.shown]
 
 
-def _parse_tool(tool: Any, i: int) -> Tool:
+def _parse_tool(tool: Any, i: int, max_depth: int) -> Tool:
     where = f"tools[{i}]"
     if not isinstance(tool, dict) or tool.get("type") != "function" or \
             not isinstance(tool.get("function"), dict):
@@ -104,7 +119,7 @@ def _parse_tool(tool: Any, i: int) -> Tool:
                           f"{where}.function.parameters")
     params = {"type": "object", **params}  # arguments are always an object
     try:  # refused here, naming the tool, rather than when the grammar compiles
-        normalize_json_schema(params, f"{where}.function.parameters")
+        normalize_json_schema(params, f"{where}.function.parameters", max_depth)
     except InvalidRequest as e:
         raise bad_request(f"{where} ({name}): {e}", e.param) from None
     description = fn.get("description")

@@ -10,10 +10,17 @@ from typing import Optional, Union
 
 import msgspec
 
+from asgl.config import STOP_STRING_CHARS_CEILING, STOP_STRINGS_CEILING
 from asgl.engine.contracts.errors import InvalidRequest
 
 
 _INT32 = 2**31
+# A repetition penalty divides positive logits of seen tokens (HF semantics): a tiny one
+# overflows them to inf (1e-300 does at once), and the step's softmax turns that into NaN.
+# At 0.01 a logit grows 100x at most, and then even the floored temperature (1e-5) keeps
+# every value finite in float32; below it the penalty means "repeat", which 0.01 already is.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 2.0
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -84,8 +91,9 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise bad(f"top_k must be -1 (off) or >= 1, got {self.top_k}", "top_k")
         if not (0.0 <= self.min_p <= 1.0):
             raise bad(f"min_p must be in [0, 1], got {self.min_p}", "min_p")
-        if not (0.0 < self.repetition_penalty <= 2.0):
-            raise bad(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}",
+        if not (MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY):
+            raise bad(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, "
+                      f"{MAX_REPETITION_PENALTY:g}] (1: off), got {self.repetition_penalty}",
                       "repetition_penalty")
         if not (-2.0 <= self.frequency_penalty <= 2.0):
             raise bad(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
@@ -97,11 +105,16 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             raise bad(f"n must be >= 1, got {self.n}", "n")
         if self.seed is not None and not (-(2**63) <= self.seed < 2**64):
             raise bad("seed must fit in 64 bits", "seed")
-        for s in self.stop_strings:
+        stops = self.stop_strings
+        if len(stops) > STOP_STRINGS_CEILING:
+            raise bad(f"{len(stops)} stop strings; the limit is {STOP_STRINGS_CEILING}", "stop")
+        for s in stops:
             if not isinstance(s, str) or s == "":
                 raise bad("stop strings must be non-empty strings", "stop")
-        if len(self.stop_strings) > 64:
-            raise bad("at most 64 stop strings", "stop")
+            if len(s) > STOP_STRING_CHARS_CEILING:
+                # the detokenizer keeps every prefix of every stop string: quadratic in length
+                raise bad(f"a stop string has {len(s)} characters; the limit is "
+                          f"{STOP_STRING_CHARS_CEILING}", "stop")
         for tid in self.stop_token_ids or ():
             if tid < 0 or (vocab_size is not None and tid >= vocab_size):
                 raise bad(f"stop_token_ids contains {tid}, outside the vocabulary", "stop_token_ids")

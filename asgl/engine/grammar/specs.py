@@ -18,12 +18,15 @@ import copy
 import json
 from typing import Any, Optional
 
+from asgl.config import REGEX_CHARS_CEILING, SCHEMA_DEPTH_CEILING, SPEC_CHARS_CEILING
 from asgl.engine.contracts.errors import InvalidRequest
 from asgl.engine.contracts.sampling_params import SamplingParams
 
 KINDS = ("regex", "json_schema", "ebnf", "structural_tag")
-MAX_SPEC_CHARS = 128 * 1024  # the text of a regex, schema, grammar or structural tag
-MAX_SCHEMA_DEPTH = 48
+# The engine's own bounds, whoever submits (the server's --max-* limits are at most these).
+MAX_SPEC_CHARS = SPEC_CHARS_CEILING  # the text of a schema, grammar or structural tag
+MAX_REGEX_CHARS = REGEX_CHARS_CEILING
+MAX_SCHEMA_DEPTH = SCHEMA_DEPTH_CEILING
 MAX_COUNT = 10_000  # minLength / maxLength / minItems / maxItems: bigger ones compile slowly
 
 _TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
@@ -61,9 +64,9 @@ def requested_grammar(sp: SamplingParams) -> Optional[tuple[str, str]]:
 def check_spec_text(kind: str, spec: Any) -> str:
     if not isinstance(spec, str):
         raise InvalidRequest(f"{kind} must be a string", kind)
-    if len(spec) > MAX_SPEC_CHARS:
-        raise InvalidRequest(f"{kind} is {len(spec)} characters long; the limit is "
-                             f"{MAX_SPEC_CHARS}", kind)
+    limit = MAX_REGEX_CHARS if kind == "regex" else MAX_SPEC_CHARS
+    if len(spec) > limit:
+        raise InvalidRequest(f"{kind} is {len(spec)} characters long; the limit is {limit}", kind)
     return spec
 
 
@@ -190,12 +193,212 @@ def parse_json_schema(text: str) -> Any:
     return schema
 
 
-def normalize_json_schema(schema: Any, param: str = "json_schema") -> Any:
+def normalize_json_schema(schema: Any, param: str = "json_schema",
+                          max_depth: int = MAX_SCHEMA_DEPTH) -> Any:
     """A copy of `schema` that xgrammar enforces exactly; InvalidRequest naming the first
-    keyword that cannot be enforced (with its JSON path)."""
-    schema = copy.deepcopy(schema)
-    _walk(schema, "#", 0, param)
-    return schema
+    keyword that cannot be enforced (with its JSON path), a schema nested deeper than
+    `max_depth`, or one with no finite instance."""
+    check_schema_depth(schema, param, max_depth)  # first: what follows recurses
+    normalized = copy.deepcopy(schema)
+    _walk(normalized, "#", 0, param)
+    check_finite_instances(schema, param)
+    return normalized
+
+
+# Keywords whose value is a subschema, a map of subschemas or a list of them: one nesting
+# level below the schema that holds them (the same levels `_walk` descends).
+_SUB_ONE = frozenset({"items", "additionalProperties", "not", "contains", "if", "then", "else",
+                      "propertyNames", "additionalItems", "unevaluatedItems",
+                      "unevaluatedProperties"})
+_SUB_MAP = frozenset({"properties", "patternProperties", "$defs", "definitions",
+                      "dependentSchemas"})
+_SUB_LIST = frozenset({"anyOf", "allOf", "oneOf", "prefixItems"})
+
+
+def check_schema_depth(schema: Any, param: str = "json_schema",
+                       max_depth: int = MAX_SCHEMA_DEPTH) -> None:
+    """InvalidRequest if `schema` nests more than `max_depth` levels: a subschema is one level
+    below the schema holding it, and so is every object or array nested inside a value of a
+    schema (enum, const, default, ...). Iterative, so any depth of input is safe to check."""
+    stack: list[tuple[Any, int, bool, str]] = [(schema, 0, True, "#")]
+    while stack:
+        node, depth, is_schema, path = stack.pop()
+        if depth > max_depth:
+            where = path if len(path) <= 80 else f"{path[:40]}...{path[-36:]}"
+            raise InvalidRequest(f"json_schema is nested more than {max_depth} levels deep (at "
+                                 f"{where}); the limit is {max_depth} (--max-schema-depth)",
+                                 param)
+        if isinstance(node, list):
+            stack.extend((v, depth + 1, False, f"{path}/{i}") for i, v in enumerate(node)
+                         if isinstance(v, (dict, list)))
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            where = f"{path}/{key}"
+            if not isinstance(value, (dict, list)):
+                continue
+            if not is_schema:
+                stack.append((value, depth + 1, False, where))
+            elif key in _SUB_MAP and isinstance(value, dict):
+                stack.extend((v, depth + 1, True, f"{where}/{k}") for k, v in value.items())
+            elif key in _SUB_LIST and isinstance(value, list) or \
+                    key == "items" and isinstance(value, list):
+                stack.extend((v, depth + 1, True, f"{where}/{i}") for i, v in enumerate(value))
+            elif key in _SUB_ONE:
+                stack.append((value, depth + 1, True, where))
+            else:  # a value of this schema (enum, required, ...): its own level
+                stack.append((value, depth, False, where))
+
+
+# --------------------------------------------------------------------------- finite instances
+
+
+def _pointer(root: Any, ref: str) -> Any:
+    """The schema a local `$ref` points at, or None when it does not resolve (xgrammar then
+    reports it)."""
+    node = root
+    for part in ref[2:].split("/") if ref.startswith("#/") else ():
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+class _Finite:
+    """Which schemas of one document have a finite instance: the least fixed point of "this
+    schema can be completed", like the productive symbols of a grammar. A schema whose every
+    instance must contain itself (`{"properties": {"a": {"$ref": "#"}}, "required": ["a"]}`)
+    has none; xgrammar compiles it, then its matcher follows the endless forced text until
+    the process runs out of memory. Optional properties, arrays that may be empty and anyOf
+    branches that end are ways out."""
+
+    def __init__(self, root: Any):
+        self.root = root
+        self.nodes: dict[int, tuple[dict, str]] = {}  # id -> (schema, its first path)
+        self.used: set[int] = set()  # reachable from the root, $defs only through $ref
+        self.done: set[int] = set()
+        self._discover()
+
+    def _discover(self) -> None:
+        """Every schema object, with the first path that reaches it."""
+        stack: list[tuple[Any, str, bool]] = [(self.root, "#", True)]
+        while stack:
+            node, path, used = stack.pop()
+            if not isinstance(node, dict):
+                continue
+            key = id(node)
+            if key in self.nodes and (not used or key in self.used):
+                continue
+            self.nodes.setdefault(key, (node, path))
+            if used:
+                self.used.add(key)
+            for child, where, child_used in self._children(node, path):
+                stack.append((child, where, used and child_used))
+
+    def _children(self, node: dict, path: str) -> list[tuple[Any, str, bool]]:
+        out: list[tuple[Any, str, bool]] = []
+        for key in _SUB_ONE:
+            if key in node:
+                out.append((node[key], f"{path}/{key}", True))
+        for key in _SUB_MAP:
+            value = node.get(key)
+            if isinstance(value, dict):  # $defs are used only where a $ref reaches them
+                out += [(v, f"{path}/{key}/{k}", key not in ("$defs", "definitions"))
+                        for k, v in value.items()]
+        for key in _SUB_LIST:
+            value = node.get(key)
+            if isinstance(value, list):
+                out += [(v, f"{path}/{key}/{i}", True) for i, v in enumerate(value)]
+        ref = node.get("$ref")
+        if isinstance(ref, str):
+            target = _pointer(self.root, ref)
+            out.append((target, ref, True))
+        return out
+
+    def ok(self, schema: Any) -> bool:
+        if isinstance(schema, bool):
+            return schema
+        return not isinstance(schema, dict) or id(schema) in self.done
+
+    def finite(self, node: dict) -> bool:
+        """Whether `node` has a finite instance, given those known so far."""
+        ref = node.get("$ref")
+        if isinstance(ref, str):  # xgrammar follows the reference and ignores the rest
+            target = _pointer(self.root, ref)
+            return target is None or self.ok(target)
+        if "enum" in node or "const" in node:
+            return True
+        for key in ("allOf", "oneOf"):
+            if isinstance(node.get(key), list) and not all(self.ok(s) for s in node[key]):
+                return False
+        if isinstance(node.get("anyOf"), list) and not any(self.ok(s) for s in node["anyOf"]):
+            return False
+        types = _types(node) if isinstance(node.get("type"), (str, list)) else set()
+        if not types:  # inferred from the keywords, as xgrammar does; none: any value
+            if {"properties", "required", "patternProperties", "additionalProperties"} & set(node):
+                types.add("object")
+            if {"items", "prefixItems", "minItems"} & set(node):
+                types.add("array")
+            if not types:
+                return True
+        return any(self._type_finite(node, t) for t in types)
+
+    def _type_finite(self, node: dict, kind: str) -> bool:
+        if kind == "object":
+            props = node.get("properties")
+            props = props if isinstance(props, dict) else {}
+            required = node.get("required")
+            return all(self.ok(props.get(r, True)) for r in
+                       (required if isinstance(required, list) else ()) if isinstance(r, str))
+        if kind == "array":
+            least = node.get("minItems")
+            least = least if isinstance(least, int) and not isinstance(least, bool) else 0
+            prefix = node.get("prefixItems")
+            prefix = prefix if isinstance(prefix, list) else []
+            if not all(self.ok(s) for s in prefix[:least]):
+                return False
+            return least <= len(prefix) or self.ok(node.get("items", True))
+        return True
+
+    def solve(self) -> None:
+        dependents: dict[int, list[dict]] = {}
+        for node, _ in self.nodes.values():
+            for child, _, _ in self._children(node, ""):
+                if isinstance(child, dict):
+                    dependents.setdefault(id(child), []).append(node)
+        # deepest first, so most schemas are settled on their first visit
+        stack = [node for node, _ in self.nodes.values()]
+        while stack:
+            node = stack.pop()
+            if id(node) in self.done or not self.finite(node):
+                continue
+            self.done.add(id(node))
+            stack.extend(dependents.get(id(node), ()))
+
+    def first_endless(self) -> Optional[str]:
+        """The path of the first schema in use that has no finite instance, or None."""
+        for key, (_, path) in self.nodes.items():
+            if key in self.used and key not in self.done:
+                return path
+        return None
+
+
+def check_finite_instances(schema: Any, param: str = "json_schema") -> None:
+    """InvalidRequest if a schema the output could reach has no finite instance: a `$ref`
+    cycle through required properties (or non-empty arrays, allOf) with no way out."""
+    finite = _Finite(schema)
+    finite.solve()
+    path = finite.first_endless()
+    if path is not None:
+        raise _fail(path, "this schema has no finite instance: every instance would contain "
+                    "itself (a $ref cycle through required properties, minItems or allOf); "
+                    "make a property on the cycle optional, or add an anyOf branch that ends "
+                    "it", param)
 
 
 def _fail(path: str, message: str, param: str) -> InvalidRequest:
