@@ -187,10 +187,15 @@ serve_one() {  # serve_one TAG TREE
     fi
   done
   echo "=== serve_$tag ready in $((SECONDS - t0))s"
-  timeout -k 5 200 python3 bench/serving.py --base-url http://127.0.0.1:$port --backend asgl \
-    --num-prompts ${SERVE_PROMPTS:-1000} --input-len 1024 --output-len 512 --range-ratio 0.125 \
-    --disable-tqdm --output-file "$OUT/serving.jsonl" > "$LOGS/bench_$tag.log" 2>&1
-  echo "[$tag] $(grep -iE 'completed|output tok|itl|ttft' "$LOGS/bench_$tag.log" | tr '\n' ' ' | cut -c1-400)"
+  local backend
+  for backend in ${SERVE_BACKENDS:-asgl openai}; do
+    timeout -k 5 200 python3 bench/serving.py --base-url http://127.0.0.1:$port --backend $backend \
+      --num-prompts ${SERVE_PROMPTS:-1000} --input-len 1024 --output-len 512 --range-ratio 0.125 \
+      --tokenizer $ROOT/$CARRY/tok --disable-tqdm --output-file "$OUT/serving.jsonl" \
+      > "$LOGS/bench_${tag}_$backend.log" 2>&1
+    echo "[$tag $backend] $(grep -iE 'completed|output tok|itl|ttft|running batch' \
+      "$LOGS/bench_${tag}_$backend.log" | tr -s ' ' | tr '\n' ';' | cut -c1-400)"
+  done
   kill -INT $pid; wait $pid 2>/dev/null
 }
 
@@ -199,10 +204,24 @@ serve_ab() {
   begin_call
   serve_one after .
   serve_one baseline "$BASELINE"
+  serve_bars
+  tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+}
+
+# The bars the serving figures are held to (also a mode of its own, MED=median running batch,
+# when serve_ab ran out of time for them)
+serve_bars() {
+  [[ -n ${LOGS:-} ]] || begin_call
   local M="--model-path llama-3.1-8b --load-format dummy --log-level warning --attention-backend flashinfer"
   step offline_detok 120 python3 bench/offline.py $M --workload W1000 --detokenize \
     --tokenizer-path $CARRY/tok --out "$OUT/results.jsonl"
-  tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+  # the ITL bar: one decode step at the median running batch the "after" server saw, at
+  # W1000's mean context half-way through decoding (576 prompt + 144 output tokens)
+  local med
+  med=${MED:-$(python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; \
+print(int(r[0]['running_batch']['median']) or 256)" "$OUT/serving.jsonl" 2>/dev/null || echo 256)}
+  step one_batch_median 90 python3 bench/one_batch.py --model-path llama-3.1-8b --load-format dummy \
+    --batch-size "$med" --input-len 720 --output-len 16 --out "$OUT/results.jsonl"
 }
 
 case $MODE in
@@ -211,5 +230,6 @@ case $MODE in
   run) run ;;
   ab) ab ;;
   serve_ab) serve_ab ;;
-  *) echo "usage: $0 prepare|stage|run|ab|serve_ab"; exit 2 ;;
+  serve_bars) serve_bars; tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS" ;;
+  *) echo "usage: $0 prepare|stage|run|ab|serve_ab|serve_bars"; exit 2 ;;
 esac

@@ -206,6 +206,8 @@ async def run(args: argparse.Namespace) -> dict:
             return res
 
         start = time.perf_counter()
+        sampler = asyncio.ensure_future(_sample_running(session, args)) \
+            if args.sample_running else None
         tasks = []
         for req in reqs:
             tasks.append(asyncio.ensure_future(one(req)))
@@ -213,9 +215,45 @@ async def run(args: argparse.Namespace) -> dict:
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+        running: list[float] = []
+        if sampler is not None:
+            sampler.cancel()
+            running = await asyncio.gather(sampler, return_exceptions=True)
+            running = [] if isinstance(running[0], BaseException) else running[0]
         if bar is not None:
             bar.close()
-    return summarize(args, results, duration)
+    summary = summarize(args, results, duration)
+    busy = [v for v in running if v > 0]
+    # the decode batch the server ran at: the bar ITL is held to (one_batch.py at this size)
+    summary["running_batch"] = {"median": statistics.median(busy) if busy else 0.0,
+                                "samples": len(busy)}
+    return summary
+
+
+_RUNNING = "num_running_reqs"
+
+
+async def _sample_running(session: aiohttp.ClientSession, args: argparse.Namespace) -> list:
+    """The server's running batch size, read from /metrics every 0.25 s until cancelled
+    (asgl's `asgl:num_running_reqs`, SGLang's `sglang:num_running_reqs`, vLLM's
+    `vllm:num_requests_running`); returns the samples ([] when the server has no such gauge)."""
+    url = args.base_url.rstrip("/").removesuffix("/v1") + "/metrics"
+    samples: list[float] = []
+    try:
+        while True:
+            try:
+                async with session.get(url) as r:
+                    text = await r.text() if r.status == 200 else ""
+            except aiohttp.ClientError:
+                text = ""
+            for line in text.splitlines():
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                if name.endswith(_RUNNING) or name.endswith("num_requests_running"):
+                    samples.append(float(line.rsplit(" ", 1)[1]))
+                    break
+            await asyncio.sleep(0.25)
+    except asyncio.CancelledError:
+        return samples
 
 
 # --------------------------------------------------------------------------- report
@@ -267,6 +305,9 @@ def print_report(s: dict) -> None:
         d = s[key]
         print(f"{key:<28}mean {d['mean']:.1f}  p50 {d['p50']:.1f}  p90 {d['p90']:.1f}  "
               f"p99 {d['p99']:.1f}")
+    if s.get("running_batch", {}).get("samples"):
+        print(f"{'median running batch':<28}{s['running_batch']['median']:.0f} "
+              f"({s['running_batch']['samples']} samples of /metrics)")
     for e in s["errors"]:
         print("error:", e)
 
@@ -301,6 +342,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--output-file", default="bench_serving.jsonl",
                    help="append one JSON line with the results")
     p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--sample-running", action=argparse.BooleanOptionalAction, default=True,
+                   help="read the server's running batch size from /metrics during the run "
+                        "and report its median")
     return p.parse_args(argv)
 
 
