@@ -49,7 +49,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from asgl import __version__
+
     parser = argparse.ArgumentParser(prog="asgl", description="asgl: serve and run LLMs")
+    parser.add_argument("--version", action="version", version=f"asgl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP server (native + OpenAI-compatible API)")
     EngineConfig.add_cli_args(serve)
