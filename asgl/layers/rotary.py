@@ -64,6 +64,31 @@ def _yarn_inv_freq(base: float, dim: int, s: dict, max_position: int) -> tuple[t
     return inv_freq, float(attn_factor)
 
 
+def _longrope_attn_factor(s: dict, max_position: int) -> float:
+    factor = s.get("factor") or max_position / s["original_max_position_embeddings"]
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    if factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(factor) / math.log(s["original_max_position_embeddings"]))
+
+
+def _longrope_freqs(base: float, dim: int, s: dict, cache_len: int) -> torch.Tensor:
+    """[cache_len, dim / 2] angles (Phi-3's LongRoPE). HF picks one factor set for the whole
+    sequence by its length (long once it passes the original context); positions are
+    rotated once here and kept in the KV cache, so each position takes the set its own
+    index falls in (as vLLM does): equal to HF for any sequence within the original
+    context, and for the positions past it."""
+    old_len = int(s["original_max_position_embeddings"])
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    pos = torch.arange(cache_len, dtype=torch.float32)
+    short = torch.outer(pos, 1.0 / (torch.tensor(s["short_factor"], dtype=torch.float32)
+                                    * base ** shape))
+    long = torch.outer(pos, 1.0 / (torch.tensor(s["long_factor"], dtype=torch.float32)
+                                   * base ** shape))
+    return torch.where(pos[:, None] < old_len, short, long)
+
+
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, rotary_dim: int, max_position: int, base: float,
                  is_neox_style: bool = True, scaling: Optional[dict[str, Any]] = None):
@@ -89,10 +114,15 @@ class RotaryEmbedding(nn.Module):
             inv_freq, attn_factor = _yarn_inv_freq(base, rotary_dim, scaling, max_position)
             cache_len = max(max_position, int(scaling["original_max_position_embeddings"]
                                               * (scaling.get("factor") or 1)))
+        elif rope_type == "longrope":
+            inv_freq, attn_factor = None, _longrope_attn_factor(scaling, max_position)
         else:
             raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: default, "
-                             "linear, llama3, dynamic, yarn")
-        freqs = torch.outer(torch.arange(cache_len, dtype=torch.float32), inv_freq)
+                             "linear, llama3, dynamic, yarn, longrope")
+        if inv_freq is None:  # longrope: short factors up to the original length, long past it
+            freqs = _longrope_freqs(base, rotary_dim, scaling, cache_len)
+        else:
+            freqs = torch.outer(torch.arange(cache_len, dtype=torch.float32), inv_freq)
         cache = torch.cat([freqs.cos() * attn_factor, freqs.sin() * attn_factor], dim=-1)
         self.register_buffer("cos_sin_cache", cache, persistent=False)  # [cache_len, rotary_dim]
 
@@ -145,6 +175,9 @@ def get_rope(config: Any, head_dim: int, *, max_position: Optional[int] = None,
              is_neox_style: bool = True, layer_type: Optional[str] = None) -> RotaryEmbedding:
     """The rotary embedding an HF config asks for (theta, scaling, partial rotary factor)."""
     params = rope_parameters(config, layer_type)
+    if getattr(config, "original_max_position_embeddings", None):  # Phi-3 keeps it here
+        params.setdefault("original_max_position_embeddings",
+                          config.original_max_position_embeddings)
     partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))
     return RotaryEmbedding(head_dim, int(head_dim * partial),
                            max_position or config.max_position_embeddings, params["rope_theta"],

@@ -15,6 +15,10 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("asgl.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("asgl.models.llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("asgl.models.llama", "Qwen2ForCausalLM"),
+    **{name: ("asgl.models.dense", name) for name in (
+        "Qwen3ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM", "GemmaForCausalLM",
+        "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "StableLmForCausalLM",
+        "CohereForCausalLM")},
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")

@@ -1,0 +1,188 @@
+"""Each dense family against HF transformers, through the whole engine (`asgl.LLM`).
+
+A tiny random-weight checkpoint of the family is written with `save_pretrained`; the engine
+serves it in float32 on the CPU with chunked prefill (chunks of 8 tokens), and:
+
+- every logits row the engine computes (all prompt rows, asked for through prompt logprobs,
+  then each decode step) is within 1e-4 relative of HF's logits at the same positions;
+- its greedy tokens equal HF's greedy tokens (past a near-tie, top-2 gap < 1e-3, the
+  comparison stops: batched and unbatched fp32 matmuls differ in the last bits);
+- a second prompt sharing a prefix hits the radix cache and matches HF the same way;
+- the end-of-turn id listed in generation_config.json's eos_token_id (Gemma's
+  <end_of_turn>, Phi-3's <|end|>, ...) stops generation.
+
+Prompts are longer than the sliding window of the families that have one (window 6).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from helpers import rel_err
+from tests.conftest import make_llm, reference_threads
+
+VOCAB = 160
+EOS = VOCAB - 1
+WINDOW = 6
+CHUNK = 8
+MAX_NEW = 6
+TIE_GAP = 1e-3
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=256, initializer_range=0.1, bos_token_id=1,
+            eos_token_id=EOS, pad_token_id=0, tie_word_embeddings=False)
+GEMMA = dict(rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh")
+
+FAMILIES = {
+    "qwen3": ("Qwen3Config", dict(rms_norm_eps=1e-6)),
+    "qwen3_window": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=WINDOW,
+                                         max_window_layers=1)),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=3.0, residual_multiplier=0.6,
+                                      attention_multiplier=0.1, logits_scaling=2.5,
+                                      attention_bias=True)),
+    "olmo2": ("Olmo2Config", dict(rms_norm_eps=1e-6)),
+    "gemma": ("GemmaConfig", dict(GEMMA, hidden_act="gelu_pytorch_tanh")),
+    "gemma2": ("Gemma2Config", dict(GEMMA, sliding_window=WINDOW, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                    num_hidden_layers=3)),
+    # six layers: the default 5:1 sliding pattern; different RoPE bases per layer type
+    "gemma3": ("Gemma3TextConfig", dict(GEMMA, sliding_window=WINDOW, query_pre_attn_scalar=32,
+                                        num_hidden_layers=6, rope_theta=100000.0,
+                                        rope_local_base_freq=1000.0)),
+    "phi3": ("Phi3Config", dict(rms_norm_eps=1e-5, sliding_window=None)),
+    "phi3_longrope": ("Phi3Config", dict(
+        sliding_window=WINDOW, max_position_embeddings=256, original_max_position_embeddings=64,
+        rope_scaling=dict(type="longrope", short_factor=[1.0 + 0.1 * i for i in range(8)],
+                          long_factor=[2.0 + 0.5 * i for i in range(8)]))),
+    "stablelm": ("StableLmConfig", dict(use_qkv_bias=True, partial_rotary_factor=0.25,
+                                        use_parallel_residual=False)),
+    "stablelm_parallel": ("StableLmConfig", dict(partial_rotary_factor=0.5,
+                                                 use_parallel_residual=True)),
+    "cohere": ("CohereConfig", dict(logit_scale=0.5, tie_word_embeddings=True)),
+    "cohere_qk_norm": ("CohereConfig", dict(logit_scale=0.25, use_qk_norm=True,
+                                            tie_word_embeddings=True)),
+}
+
+WINDOWED = {"qwen3_window", "gemma2", "gemma3", "phi3_longrope"}
+
+
+def _config(family: str):
+    cls_name, extra = FAMILIES[family]
+    fields = {**TINY, **extra}
+    if cls_name == "Gemma3TextConfig":  # transformers 5 takes the local base per layer type
+        local = fields.pop("rope_local_base_freq")
+        fields["rope_parameters"] = {
+            "full_attention": {"rope_type": "default", "rope_theta": fields.pop("rope_theta")},
+            "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+    return getattr(transformers, cls_name)(**fields)
+
+
+def _hf_model(family: str):
+    config = _config(family)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    with torch.no_grad():  # HF zero-inits biases and norm offsets: make them count
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    return model.float().eval()
+
+
+def _hf_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad(), reference_threads():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def _hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
+    """HF's greedy continuation (full forward per step, no EOS) and each step's top-2 gap."""
+    ids, gaps = list(prompt), []
+    for _ in range(n):
+        last = _hf_logits(model, ids)[-1]
+        top2 = torch.topk(last, 2).values
+        gaps.append(float(top2[0] - top2[1]))
+        ids.append(int(last.argmax()))
+    return ids[len(prompt):], gaps
+
+
+def _check_greedy(got: list[int], ref: list[int], gaps: list[float], what: str) -> int:
+    """How many leading tokens agree; a difference anywhere but after a near-tie fails."""
+    for i, (a, b) in enumerate(zip(got, ref)):
+        if a != b:
+            assert gaps[i] < TIE_GAP, (f"{what}: token {i} is {a}, HF {b}, top-2 gap "
+                                       f"{gaps[i]:.2e}\n got {got}\n ref {ref}")
+            return i
+    assert len(got) == len(ref), f"{what}: {len(got)} tokens vs HF {len(ref)}"
+    return len(got)
+
+
+class _LogitsTap:
+    """Records every logits tensor the engine's model computes (rows in step order)."""
+
+    def __init__(self, model):
+        self.rows: list[torch.Tensor] = []
+        inner = model.compute_logits
+
+        def compute_logits(hidden):
+            out = inner(hidden)
+            self.rows.append(out.detach().clone())
+            return out
+        model.compute_logits = compute_logits
+
+    def take(self) -> torch.Tensor:
+        out, self.rows = torch.cat(self.rows), []
+        return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_hf_through_engine(family, tmp_path):
+    hf = _hf_model(family)
+    gen = torch.Generator().manual_seed(7)
+    prompt = torch.randint(2, VOCAB - 1, (21,), generator=gen).tolist()
+    ref, gaps = _hf_greedy(hf, prompt, MAX_NEW)
+    # an end-of-turn id next to EOS in generation_config, as chat checkpoints list them
+    stop_at = ref.index(ref[3])
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [EOS, ref[3]], "bos_token_id": 1}))
+    if family in WINDOWED:
+        assert len(prompt) > 3 * WINDOW
+
+    llm = make_llm(model_path=str(tmp_path), dtype="float32", device="cpu",
+                   chunked_prefill_size=CHUNK, skip_tokenizer_init=True, max_total_tokens=1024,
+                   disable_overlap_schedule=True)
+    try:
+        tap = _LogitsTap(llm.engine.runner.model)
+        greedy = {"temperature": 0.0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
+
+        # 1. cold prompt: prompt logprobs make the engine compute logits for every row
+        out = llm.generate(prompt, greedy, return_logprob=True, logprob_start_len=0)
+        agree = _check_greedy(out.output_ids, ref, gaps, f"{family} cold")
+        got = tap.take()
+        seq = prompt + out.output_ids
+        want = _hf_logits(hf, seq[:-1])
+        assert got.shape == want.shape, (got.shape, want.shape)
+        n = len(prompt) + agree  # rows before a near-tie divergence
+        assert rel_err(got[:n], want[:n]) < 1e-4, rel_err(got[:n], want[:n])
+
+        # 2. a prompt sharing 16 tokens: served partly from the radix cache
+        prompt2 = prompt[:16] + torch.randint(2, VOCAB - 1, (7,), generator=gen).tolist()
+        ref2, gaps2 = _hf_greedy(hf, prompt2, MAX_NEW)
+        out2 = llm.generate(prompt2, greedy)
+        assert out2.cached_tokens >= CHUNK, out2.cached_tokens
+        agree2 = _check_greedy(out2.output_ids, ref2, gaps2, f"{family} cached")
+        got2 = tap.take()  # last prompt row, then one row per decode step
+        want2 = _hf_logits(hf, prompt2 + out2.output_ids[:-1])[len(prompt2) - 1:]
+        assert got2.shape == want2.shape
+        assert rel_err(got2[:agree2 + 1], want2[:agree2 + 1]) < 1e-4
+
+        # 3. the end-of-turn id from generation_config stops generation
+        out3 = llm.generate(prompt, {"temperature": 0.0, "max_new_tokens": MAX_NEW})
+        if agree > stop_at:
+            assert out3.output_ids == ref[:stop_at + 1]
+            assert out3.finish_reason["type"] == "stop"
+    finally:
+        llm.shutdown()
