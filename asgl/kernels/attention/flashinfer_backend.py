@@ -12,6 +12,13 @@ Per step (`prepare`, once, reused by every layer): the host builds the two indpt
 from the batch's host lengths; the page indices are gathered on the device from
 `req_to_token` (no host sync); `plan` runs on the host.
 
+Layers that differ in what a plan fixes (sliding window, logit soft-cap, softmax scale:
+Gemma 2/3 alternate windowed and global layers) get one wrapper each, a "variant"; every
+variant is planned per step from the same index arrays. `check_spec` registers a model's
+variants when the backend is chosen, so the per-step planning and the CUDA-graph wrappers
+cover all of them before any layer runs. Our `sliding_window` w admits the query and the
+w - 1 keys before it, FlashInfer's `window_left` counts the keys before: w - 1.
+
 CUDA graphs (asgl/engine/cuda_graph_runner.py): `init_cuda_graph_state` allocates static
 index buffers and one graph-mode wrapper per captured (requests, tokens) shape;
 `prepare_cuda_graph` plans that wrapper for a batch padded to the captured shape (padding
@@ -61,9 +68,10 @@ class FlashInferBackend(AttentionBackend):
         self.dtype, self.kv_dtype = dtype, kv_dtype
         self.sm_scale = head_dim ** -0.5
         self.workspace = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD",
-                                                           backend=_KERNEL_BACKEND)
-        self._graph_wrappers: dict[tuple[int, int], object] = {}
+        # variant (window_left, logit cap, sm_scale) -> its eager wrapper
+        self._variants: dict[tuple[int, float, float], object] = {}
+        self._graph_wrappers: dict[tuple[int, int, tuple], object] = {}
+        self._plan_args: Optional[tuple] = None  # this step's eager plan inputs
         self._ones = torch.ones(1, dtype=torch.int32)  # grown on demand: last page lens
 
     # ------------------------------------------------------------------ checks
@@ -74,25 +82,33 @@ class FlashInferBackend(AttentionBackend):
             raise NotImplementedError("flashinfer backend: every layer must share head shapes")
         if spec.v_dim != spec.head_dim or not spec.causal:
             raise NotImplementedError("flashinfer backend: causal attention, v_dim == head_dim")
-        if spec.sliding_window is not None or spec.logit_cap > 0:
-            raise NotImplementedError("flashinfer backend: no sliding window or logit cap yet")
         if spec.k_scale is not None or spec.v_scale is not None:
             raise NotImplementedError("flashinfer backend: no scaled (fp8) KV cache yet")
+        self._add_variant(_variant(spec))
+
+    def _add_variant(self, variant: tuple[int, float, float]) -> None:
+        if variant not in self._variants:
+            self._variants[variant] = self._wrapper_cls(self.workspace, "NHD",
+                                                        backend=_KERNEL_BACKEND)
 
     # ------------------------------------------------------------------ per step
     def prepare(self, batch: "ForwardBatch") -> None:
         qo_indptr = _host_indptr(batch.extend_lens_cpu)
         kv_indptr = _host_indptr(batch.seq_lens_cpu)
         indices = _kv_indices(batch, int(kv_indptr[-1]))
-        self._plan(self.wrapper, qo_indptr, kv_indptr, indices, batch.batch_size)
-        batch.attn_state = self.wrapper
+        self._plan_args = (qo_indptr, kv_indptr, indices, batch.batch_size)
+        for variant, wrapper in self._variants.items():
+            self._plan(wrapper, variant, *self._plan_args)
+        batch.attn_state = _Plans(self._variants)
 
-    def _plan(self, wrapper, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor,
-              indices: torch.Tensor, bs: int) -> None:
+    def _plan(self, wrapper, variant: tuple[int, float, float], qo_indptr: torch.Tensor,
+              kv_indptr: torch.Tensor, indices: torch.Tensor, bs: int) -> None:
         if self._ones.numel() < bs:
             self._ones = torch.ones(max(bs, 2 * self._ones.numel()), dtype=torch.int32).pin_memory()
+        window_left, cap, scale = variant
         wrapper.plan(qo_indptr, kv_indptr, indices, self._ones[:bs], self.num_heads,
-                     self.num_kv_heads, self.head_dim, 1, causal=True, sm_scale=self.sm_scale,
+                     self.num_kv_heads, self.head_dim, 1, causal=True, sm_scale=scale,
+                     window_left=window_left, logits_soft_cap=cap or None,
                      q_data_type=self.dtype, kv_data_type=self.kv_dtype)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
@@ -106,10 +122,17 @@ class FlashInferBackend(AttentionBackend):
                     v.view(T, spec.num_kv_heads, spec.head_dim))
         k_buf, v_buf = pool.get_kv(spec.layer_id)
         q = q.view(T, spec.num_heads, spec.head_dim)
-        if spec.scaling != self.sm_scale:  # planned with head_dim ** -0.5: rescale q instead
-            q = q * (spec.scaling / self.sm_scale)
+        wrapper = batch.attn_state.get(_variant(spec))
+        if wrapper is None:  # a layer check_spec never saw: plan it now (eager steps only)
+            if self._plan_args is None or torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("flashinfer backend: layer variant not registered through "
+                                   "check_spec before CUDA-graph capture")
+            self.check_spec(spec)
+            wrapper = self._variants[_variant(spec)]
+            self._plan(wrapper, _variant(spec), *self._plan_args)
+            batch.attn_state[_variant(spec)] = wrapper
         # [slots, kv_heads, dim] is NHD paged layout with page size 1: add the page axis
-        out = batch.attn_state.run(q, (k_buf.unsqueeze(1), v_buf.unsqueeze(1)))
+        out = wrapper.run(q, (k_buf.unsqueeze(1), v_buf.unsqueeze(1)))
         return out.view(T, spec.num_heads * spec.head_dim)
 
     # ------------------------------------------------------------------ CUDA graphs
@@ -130,7 +153,9 @@ class FlashInferBackend(AttentionBackend):
         need = max(self._split_kv_bytes(bs, tokens) for bs, tokens in shapes)
         if need > self.workspace.numel():
             self.workspace = torch.empty(need, dtype=torch.uint8, device=dev)
-            self.wrapper = self._wrapper_cls(self.workspace, "NHD", backend=_KERNEL_BACKEND)
+            variants, self._variants = list(self._variants), {}
+            for variant in variants:
+                self._add_variant(variant)
         self._graph_wrappers.clear()
 
     def _split_kv_bytes(self, bs: int, rows: int) -> int:
@@ -146,8 +171,10 @@ class FlashInferBackend(AttentionBackend):
         per_item = tile * self.num_heads * (self.head_dim + 1) * 4
         return items * per_item * 5 // 4 + (16 << 20)  # alignment and the plan's int arrays
 
-    def _graph_wrapper(self, bs: int, tokens: int):
-        w = self._graph_wrappers.get((bs, tokens))
+    def _graph_wrapper(self, bs: int, tokens: int, variant: tuple[int, float, float]):
+        """Wrappers of one shape share the index buffers: every variant plans the same
+        indices."""
+        w = self._graph_wrappers.get((bs, tokens, variant))
         if w is None:
             w = self._wrapper_cls(
                 self.workspace, "NHD", use_cuda_graph=True,
@@ -155,7 +182,7 @@ class FlashInferBackend(AttentionBackend):
                 paged_kv_indptr_buf=self._g_kv_indptr[:bs + 1],
                 paged_kv_indices_buf=self._g_indices,
                 paged_kv_last_page_len_buf=self._g_last_page[:bs], backend=_KERNEL_BACKEND)
-            self._graph_wrappers[(bs, tokens)] = w
+            self._graph_wrappers[(bs, tokens, variant)] = w
         return w
 
     def prepare_cuda_graph(self, batch: "ForwardBatch", padded_bs: int,
@@ -172,12 +199,32 @@ class FlashInferBackend(AttentionBackend):
         real = _kv_indices(batch, int(kv_indptr[bs]))
         pad_keys = int(kv_indptr[-1]) - int(kv_indptr[bs])
         indices = torch.cat([real, self._g_pad[:pad_keys]]) if pad_keys else real
-        wrapper = self._graph_wrapper(padded_bs, padded_tokens)
-        self._plan(wrapper, _host_indptr(qo_lens), kv_indptr, indices, padded_bs)
-        batch.attn_state = wrapper
+        qo_indptr = _host_indptr(qo_lens)
+        self._plan_args = None  # graph steps never plan inside forward
+        state = _Plans()
+        for variant in self._variants:
+            wrapper = self._graph_wrapper(padded_bs, padded_tokens, variant)
+            self._plan(wrapper, variant, qo_indptr, kv_indptr, indices, padded_bs)
+            state[variant] = wrapper
+        batch.attn_state = state
 
 
 # ---------------------------------------------------------------------- helpers
+class _Plans(dict):
+    """A step's planned wrappers, variant -> wrapper."""
+
+    def run(self, *args, **kwargs):
+        """The one variant's run, for callers of a single-variant model (bench/gpu_checks.py)."""
+        (wrapper,) = self.values()
+        return wrapper.run(*args, **kwargs)
+
+
+def _variant(spec: AttentionSpec) -> tuple[int, float, float]:
+    """What a plan fixes for a layer: (window_left, logit soft-cap, softmax scale)."""
+    window_left = spec.sliding_window - 1 if spec.sliding_window is not None else -1
+    return window_left, float(spec.logit_cap), float(spec.scaling)
+
+
 def _host_indptr(lengths: list[int]) -> torch.Tensor:
     """[0, l0, l0 + l1, ...] as a pinned int32 host tensor (plan reads it on the host)."""
     out = np.zeros(len(lengths) + 1, dtype=np.int32)
