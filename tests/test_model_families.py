@@ -191,3 +191,21 @@ def test_family_matches_hf_through_engine(family, backend, tmp_path):
             assert out3.finish_reason["type"] == "stop"
     finally:
         llm.shutdown()
+
+
+# Published parameter counts (model cards), in billions: the dummy presets have the real shapes.
+PRESET_SIZES = {"gemma-2-9b": 9.24, "gemma-2-2b": 2.61, "gemma-7b": 8.54, "gemma-3-270m": 0.268,
+                "qwen3-8b": 8.19, "qwen3-0.6b": 0.596, "phi-3-mini": 3.82, "olmo-2-7b": 7.30,
+                "granite-3.1-8b": 8.17, "stablelm-2-1.6b": 1.64, "command-r": 35.0}
+
+
+@pytest.mark.parametrize("name", list(PRESET_SIZES))
+def test_dummy_preset_shapes(name):
+    from asgl.models import presets
+    from asgl.models.registry import get_model_class
+
+    config = presets.get_preset(name).hf_config()
+    with torch.device("meta"):  # shapes only, no memory
+        model = get_model_class(config.architectures)(config)
+    billions = sum(p.numel() for p in model.parameters()) / 1e9
+    assert abs(billions - PRESET_SIZES[name]) / PRESET_SIZES[name] < 0.01, billions
