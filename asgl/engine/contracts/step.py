@@ -35,6 +35,9 @@ class StepOutput:
     prompt_top_ids: Optional[list[list[int]]] = None
     prompt_top_values: Optional[list[list[float]]] = None
     forward_seconds: float = 0.0
+    # sampling rows that failed because of their own request (row -> why): those requests
+    # end with that error, every other row's result stands (worker/isolation.py)
+    failed_rows: Optional[dict[int, str]] = None
     extra_sample: Any = None  # the sampler's device output until host results are filled
     # GPU: set while the step is in flight; call it (off the event loop) to wait for the
     # GPU and fill the lists above. None once filled, and always on the CPU.

@@ -27,7 +27,8 @@ import msgspec
 
 from asgl.config import EngineConfig
 from asgl.engine.scheduler.memory import KVMemory
-from asgl.engine.loop.output_processor import apply_step_output, finish_aborted, finish_request
+from asgl.engine.loop.output_processor import (apply_step_output, fail_request, finish_aborted,
+                                               finish_request)
 from asgl.engine.contracts.outputs import FinishReason, GenerateOutput, StreamChunk
 from asgl.engine.loop.streams import RequestStream
 from asgl.engine.contracts.step import StepPlan
@@ -486,7 +487,10 @@ class Engine:
         if step is None:
             return
         for req, reason in step.fill():  # grammar complete, or nothing allowed
-            finish_request(req, reason)
+            try:
+                finish_request(req, reason)
+            except Exception as exc:  # noqa: BLE001 - its detokenizer failed: its fault only
+                fail_request(req, f"this request failed: {type(exc).__name__}", exc)
 
     async def _finish(self, future: asyncio.Future):
         """A step's output; on the GPU the worker returns once the step is launched, and

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from asgl.engine.loop.output_processor import apply_forced_tokens
+from asgl.engine.loop.output_processor import apply_forced_tokens, fail_request
 from asgl.engine.contracts.outputs import FinishReason
 from asgl.engine.scheduler.req import Req
 
@@ -41,7 +41,16 @@ class JumpForward:
     def __call__(self, req: Req) -> Optional[int]:
         """Append `req`'s forced continuation. Returns how many leading tokens of its
         fill_ids are unchanged (KV past them must be recomputed), or None if nothing
-        changed."""
+        changed. If the jump fails (its grammar or tokenizer raises), `req` alone ends with
+        the error and only the KV of its unchanged tokens is kept."""
+        before = list(req.output_ids)
+        try:
+            return self._jump(req)
+        except Exception as exc:  # noqa: BLE001 - this request's fault only
+            fail_request(req, f"this request failed: {type(exc).__name__}: {exc}"[:500], exc)
+            return len(req.prompt_ids) + _common_prefix(before, req.output_ids)
+
+    def _jump(self, req: Req) -> Optional[int]:
         g = req.grammar
         g.jump_pending = False
         forced = g.jump_string()

@@ -7,53 +7,97 @@ previous step, or an abort): its extra token is discarded here.
 
 from __future__ import annotations
 
+import logging
+from typing import Optional
+
 from asgl.engine.contracts.step import StepOutput
 from asgl.engine.contracts.outputs import StreamChunk
 from asgl.engine.contracts.outputs import FinishReason
 from asgl.engine.scheduler.req import Req
 from asgl.engine.scheduler.scheduler import ScheduledBatch
 
+logger = logging.getLogger(__name__)
+
 
 def apply_step_output(batch: ScheduledBatch, out: StepOutput, context_len: int) -> None:
+    """Apply one step's results. A request whose own results fail (its sampling row failed
+    on the worker, or its grammar, detokenizer or stream raises here) ends with an error;
+    every other request of the step is applied as if it were not there."""
+    if out.failed_rows:
+        for k, why in out.failed_rows.items():
+            fail_request(batch.sampling_reqs[k], why)
     for (req, first_pos, count, offset) in batch.prompt_lp_spans:
-        _add_prompt_logprobs(req, out, first_pos, count, offset)
+        try:
+            _add_prompt_logprobs(req, out, first_pos, count, offset)
+        except Exception as exc:  # noqa: BLE001 - this request's fault only
+            fail_request(req, _describe(exc), exc)
+    reqs = batch.sampling_reqs
     next_ids = out.next_ids
-    for k, req in enumerate(batch.sampling_reqs):
-        req.num_inflight -= 1
-        if req.finish_reason is not None:
-            continue
-        if req.max_new_tokens == 0:  # prompt-logprob-only request: nothing is generated
-            _finish(req, FinishReason("length"))
-            continue
-        token = next_ids[k]
-        req.output_ids.append(token)
-        logprob = top = None
-        if req.return_logprob and out.logprobs is not None:
-            logprob = [(out.logprobs[k], token)]
-            req.output_logprobs.append(logprob[0])
-            if req.top_logprobs_num and out.top_ids is not None:
-                n = req.top_logprobs_num
-                top = [list(zip(out.top_values[k][:n], out.top_ids[k][:n]))]
-                req.output_top_logprobs.append(top[0])
-        # a grammar ends the request when it terminates (or if a token slipped past its mask)
-        reason = req.grammar.accept(token) if req.grammar is not None else None
-        reason = reason or _stop_reason(req, token, context_len)
-        text = ""
-        if req.detok is not None and not (reason and reason.matched == token):
-            text, matched = req.detok.step([token])
-            if matched is not None:
-                reason = FinishReason("stop", matched=matched)
-        if reason is not None:
-            if req.detok is not None and not isinstance(reason.matched, str):
-                text += req.detok.flush()  # text held back for a stop string that never came
-                if req.detok.matched_stop is not None:  # completed by the flushed bytes
-                    reason = FinishReason("stop", matched=req.detok.matched_stop)
-            req.finish_reason = reason
-        if req.sink is not None:
-            if reason is None and req.sink.collect:  # generate(): no chunk per token
-                req.sink.add_token(req.sink_index, text, token)
-            else:
-                req.sink.put(_chunk(req, text, [token], reason, logprob, top))
+    k = -1
+    while True:
+        # (a try costs nothing until it raises: the healthy path is the plain loop)
+        try:
+            for k in range(k + 1, len(reqs)):
+                req = reqs[k]
+                req.num_inflight -= 1
+                if req.finish_reason is not None:
+                    continue
+                if req.max_new_tokens == 0:  # prompt-logprob-only request: nothing generated
+                    _finish(req, FinishReason("length"))
+                    continue
+                token = next_ids[k]
+                req.output_ids.append(token)
+                logprob = top = None
+                if req.return_logprob and out.logprobs is not None:
+                    logprob = [(out.logprobs[k], token)]
+                    req.output_logprobs.append(logprob[0])
+                    if req.top_logprobs_num and out.top_ids is not None:
+                        n = req.top_logprobs_num
+                        top = [list(zip(out.top_values[k][:n], out.top_ids[k][:n]))]
+                        req.output_top_logprobs.append(top[0])
+                # a grammar ends the request when it terminates (or a token slipped its mask)
+                reason = req.grammar.accept(token) if req.grammar is not None else None
+                reason = reason or _stop_reason(req, token, context_len)
+                text = ""
+                if req.detok is not None and not (reason and reason.matched == token):
+                    text, matched = req.detok.step([token])
+                    if matched is not None:
+                        reason = FinishReason("stop", matched=matched)
+                if reason is not None:
+                    if req.detok is not None and not isinstance(reason.matched, str):
+                        # text held back for a stop string that never came
+                        text += req.detok.flush()
+                        if req.detok.matched_stop is not None:  # completed by the flush
+                            reason = FinishReason("stop", matched=req.detok.matched_stop)
+                    req.finish_reason = reason
+                if req.sink is not None:
+                    if reason is None and req.sink.collect:  # generate(): no chunk per token
+                        req.sink.add_token(req.sink_index, text, token)
+                    else:
+                        req.sink.put(_chunk(req, text, [token], reason, logprob, top))
+            return
+        except Exception as exc:  # noqa: BLE001 - request k failed: end it, go on after it
+            fail_request(reqs[k], _describe(exc), exc)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"this request failed: {type(exc).__name__}: {exc}"[:500]
+
+
+def fail_request(req: Req, message: str, exc: Optional[BaseException] = None) -> None:
+    """End `req` with an error that is its own (nothing else in its step is touched): no
+    detokenizer flush or grammar call, which may be what failed. Its memory is released by
+    the scheduler once no step uses it."""
+    if exc is not None:
+        logger.error("request %s failed; it alone is ended", req.rid, exc_info=exc)
+    if req.finished:
+        return
+    req.finish_reason = FinishReason("abort", message=message)
+    if req.sink is not None:
+        try:
+            req.sink.put(_chunk(req, "", [], req.finish_reason))
+        except Exception:  # noqa: BLE001 - the stream itself is broken: nobody to tell
+            logger.exception("request %s: its stream failed too", req.rid)
 
 
 def _stop_reason(req: Req, token: int, context_len: int) -> FinishReason | None:

@@ -39,6 +39,9 @@ class SampleOutput:
     logprobs: Optional[torch.Tensor] = None  # [S] float32 of the chosen tokens (raw logits)
     top_logprobs_ids: Optional[torch.Tensor] = None  # [S, K] int64, descending logprob
     top_logprobs_values: Optional[torch.Tensor] = None  # [S, K] float32
+    # [S] bool, rows whose processed logits had no finite maximum (NaN, +inf, or every
+    # token banned): their token is meaningless and the request must end (engine isolation)
+    bad_rows: Optional[torch.Tensor] = None
 
 
 # ---------------------------------------------------------------- the sampler
@@ -76,6 +79,13 @@ class Sampler:
             if sb.grammar is not None:  # last: nothing may lift a disallowed token again
                 sb.grammar.apply(logits)
 
+        # A row's own parameters can make its logits non-finite (NaN / +inf from extreme
+        # penalties, or nothing allowed). One reduction finds such rows; they are drawn
+        # from zeros instead, so the draw below stays in range (an out-of-range gather is a
+        # device-side assert on CUDA, fatal to every request) and the caller ends them.
+        bad = ~torch.isfinite(logits.amax(dim=-1))
+        logits = logits.masked_fill(bad.unsqueeze(1), 0.0)
+
         if sb.all_greedy:
             ids = torch.argmax(logits, dim=-1)
         else:
@@ -86,7 +96,7 @@ class Sampler:
             if sb.is_greedy is not None:
                 ids = torch.where(sb.is_greedy, torch.argmax(logits, dim=-1), ids)
 
-        out = SampleOutput(ids)
+        out = SampleOutput(ids, bad_rows=bad)
         if sb.return_logprob:
             lp = gather_logprobs(torch.log_softmax(raw, dim=-1), ids, sb.top_logprobs_num)
             out.logprobs, out.top_logprobs_ids, out.top_logprobs_values = lp

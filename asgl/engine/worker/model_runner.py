@@ -31,6 +31,7 @@ from asgl.config import EngineConfig
 from asgl.distributed import get_tp_rank
 from asgl.engine.contracts.forward_batch import ForwardBatch
 from asgl.engine.contracts.step import StepOutput, StepPlan
+from asgl.engine.worker.isolation import sample_isolated
 from asgl.engine.worker.kv_cache import KVPool
 from asgl.engine.worker.step_io import GpuStepStats, PendingResults, timing_event, upload
 from asgl.engine.worker.torch_compile import compiled_forward
@@ -318,7 +319,12 @@ class ModelRunner:
         out = StepOutput(next_ids=[])
         # sampling=None: a tensor-parallel rank other than 0, which only computes (tp.py)
         if sampling is not None and batch.sample_rows.numel():
-            sample_out = self.sampler.sample(logits[batch.sample_rows], sampling)
+            rows = logits[batch.sample_rows]
+            try:
+                sample_out = self.sampler.sample(rows, sampling)
+            except Exception:  # noqa: BLE001 - maybe one request's parameters: find it
+                logger.exception("sampling a step of %d rows failed; isolating", sampling.size)
+                sample_out, out.failed_rows = sample_isolated(self.sampler, rows, sampling)
             self.last_next_ids = sample_out.next_token_ids
             out.next_ids = sample_out.next_token_ids
             out.extra_sample = sample_out

@@ -80,8 +80,9 @@ class PendingResults:
         sample = out.extra_sample
         out.extra_sample = None
         self.ids = None if isinstance(out.next_ids, list) else host(out.next_ids)
-        self.logprobs = self.top_ids = self.top_values = None
+        self.logprobs = self.top_ids = self.top_values = self.bad = None
         if sample is not None:
+            self.bad = host(sample.bad_rows)
             self.logprobs = host(sample.logprobs)
             self.top_ids = host(sample.top_logprobs_ids)
             self.top_values = host(sample.top_logprobs_values)
@@ -107,6 +108,12 @@ class PendingResults:
             out.prompt_logprobs = values.tolist()
             if top_ids is not None:
                 out.prompt_top_ids, out.prompt_top_values = top_ids.tolist(), top_values.tolist()
+        if self.bad is not None and self.bad.any():  # one op; rows only when some failed
+            failed = out.failed_rows or {}
+            for row in self.bad.nonzero().view(-1).tolist():
+                failed.setdefault(row, "the request's sampling parameters made its logits "
+                                       "non-finite (NaN or infinity)")
+            out.failed_rows = failed
         if self.stats is not None:
             self.stats.account(self.start, self.done, self.decode, self.graph)
         out.wait = None
