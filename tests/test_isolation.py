@@ -112,3 +112,23 @@ def test_fault_free_marked_run_is_the_reference(clean):
     # the marker changes nothing by itself (else the test above could pass vacuously)
     assert all(len(o.output_ids) == GREEDY["max_new_tokens"] for o in clean)
     assert clean[BAD].finish_reason["type"] == "length"
+
+
+def test_failed_forward_pass_does_not_kill_the_worker(llm, clean, monkeypatch):
+    # a forward pass that raises is no request's fault: its requests end, nothing else dies
+    from asgl.engine.worker.model_runner import ModelRunner
+
+    real = ModelRunner.forward
+    calls = {"n": 0}
+
+    def forward(self, batch, ids):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected forward fault")
+        return real(self, batch, ids)
+    monkeypatch.setattr(ModelRunner, "forward", forward)
+    out = llm.generate(PROMPTS[0], GREEDY)
+    assert out.finish_reason["type"] == "abort"
+    monkeypatch.undo()
+    assert llm.generate(PROMPTS[0], GREEDY).output_ids == clean[0].output_ids
+    assert llm.engine.worker._executor._threads  # the same worker thread still serves

@@ -7,10 +7,19 @@ the error middleware turns either into a response.
 
 from __future__ import annotations
 
+import logging
+import re
+import uuid
 from typing import Optional
 
 import msgspec
 from aiohttp import web
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# A client's own request id is echoed only if it is short and plain (it goes into the log).
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 # OpenAI's error types by status.
 _TYPES = {
@@ -83,3 +92,20 @@ def error_response(status: int, message: str, param: Optional[str] = None,
                    headers: Optional[dict[str, str]] = None) -> web.Response:
     return web.Response(status=status, body=_encode(error_body(status, message, param, code)),
                         content_type="application/json", headers=headers)
+
+
+def request_id(request: web.Request) -> str:
+    """The id that ties a failed request's response to its log lines: the client's
+    X-Request-Id when it is plain, else a fresh one."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def internal_error(request: web.Request, exc: BaseException) -> web.Response:
+    """A 500 for a bug (never a client's fault): the request id in the body and in a header,
+    the traceback in the log under the same id. The server goes on serving."""
+    rid = request_id(request)
+    logger.error("internal error on %s %s (request id %s)", request.method, request.path, rid,
+                 exc_info=exc)
+    return error_response(500, f"internal error: {type(exc).__name__} (request id {rid})",
+                          code="internal_error", headers={REQUEST_ID_HEADER: rid})

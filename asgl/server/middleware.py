@@ -12,7 +12,7 @@ from typing import Awaitable, Callable, Optional
 
 from aiohttp import web
 
-from asgl.server.errors import ApiError, classify, error_response
+from asgl.server.errors import ApiError, classify, error_response, internal_error
 from asgl.server.state import get_state
 
 logger = logging.getLogger(__name__)
@@ -62,11 +62,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(e.status, message, headers=headers or None)
     except (asyncio.CancelledError, ConnectionResetError):
         raise  # the client is gone: nobody to answer
-    except Exception as e:
+    except Exception as e:  # RecursionError and MemoryError too: they end here, not the server
         err = classify(e)
         if err is None:
-            logger.exception("unhandled error on %s %s", request.method, request.path)
-            return error_response(500, f"internal error: {type(e).__name__}")
+            return internal_error(request, e)
         return error_response(err.status, err.message, err.param, err.code, err.headers)
 
 

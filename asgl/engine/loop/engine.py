@@ -444,7 +444,10 @@ class Engine:
                     await asyncio.sleep(0.002)
             except Exception:  # a bug here must not hang every waiting request
                 logger.exception("scheduler step failed; aborting all requests")
-                self._fail_all()
+                try:
+                    self._fail_all()
+                except Exception:  # noqa: BLE001 - keep the loop alive whatever happens
+                    logger.exception("resetting after a failed step failed too")
                 sched = self.scheduler  # _fail_all made a new one: the old keeps the failed work
                 inflight = None
             if inflight is None:  # (with a step in flight the next iteration yields above)
