@@ -153,3 +153,52 @@ def test_ready_line_has_a_curl_and_the_v1_base_url():
     assert curl.startswith("curl http://127.0.0.1:8080/v1/chat/completions ")
     body = curl.split(" -d '", 1)[1].rstrip("'")
     assert json.loads(body)["messages"][0]["content"] == "Hello!"
+
+
+# ---------------------------------------------------------------------------- GGUF cache
+def test_gguf_conversion_is_cached_by_content(tmp_path, monkeypatch, caplog):
+    """A second start reuses the conversion, and so does a copy of the file elsewhere (a new
+    venv, or a container whose cache is on a volume); a changed file converts again."""
+    import shutil
+
+    from asgl.models import gguf_loader
+    from test_loader import tiny_hf_model, write_tiny_gguf
+
+    monkeypatch.setenv("ASGL_CACHE_DIR", str(tmp_path / "cache"))
+    write_tiny_gguf(tmp_path / "tiny.gguf", tiny_hf_model())
+    with caplog.at_level("INFO", logger="asgl.models.gguf_loader"):
+        first = gguf_loader.convert_gguf(str(tmp_path / "tiny.gguf"))
+        assert any(r.getMessage().startswith("converting ") for r in caplog.records)
+        caplog.clear()
+        assert gguf_loader.convert_gguf(str(tmp_path / "tiny.gguf")) == first
+        (tmp_path / "elsewhere").mkdir()
+        copy = shutil.copy(tmp_path / "tiny.gguf", tmp_path / "elsewhere" / "tiny.gguf")
+        assert gguf_loader.convert_gguf(copy) == first
+        messages = [r.getMessage() for r in caplog.records]
+        assert not any(m.startswith("converting ") for m in messages), messages
+        assert sum(m.startswith("using the conversion of tiny.gguf") for m in messages) == 2
+    write_tiny_gguf(tmp_path / "elsewhere" / "tiny.gguf", tiny_hf_model(), rope_factor=8.0)
+    assert gguf_loader.convert_gguf(copy) != first
+
+
+def test_startup_phases_are_timed_from_their_log_lines(caplog):
+    import logging
+
+    from asgl.server.launch import StartupPhases
+
+    phases = StartupPhases()
+    root = logging.getLogger()
+    root.addHandler(phases)
+    try:
+        with caplog.at_level("INFO"):
+            phases.mark("imports")
+            logging.getLogger("asgl.engine.worker.model_runner").info("model X loaded in 1.0s")
+            logging.getLogger("asgl.engine.loop.engine").info("KV pool: %d tokens", 5)
+            logging.getLogger("asgl.engine.loop.engine").info("something else")
+    finally:
+        root.removeHandler(phases)
+    assert [name for name, _ in phases.phases] == ["imports", "weights", "KV pool"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "asgl.server.launch"]
+    assert [line.rsplit(" ", 2)[0] for line in lines] == [
+        "start-up: imports", "start-up: weights", "start-up: KV pool"]
+    assert phases.summary().startswith("started in ")

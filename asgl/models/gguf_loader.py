@@ -4,7 +4,10 @@
 transformers config from the GGUF metadata, converts the tokenizer (transformers reads the
 GGUF vocabulary and merges) and writes all of it to
 `$ASGL_CACHE_DIR/gguf/<key>/` (default `~/.cache/asgl/gguf/<key>/`), where the key hashes the
-file's path, size and mtime. Later starts read that directory like any HF model directory.
+file's content (and the converter's version). Later starts read that directory like any HF
+model directory, wherever the file now lies: another venv, or a new container whose cache
+is on a volume. The content digest is remembered per (path, size, mtime) in
+`gguf-digests/`, so a start on the same machine does not read the file to hash it again.
 
 The directory is written under a temporary name and renamed into place, so a reader never
 sees half of it; when two processes convert at once, the first rename wins and the other
@@ -58,21 +61,52 @@ def cache_root() -> Path:
 
 
 def cache_dir_for(path: str) -> Path:
-    """Where the conversion of the GGUF at `path` lives. Keyed on path, size and mtime, so
-    the key is cheap to compute and a replaced file gets a new entry."""
+    """Where the conversion of the GGUF at `path` lives: keyed on its content, so a copy of
+    the file at another path (a new venv or container) finds the same entry."""
+    key = f"v{CONVERTER_VERSION}\0{file_digest(path)}"
+    return cache_root() / "gguf" / hashlib.sha256(key.encode()).hexdigest()
+
+
+def file_digest(path: str) -> str:
+    """sha256 of the file's bytes, remembered under a key of its path, size and mtime (cheap
+    to compute; a replaced file gets a new one), so only a new file is read to hash it."""
     real = os.path.realpath(path)
     st = os.stat(real)
-    key = f"v{CONVERTER_VERSION}\0{real}\0{st.st_size}\0{st.st_mtime_ns}"
-    return cache_root() / "gguf" / hashlib.sha256(key.encode()).hexdigest()
+    stat_key = hashlib.sha256(f"{real}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    memo = cache_root() / "gguf-digests" / stat_key
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    h = hashlib.sha256()
+    # a bar only where hashing takes seconds (about 1 GB/s)
+    bar = tqdm(total=st.st_size, unit="B", unit_scale=True, disable=st.st_size < (1 << 30),
+               desc=f"Hashing {os.path.basename(real)}")
+    with open(real, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+            bar.update(len(chunk))
+    bar.close()
+    digest = h.hexdigest()
+    try:  # written aside and renamed: a concurrent reader never sees half a digest
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
+    except OSError:  # a read-only cache still works, it only hashes again next time
+        pass
+    return digest
 
 
 def convert_gguf(path: str) -> str:
     """Return an HF-style directory holding the conversion of `path`, converting on a miss."""
     final = cache_dir_for(path)
     if final.is_dir():
+        logger.info("using the conversion of %s cached in %s", os.path.basename(path), final)
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(final.parent)
+    logger.info("converting %s (once: later starts reuse %s)", path, final)
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
@@ -81,7 +115,7 @@ def convert_gguf(path: str) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("converted %s into %s in %.1f s", path, published, time.perf_counter() - started)
+    logger.info("converted %s in %.1f s", os.path.basename(path), time.perf_counter() - started)
     return str(published)
 
 
@@ -126,8 +160,15 @@ def _convert_into(path: str, out: Path) -> None:
 
     tensors = {t.name: t for t in reader.tensors}
     config = _llama_config(meta, arch, tensors)
-    _save_weights(path, tensors, config, out)
-    _save_tokenizer(path, meta, out)
+    # One bar for the whole conversion: a step per tensor, one per file written and one
+    # for the tokenizer (transformers rebuilds it from the GGUF vocabulary: seconds).
+    named = sum(hf_tensor_name(name) is not None for name in tensors)
+    with tqdm(total=named + _shard_count(tensors) + 1, unit="step",
+              desc=f"Converting {os.path.basename(path)}") as bar:
+        _save_weights(path, tensors, config, out, bar)
+        bar.set_postfix_str("tokenizer")
+        _save_tokenizer(path, meta, out)
+        bar.update()
     config.save_pretrained(out)
     eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
     GenerationConfig(
@@ -228,10 +269,12 @@ def _unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _save_weights(path: str, tensors: dict[str, Any], config: LlamaConfig, out: Path) -> None:
-    from gguf.quants import dequantize
+def _shard_count(tensors: dict[str, Any]) -> int:
+    return len(_plan_shards([(hf, t) for t in tensors.values()
+                             if (hf := hf_tensor_name(t.name)) is not None]))
 
-    named = [(hf, t) for t in tensors.values() if (hf := hf_tensor_name(t.name)) is not None]
+
+def _plan_shards(named: list[tuple[str, Any]]) -> list[list[tuple[str, Any]]]:
     shards: list[list[tuple[str, Any]]] = [[]]
     shard_bytes = 0
     for hf, t in named:  # plan shards from element counts, before dequantizing anything
@@ -241,9 +284,16 @@ def _save_weights(path: str, tensors: dict[str, Any], config: LlamaConfig, out: 
             shard_bytes = 0
         shards[-1].append((hf, t))
         shard_bytes += nbytes
+    return shards
 
+
+def _save_weights(path: str, tensors: dict[str, Any], config: LlamaConfig, out: Path,
+                  bar: Any) -> None:
+    from gguf.quants import dequantize
+
+    named = [(hf, t) for t in tensors.values() if (hf := hf_tensor_name(t.name)) is not None]
+    shards = _plan_shards(named)
     weight_map: dict[str, str] = {}
-    bar = tqdm(total=len(named), desc=f"Converting {os.path.basename(path)}", unit="tensor")
     for i, shard in enumerate(shards):
         file = "model.safetensors" if len(shards) == 1 else \
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -260,8 +310,9 @@ def _save_weights(path: str, tensors: dict[str, Any], config: LlamaConfig, out: 
             state[hf] = w.contiguous()
             weight_map[hf] = file
             bar.update()
+        bar.set_postfix_str(f"writing {file}")
         save_file(state, str(out / file), metadata={"format": "pt"})
-    bar.close()
+        bar.update()
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(int(t.n_elements) * 4 for _, t in named)},
                  "weight_map": weight_map}

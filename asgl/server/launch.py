@@ -156,6 +156,46 @@ def _device_is_cpu(config: EngineConfig) -> bool:
     return not torch.cuda.is_available()
 
 
+# ---------------------------------------------------------------------------- start-up
+class StartupPhases(logging.Handler):
+    """Times the start-up's phases from the log lines that end them (each component logs
+    its own phase: the GGUF cache, the weights, the KV pool, CUDA graphs), and logs, after
+    each, one line with its time; `summary()` is the whole start in one line."""
+
+    # (logger, message prefix) -> the phase that message ends
+    MARKERS = (("asgl.models.gguf_loader", "converted ", "model files (GGUF converted)"),
+               ("asgl.models.gguf_loader", "using the conversion", "model files (GGUF cached)"),
+               ("asgl.engine.worker.model_runner", "model ", "weights"),
+               ("asgl.engine.worker.cuda_graph_runner", "captured ", "CUDA graphs"),
+               ("asgl.engine.loop.engine", "KV pool:", "KV pool"),
+               ("asgl.engine.dp.engine", "data parallel: ", "replicas"))
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.started = self.last = time.perf_counter()
+        self.phases: list[tuple[str, float]] = []
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+        logger.info("start-up: %s %.1f s", phase, self.phases[-1][1])
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name == __name__:
+            return
+        for name, prefix, phase in self.MARKERS:
+            if record.name == name and str(record.msg).startswith(prefix):
+                if phase == "replicas" and "ready" not in record.getMessage():
+                    return
+                self.mark(phase)
+                return
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.phases)
+        return f"started in {time.perf_counter() - self.started:.1f} s ({parts})"
+
+
 # ---------------------------------------------------------------------------- serving
 def _in_flight(engine: Any) -> list[str]:
     """Request ids the engine is working on (Engine keeps them in `_streams`, DPEngine in
@@ -199,15 +239,18 @@ async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None,
             loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
             pass
-    started = time.perf_counter()
+    phases = StartupPhases()
+    logging.getLogger().addHandler(phases)
     engine = None
     try:
         warn_inapplicable_flags(config, _device_is_cpu(config))
         if config.dp_size > 1:  # replicas in processes behind this server (asgl/engine/dp)
             from asgl.engine.dp.engine import DPEngine
+            phases.mark("imports")
             engine = DPEngine(config)
         else:
             from asgl.engine.loop.engine import Engine
+            phases.mark("imports")
             engine = Engine(config)
         start = loop.create_task(engine.start())
         stopped = loop.create_task(stop.wait())
@@ -218,8 +261,11 @@ async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None,
             return
         stopped.cancel()
         start.result()
-        await _serve_until_stopped(engine, config, sock, stop, build_app, STATE, started)
+        phases.mark("tokenizer, grammar, scheduler")
+        logging.getLogger().removeHandler(phases)
+        await _serve_until_stopped(engine, config, sock, stop, build_app, STATE, phases)
     finally:
+        logging.getLogger().removeHandler(phases)
         sock.close()
         if engine is not None:
             await engine.shutdown()
@@ -228,7 +274,7 @@ async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None,
 
 async def _serve_until_stopped(engine: Any, config: EngineConfig, sock: socket.socket,
                                stop: asyncio.Event, build_app: Any, state_key: Any,
-                               started: float) -> None:
+                               phases: StartupPhases) -> None:
     app = build_app(engine, config)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its
     # engine request (aiohttp leaves handlers running by default). The grace period is
@@ -241,7 +287,7 @@ async def _serve_until_stopped(engine: Any, config: EngineConfig, sock: socket.s
         site = web.SockSite(runner, sock)
         await site.start()
         port = sock.getsockname()[1]
-        logger.info("ready in %.1f s", time.perf_counter() - started)
+        logger.info(phases.summary())
         logger.info(ready_message(config.host, port, app[state_key].model_name,
                                   engine.context_len))
         await stop.wait()
