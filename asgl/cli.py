@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 
+from asgl.bench import BENCHES
 from asgl.config import ConfigError, EngineConfig
 
 
@@ -52,26 +53,52 @@ def _generate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from asgl import __version__
+    from asgl.bench import BENCHES
+    from asgl.config import GROUP_ORDER, SERVER_ONLY_GROUPS
 
     parser = argparse.ArgumentParser(prog="asgl", description="asgl: serve and run LLMs")
     parser.add_argument("--version", action="version", version=f"asgl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the HTTP server (native + OpenAI-compatible API)")
+    serve = sub.add_parser("serve", help="run the HTTP server (native + OpenAI-compatible API)",
+                           usage="%(prog)s [options]", description="Run the HTTP server "
+                           "(SGLang's native API and the OpenAI API).")
     EngineConfig.add_cli_args(serve)
     serve.set_defaults(func=_serve)
-    gen = sub.add_parser("generate", help="generate text for one prompt (a quick local check)")
+    gen = sub.add_parser("generate", help="generate text for one prompt (a quick local check)",
+                         usage="%(prog)s --prompt TEXT [options]")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    EngineConfig.add_cli_args(gen)
+    EngineConfig.add_cli_args(gen, groups=[g for g in GROUP_ORDER
+                                           if g not in SERVER_ONLY_GROUPS])
     gen.set_defaults(func=_generate)
+    bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHES),
+                           usage="%(prog)s {" + ",".join(BENCHES) + "} [options]",
+                           description="`asgl bench NAME --help` shows each one's options.")
+    bench.add_argument("name", choices=list(BENCHES))
+    bench.add_argument("options", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    bench.set_defaults(func=_bench)
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from asgl.bench import runner
+
+    result = runner(args.name)(args.options, f"asgl bench {args.name}")
+    return 1 if isinstance(result, dict) and result.get("failed") else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[0] == "bench" and not argv[1].startswith("-"):
+        # the benchmark parses its own options, --help included
+        args = argparse.Namespace(func=_bench, name=argv[1], options=argv[2:])
+        if args.name not in BENCHES:
+            args = parser.parse_args(argv)  # the usual "invalid choice" error
+    else:
+        args = parser.parse_args(argv)
     from asgl.engine.contracts.errors import InvalidRequest
     from asgl.engine.contracts.errors import ModelLoadError
 

@@ -10,7 +10,7 @@ option is added in one place.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import msgspec
 
@@ -145,21 +145,37 @@ class EngineConfig(msgspec.Struct, kw_only=True):
 
     # ------------------------------------------------------------------ CLI
     @classmethod
-    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+    def add_cli_args(cls, parser: argparse.ArgumentParser,
+                     groups: Optional[Iterable[str]] = None) -> None:
+        """Add a flag per field, in `--help` sections (`CLI_GROUPS`); `groups` limits them to
+        those sections (a subcommand shows only flags it uses). Each default is printed once:
+        after the help text, unless the text already says what the default is."""
         defaults = cls()
-        for field in msgspec.structs.fields(cls):
+        wanted = set(groups) if groups is not None else None
+        sections: dict[str, argparse._ArgumentGroup] = {}
+        fields = sorted(msgspec.structs.fields(cls),  # stable: field order within a section
+                        key=lambda f: GROUP_ORDER.index(_group_of(f.name)))
+        for field in fields:
             name = field.name
+            group = _group_of(name)
+            if wanted is not None and group not in wanted:
+                continue
+            if group not in sections:
+                sections[group] = parser.add_argument_group(f"{group} options")
+            section = sections[group]
             flags = [f"--{_flag(name)}"] + _ALIASES.get(name, [])
             default = getattr(defaults, name)
             help_text = _HELP.get(name, "")
             annotation = field.type
             if annotation is bool:
-                parser.add_argument(*flags, dest=name, action="store_true", help=help_text)
+                section.add_argument(*flags, dest=name, action="store_true", help=help_text)
                 continue
             choices = _literal_choices(annotation)
             kind = _scalar_type(annotation)
-            parser.add_argument(*flags, dest=name, type=kind, choices=choices, default=default,
-                                help=f"{help_text} (default: {default})".strip())
+            if default is not None and "default" not in help_text:
+                help_text = f"{help_text} (default: {default})".strip()
+            section.add_argument(*flags, dest=name, type=kind, choices=choices, default=default,
+                                 help=help_text)
 
     @classmethod
     def from_cli(cls, argv: list[str] | None = None, prog: str = "asgl serve") -> "EngineConfig":
@@ -220,6 +236,42 @@ _LIMIT_CEILINGS: dict[str, Optional[int]] = {
     "max_regex_chars": REGEX_CHARS_CEILING,
     "max_tools": None,
 }
+
+# `asgl serve --help` sections, as SGLang's and vLLM's: a field's section, by name. A field
+# missing here is listed under "other" (so a new flag needs no edit here to show up).
+GROUP_ORDER = ["model", "serving", "API", "request limits", "scheduling", "memory",
+                "parallelism", "kernels", "logging", "other"]
+CLI_GROUPS: dict[str, str] = {
+    **dict.fromkeys(["model_path", "tokenizer_path", "load_format", "dtype", "quantization",
+                     "context_length", "trust_remote_code", "chat_template", "revision",
+                     "skip_tokenizer_init", "is_embedding", "device"], "model"),
+    **dict.fromkeys(["host", "port", "api_key", "admin_api_key", "max_request_body_mb",
+                     "max_queued_requests", "shutdown_timeout", "watchdog_timeout",
+                     "exit_on_stall"], "serving"),
+    **dict.fromkeys(["served_model_name", "tool_call_parser"], "API"),
+    **dict.fromkeys(["max_prompt_chars", "max_stop_strings", "max_stop_string_chars",
+                     "max_schema_depth", "max_schema_bytes", "max_regex_chars", "max_tools"],
+                    "request limits"),
+    **dict.fromkeys(["max_running_requests", "chunked_prefill_size", "max_prefill_tokens",
+                     "schedule_policy", "schedule_conservativeness", "disable_radix_cache",
+                     "disable_overlap_schedule", "random_seed"], "scheduling"),
+    **dict.fromkeys(["mem_fraction_static", "cpu_kv_budget_gb", "max_total_tokens",
+                     "kv_cache_dtype"], "memory"),
+    **dict.fromkeys(["tp_size", "dp_size", "nnodes", "node_rank", "dist_init_addr",
+                     "enable_p2p_check"], "parallelism"),
+    **dict.fromkeys(["attention_backend", "sampling_backend", "grammar_backend",
+                     "disable_jump_forward", "disable_cuda_graph", "cuda_graph_max_bs",
+                     "cuda_graph_max_tokens", "enable_torch_compile", "torch_compile_max_bs"],
+                    "kernels"),
+    **dict.fromkeys(["log_level", "log_requests", "debug_check_integrity"], "logging"),
+}
+# What only a server uses: `asgl generate` leaves these sections out.
+SERVER_ONLY_GROUPS = ("serving", "API", "request limits")
+
+
+def _group_of(name: str) -> str:
+    return CLI_GROUPS.get(name, "other")
+
 
 _ALIASES: dict[str, list[str]] = {
     "model_path": ["--model"],

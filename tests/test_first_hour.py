@@ -202,3 +202,44 @@ def test_startup_phases_are_timed_from_their_log_lines(caplog):
     assert [line.rsplit(" ", 2)[0] for line in lines] == [
         "start-up: imports", "start-up: weights", "start-up: KV pool"]
     assert phases.summary().startswith("started in ")
+
+
+# ---------------------------------------------------------------------------- --help
+def _help(*args: str) -> str:
+    import contextlib
+    import io
+
+    from asgl.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+        main([*args, "--help"])
+    assert e.value.code == 0
+    return out.getvalue()
+
+
+def test_serve_help_is_grouped_with_each_default_once():
+    text = _help("serve")
+    sections = [line[:-len(" options:")] for line in text.splitlines()
+                if line.endswith(" options:")]
+    assert sections[:9] == ["model", "serving", "API", "request limits", "scheduling",
+                            "memory", "parallelism", "kernels", "logging"], sections
+    assert "--shutdown-timeout" in text.split("serving options:")[1].split("API options:")[0]
+    # an option's help (its lines up to the next option) says "default" at most once
+    import re
+
+    for block in re.split(r"\n  (?=-)", text):
+        assert block.count("default") <= 1, block
+    assert "(default: None)" not in text
+    assert text.startswith("usage: asgl serve [options]")
+
+
+def test_subcommands_show_only_their_own_flags():
+    gen = _help("generate")
+    for server_only in ("--port", "--api-key", "--shutdown-timeout", "--max-tools"):
+        assert server_only not in gen
+    assert "--prompt" in gen and "--model-path" in gen
+    bench = _help("bench", "offline")
+    assert "--workload" in bench and "--output" in bench and "--port" not in bench
+    serving = _help("bench", "serving")
+    assert "--base-url" in serving and "--model-path" not in serving
