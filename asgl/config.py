@@ -74,6 +74,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 30000
     api_key: Optional[str] = None
+    admin_api_key: Optional[str] = None
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_requests: bool = False
     max_request_body_mb: float = 32.0
@@ -88,6 +89,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_schema_bytes: int = 256 * 1024
     max_regex_chars: int = 64 * 1024
     max_tools: int = 128
+
+    # --- liveness (asgl/engine/loop/watchdog.py) ---
+    watchdog_timeout: float = 300.0
+    exit_on_stall: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,6 +112,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
             raise ConfigError("--chunked-prefill-size must be positive (or -1 to disable)")
         if self.mem_fraction_static is not None and not 0.0 < self.mem_fraction_static < 1.0:
             raise ConfigError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
+        if self.watchdog_timeout < 0:
+            raise ConfigError("--watchdog-timeout must be >= 0 (0: off), "
+                              f"got {self.watchdog_timeout}")
         if self.shutdown_timeout < 0:
             raise ConfigError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
         if self.cpu_kv_budget_gb <= 0:
@@ -328,6 +336,8 @@ _HELP: dict[str, str] = {
     "host": "address to listen on",
     "port": "port to listen on",
     "api_key": "require 'Authorization: Bearer KEY' on every route but /health",
+    "admin_api_key": "require 'Authorization: Bearer KEY' with this key on the admin routes "
+                     "(/flush_cache, /abort_request, ...); --api-key no longer opens them",
     "log_level": "logging level",
     "max_request_body_mb": "largest accepted request body",
     "tool_call_parser": "tool-call format of the model (hermes, llama3)",
@@ -343,4 +353,9 @@ _HELP: dict[str, str] = {
                         "a request's tool schemas in all (at most 1 MiB)",
     "max_regex_chars": "most characters of a regex constraint (at most 128 KiB)",
     "max_tools": "most tools in a chat request",
+    "watchdog_timeout": "seconds the scheduler or the worker may go without progress while "
+                        "work is queued; then /health is 503 and every thread's stack is "
+                        "logged (0: off)",
+    "exit_on_stall": "exit the process (status 70) when the watchdog fires, for a supervisor "
+                     "to restart it",
 }

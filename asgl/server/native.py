@@ -204,6 +204,9 @@ async def health(request: web.Request) -> web.Response:
     state = get_state(request)
     if state.draining:
         return web.Response(status=503, text="shutting down")
+    stalled = getattr(state.engine, "stalled", None)  # the watchdog's finding
+    if stalled:
+        return web.Response(status=503, text=f"stalled: {stalled}")
     return web.Response(status=200)
 
 
@@ -212,6 +215,9 @@ async def health_generate(request: web.Request) -> web.Response:
     state = get_state(request)
     if state.draining:
         raise ApiError(503, "the server is shutting down")
+    stalled = getattr(state.engine, "stalled", None)
+    if stalled:
+        raise ApiError(503, f"the engine is stalled: {stalled}")
     ids = [min(1, state.vocab_size - 1)]
     if state.config.is_embedding:  # an embedding engine proves itself by embedding
         work = state.engine.embed([ids])

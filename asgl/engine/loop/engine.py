@@ -19,6 +19,7 @@ import asyncio
 import gc
 import logging
 import random
+import threading
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Union
@@ -67,6 +68,8 @@ class Engine:
         self.grammar_backend = None  # GrammarBackend (asgl/engine/grammar.py)
         self._jump_forward = None  # JumpForward (asgl/engine/jump_forward.py)
         self._grammar_step = None  # the submitted step's masks, filled after the next apply
+        self._progress = 0  # steps applied (or failed): what the watchdog watches
+        self.watchdog = None  # Watchdog (asgl/engine/loop/watchdog.py) unless turned off
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> "Engine":
@@ -115,6 +118,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._loop_task = loop.create_task(self._run_loop(), name="asgl-scheduler")
         self._started = True
+        self._start_watchdog()
         # The model, graphs and tables live as long as the engine: keep the cyclic GC from
         # walking them at every full collection (a pause of milliseconds mid-step).
         gc.collect()
@@ -122,6 +126,28 @@ class Engine:
         logger.info("KV pool: %d tokens; context %d; max running %d; chunk %d; overlap %s",
                     capacity, context_len, max_running, self._memory_args["chunk"], self.overlap)
         return self
+
+    def _start_watchdog(self) -> None:
+        if not self.config.watchdog_timeout:
+            return
+        from asgl.engine.loop.watchdog import Watchdog
+
+        loop_thread = threading.current_thread().name
+
+        def where() -> str:
+            busy = self.worker.describe_busy()
+            if busy is not None:
+                return f"the device worker is stuck: {busy}"
+            return f"the event loop (thread {loop_thread}) is stuck in the scheduler or a handler"
+
+        self.watchdog = Watchdog(self.config.watchdog_timeout, progress=lambda: self._progress,
+                                 has_work=lambda: self.scheduler.has_work(), where=where,
+                                 exit_on_stall=self.config.exit_on_stall).start()
+
+    @property
+    def stalled(self) -> Optional[str]:
+        """What is stuck while the watchdog finds no progress with work queued, else None."""
+        return self.watchdog.stalled if self.watchdog is not None else None
 
     def _init_memory_state(self) -> None:
         """(Re)create the KV memory bookkeeping (table, slots, prefix cache) and scheduler."""
@@ -181,6 +207,8 @@ class Engine:
         if not self._started:
             return
         self._closing = True
+        if self.watchdog is not None:
+            self.watchdog.stop()
         for rid in list(self._streams):
             self.abort(rid)
         self._wake.set()
@@ -444,6 +472,7 @@ class Engine:
                     await asyncio.sleep(0.002)
             except Exception:  # a bug here must not hang every waiting request
                 logger.exception("scheduler step failed; aborting all requests")
+                self._progress += 1  # (a failure is progress too: the work is gone)
                 try:
                     self._fail_all()
                 except Exception:  # noqa: BLE001 - keep the loop alive whatever happens
@@ -504,6 +533,7 @@ class Engine:
         return out
 
     def _apply(self, batch: ScheduledBatch, out) -> None:
+        self._progress += 1
         apply_step_output(batch, out, self.context_len)
         self.scheduler.finish_step(batch)
 

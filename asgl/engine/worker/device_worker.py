@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -33,14 +35,34 @@ class DeviceWorker:
         # Waits for launched GPU steps (StepOutput.wait) so that neither the loop nor the
         # launching thread blocks on the device.
         self._waiter = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-wait")
+        self.busy: dict[str, Optional[tuple]] = {"worker": None, "waiter": None}
 
     def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
         """Run `fn(*args)` on the worker thread; await the result on the loop."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return asyncio.get_running_loop().run_in_executor(self._executor, self._timed,
+                                                          "worker", fn, args)
 
     def finish(self, fn: Callable[[], Any]) -> asyncio.Future:
         """Run `fn()` (a step's `wait`) on the waiter thread; await the result on the loop."""
-        return asyncio.get_running_loop().run_in_executor(self._waiter, fn)
+        return asyncio.get_running_loop().run_in_executor(self._waiter, self._timed,
+                                                          "waiter", fn, ())
+
+    def _timed(self, which: str, fn: Callable[..., Any], args: tuple) -> Any:
+        # what the watchdog reports when a call never returns: thread, function, since when
+        self.busy[which] = (threading.current_thread().name, getattr(fn, "__qualname__", fn),
+                            time.monotonic())
+        try:
+            return fn(*args)
+        finally:
+            self.busy[which] = None
+
+    def describe_busy(self) -> Optional[str]:
+        """The longest-running call on the worker or waiter thread, or None when both idle."""
+        calls = [c for c in self.busy.values() if c is not None]
+        if not calls:
+            return None
+        name, fn, since = min(calls, key=lambda c: c[2])
+        return f"thread {name} has been in {fn} for {time.monotonic() - since:.1f} s"
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn(*args)` on the worker thread and wait for it (no event loop needed)."""
