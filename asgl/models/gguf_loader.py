@@ -35,12 +35,13 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
 
 from asgl.engine.contracts.errors import ModelLoadError
+from asgl.models import gguf_arch
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama",) + gguf_arch.ARCHITECTURES  # the others: gguf_arch.py
 # Bump when the conversion's output changes, so old cache entries are not reused.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2  # 2: architectures beyond llama, end-of-turn eos ids
 _SHARD_BYTES = 4 << 30
 
 # llama.cpp tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
@@ -159,18 +160,22 @@ def _convert_into(path: str, out: Path) -> None:
         raise ModelLoadError(f"{path}: mixture-of-experts {arch} GGUFs (Mixtral) are not supported")
 
     tensors = {t.name: t for t in reader.tensors}
-    config = _llama_config(meta, arch, tensors)
+    if arch == "llama":
+        config = _llama_config(meta, arch, tensors)
+    else:
+        config = _arch_config(meta, arch, tensors)
     # One bar for the whole conversion: a step per tensor, one per file written and one
     # for the tokenizer (transformers rebuilds it from the GGUF vocabulary: seconds).
-    named = sum(hf_tensor_name(name) is not None for name in tensors)
-    with tqdm(total=named + _shard_count(tensors) + 1, unit="step",
+    named = sum(hf_tensor_name(name, arch) is not None for name in tensors)
+    with tqdm(total=named + _shard_count(tensors, arch) + 1, unit="step",
               desc=f"Converting {os.path.basename(path)}") as bar:
-        _save_weights(path, tensors, config, out, bar)
+        _save_weights(path, tensors, config, out, bar, arch)
         bar.set_postfix_str("tokenizer")
-        _save_tokenizer(path, meta, out)
+        _save_tokenizer(path, meta, out, arch)
         bar.update()
     config.save_pretrained(out)
     eos = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    eos += _end_of_turn_ids(reader)
     GenerationConfig(
         bos_token_id=config.bos_token_id, pad_token_id=config.pad_token_id,
         eos_token_id=list(dict.fromkeys(i for i in eos if i is not None)) or None,
@@ -206,6 +211,33 @@ def _llama_config(meta: "_Metadata", arch: str, tensors: dict[str, Any]) -> Llam
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
     return LlamaConfig.from_dict(fields)
+
+
+def _arch_config(meta: "_Metadata", arch: str, tensors: dict[str, Any]) -> Any:
+    """The transformers config of a non-llama GGUF (fields: gguf_arch.config_fields)."""
+    from gguf.quants import dequantize
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    def read(t: Any) -> np.ndarray:
+        return np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).ravel()
+
+    fields = gguf_arch.config_fields(meta, arch, tensors, read)
+    return CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
+
+
+def _end_of_turn_ids(reader: Any) -> list[int]:
+    """Ids of the chat end-of-turn tokens (gguf_arch.END_OF_TURN_TOKENS) in the vocabulary."""
+    field = reader.fields.get("tokenizer.ggml.tokens")
+    if field is None:
+        return []
+    wanted = {t.encode() for t in gguf_arch.END_OF_TURN_TOKENS}
+    lengths = {len(t) for t in wanted}
+    found = []
+    for i, idx in enumerate(field.data):
+        part = field.parts[idx]
+        if len(part) in lengths and bytes(part) in wanted:
+            found.append(i)
+    return found
 
 
 def _rope_scaling(meta: "_Metadata", arch: str, tensors: dict[str, Any], theta: float,
@@ -248,8 +280,14 @@ def _llama3_divisors(s: dict, theta: float, head_dim: int) -> np.ndarray:
     return np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, s["factor"], mid))
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     """The HF parameter name of a llama.cpp tensor; None for tensors HF has no parameter for."""
+    if arch != "llama":
+        try:
+            return gguf_arch.hf_tensor_name(arch, gguf_name)
+        except KeyError:
+            raise ModelLoadError(f"GGUF tensor {gguf_name!r} has no known HF name for a "
+                                 f"{arch} model") from None
     if gguf_name == "rope_freqs.weight":
         return None  # folded into config.rope_scaling
     base, _, suffix = gguf_name.rpartition(".")
@@ -269,9 +307,9 @@ def _unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _shard_count(tensors: dict[str, Any]) -> int:
+def _shard_count(tensors: dict[str, Any], arch: str = "llama") -> int:
     return len(_plan_shards([(hf, t) for t in tensors.values()
-                             if (hf := hf_tensor_name(t.name)) is not None]))
+                             if (hf := hf_tensor_name(t.name, arch)) is not None]))
 
 
 def _plan_shards(named: list[tuple[str, Any]]) -> list[list[tuple[str, Any]]]:
@@ -288,10 +326,11 @@ def _plan_shards(named: list[tuple[str, Any]]) -> list[list[tuple[str, Any]]]:
 
 
 def _save_weights(path: str, tensors: dict[str, Any], config: LlamaConfig, out: Path,
-                  bar: Any) -> None:
+                  bar: Any, arch: str = "llama") -> None:
     from gguf.quants import dequantize
 
-    named = [(hf, t) for t in tensors.values() if (hf := hf_tensor_name(t.name)) is not None]
+    named = [(hf, t) for t in tensors.values()
+             if (hf := hf_tensor_name(t.name, arch)) is not None]
     shards = _plan_shards(named)
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards):
@@ -303,7 +342,9 @@ def _save_weights(path: str, tensors: dict[str, Any], config: LlamaConfig, out: 
             # np.array copies: the reader hands out read-only views of the memory-mapped file.
             w = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32))
             w = w.reshape(shape)
-            if hf.endswith("q_proj.weight"):
+            if arch != "llama":  # only llama's q/k rows were permuted
+                w = gguf_arch.fix_tensor(arch, hf, w)
+            elif hf.endswith("q_proj.weight"):
                 w = _unpermute_rows(w, config.num_attention_heads)
             elif hf.endswith("k_proj.weight"):
                 w = _unpermute_rows(w, config.num_key_value_heads)
@@ -320,14 +361,14 @@ def _save_weights(path: str, tensors: dict[str, Any], config: LlamaConfig, out: 
             json.dump(index, f, indent=2)
 
 
-def _save_tokenizer(path: str, meta: "_Metadata", out: Path) -> None:
+def _save_tokenizer(path: str, meta: "_Metadata", out: Path, arch: str = "llama") -> None:
     folder, name = os.path.split(os.path.abspath(path))
     try:
         # transformers converts the GGUF vocabulary and merges into a fast tokenizer.
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot convert the GGUF tokenizer: {exc}") from exc
-    template = meta.get("tokenizer.chat_template")
+    template = meta.get("tokenizer.chat_template") or gguf_arch.default_chat_template(arch)
     if template and not tokenizer.chat_template:
         tokenizer.chat_template = template
     tokenizer.save_pretrained(str(out))
