@@ -75,7 +75,7 @@ def build_app(engine: Any, config: EngineConfig, model_name: Optional[str] = Non
                         model_name=model_name,
                         token_texts=TokenTexts(engine.tokenizer))
     middlewares = [metrics_middleware, error_middleware]
-    auth = auth_middleware(config.api_key)
+    auth = auth_middleware(config.api_key, config.admin_api_key)
     if auth is not None:
         middlewares.append(auth)
     app = web.Application(middlewares=middlewares, client_max_size=state.max_body_bytes)

@@ -1,6 +1,7 @@
 """Middlewares, outermost first: metrics (status per route), errors (every failure becomes
-an OpenAI-style error body; a 500 only for a bug), auth (bearer key on every route but
-/health, unknown routes included: deny by default).
+an OpenAI-style error body; a 500 only for a bug, with a request id), auth (bearer key on
+every route but /health, unknown routes included: deny by default; the admin routes behind
+their own key when --admin-api-key is set).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PUBLIC_PATHS = frozenset({"/health"})
+# Routes that act on the server or on other users' requests, or show its configuration:
+# behind --admin-api-key when it is set.
+ADMIN_PATHS = frozenset({"/flush_cache", "/abort_request", "/get_server_info"})
 CLIENT_GONE = 499  # nginx's code for "the client closed the connection first"
 
 
@@ -69,16 +73,28 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(err.status, err.message, err.param, err.code, err.headers)
 
 
-def auth_middleware(api_key: Optional[str]) -> Optional[Callable]:
-    if not api_key:
+def auth_middleware(api_key: Optional[str],
+                    admin_api_key: Optional[str] = None) -> Optional[Callable]:
+    """Bearer keys: --api-key on every route but /health; with --admin-api-key, the admin
+    routes (ADMIN_PATHS) take that key only, and it opens every other route too."""
+    if not api_key and not admin_api_key:
         return None
-    expected = f"Bearer {api_key}".encode()
+    user = f"Bearer {api_key}".encode() if api_key else None
+    admin = f"Bearer {admin_api_key}".encode() if admin_api_key else None
 
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS:
+        path = request.path
+        if path not in PUBLIC_PATHS:
             given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, expected):
+            is_admin = admin is not None and hmac.compare_digest(given, admin)
+            if admin is not None and path in ADMIN_PATHS:
+                if not is_admin:
+                    raise ApiError(401 if not given else 403,
+                                   "this admin route needs the admin key (--admin-api-key): "
+                                   "send 'Authorization: Bearer <admin key>'",
+                                   code="invalid_admin_key")
+            elif user is not None and not is_admin and not hmac.compare_digest(given, user):
                 raise ApiError(401, "invalid or missing API key: send the header "
                                "'Authorization: Bearer <key>'", code="invalid_api_key")
         return await handler(request)

@@ -252,8 +252,9 @@ async def get_server_info(request: web.Request) -> web.Response:
     debug view that tests use to check that no KV slot leaked."""
     state = get_state(request)
     info = msgspec.to_builtins(state.config)
-    if info.get("api_key"):
-        info["api_key"] = "<redacted>"
+    for key in ("api_key", "admin_api_key"):
+        if info.get(key):
+            info[key] = "<redacted>"
     engine = state.engine
     stats = getattr(getattr(engine, "scheduler", None), "stats", None)
     info.update({
