@@ -14,7 +14,8 @@ import asyncio
 import json
 from typing import Any, Callable, Optional, TypeVar
 
-from asgl.server.errors import bad_request
+from asgl.engine.loop import offload
+from asgl.server.errors import ApiError, bad_request
 from asgl.server.limits import check_prompt_chars
 from asgl.server.state import ServerState
 
@@ -27,7 +28,12 @@ T = TypeVar("T")
 async def _maybe_offload(size: int, fn: Callable[..., T], *args: Any) -> T:
     if size <= _OFFLOAD_CHARS:
         return fn(*args)
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:  # off the loop, in the tokenize pool, with a deadline (engine/loop/offload.py)
+        return await offload.run_bounded(fn, *args)
+    except asyncio.TimeoutError:
+        raise ApiError(503, f"tokenizing the prompt took longer than "
+                       f"{offload.TOKENIZE_TIMEOUT_S:.0f} s: the server is overloaded",
+                       headers={"Retry-After": "5"}) from None
 
 
 async def tokenize(state: ServerState, text: str, param: str) -> list[int]:

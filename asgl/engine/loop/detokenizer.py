@@ -16,7 +16,10 @@ decodes in Python.
 Stop strings: the earliest-ending occurrence wins, even when it spans tokens. Nothing past
 the stop string is ever emitted, nor the stop string itself unless `no_stop_trim`. The
 longest suffix of the new text that could still begin a stop string is held back until it
-is resolved; `flush()` releases it (and any trailing incomplete bytes) at the end.
+is resolved (with very long stops: the last len(longest) - 1 characters); `flush()`
+releases it (and any trailing incomplete bytes) at the end. Each step searches only the
+held-back text and the new text, so the work per token is bounded by the stops, whatever
+the length of the output.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ except ImportError:  # pragma: no cover - older tokenizers: the Python window be
 _PROMPT_CONTEXT = 5
 # Consumed ids kept before the window is compacted (bounds memory on long outputs).
 _COMPACT_AT = 64
+# Characters of stop-string prefixes a request may keep for an exact hold-back: past this,
+# building and probing them would cost more than the hold saves (per request, on the loop).
+_PRECISE_HOLD_CHARS = 1 << 16
 
 
 def _rust_backend(tokenizer: Any) -> Any:
@@ -78,9 +84,13 @@ class IncrementalDetokenizer:
             self._stream = DecodeStream(ids=list(self._ids),
                                         skip_special_tokens=skip_special_tokens)
         self._stops = [s for s in stop_strings if s]
-        # every proper prefix of a stop string: what a held-back tail may look like
-        self._stop_prefixes = {s[:i] for s in self._stops for i in range(1, len(s))}
         self._max_hold = max((len(s) - 1 for s in self._stops), default=0)
+        # every proper prefix of a stop string: what a held-back tail may look like. They
+        # hold sum(len^2)/2 characters, so past a bound (long stops) the last max_hold
+        # characters are held back instead: the same text, a little later in the stream.
+        self._stop_prefixes: Optional[set[str]] = None
+        if sum(len(s) * len(s) for s in self._stops) // 2 <= _PRECISE_HOLD_CHARS:
+            self._stop_prefixes = {s[:i] for s in self._stops for i in range(1, len(s))}
         self._no_stop_trim = no_stop_trim
         self._held = ""  # decoded text not yet emitted (could start a stop string)
         self.matched_stop: Optional[str] = None
@@ -170,7 +180,10 @@ class IncrementalDetokenizer:
         return None if best is None else (best[1], best[2])
 
     def _hold_len(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string
+        (or of the longest possible one, with stops too long for the prefix set)."""
+        if self._stop_prefixes is None:
+            return min(self._max_hold, len(text))
         for k in range(min(self._max_hold, len(text)), 0, -1):
             if text[-k:] in self._stop_prefixes:
                 return k

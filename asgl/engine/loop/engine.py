@@ -31,6 +31,7 @@ from asgl.engine.scheduler.memory import KVMemory
 from asgl.engine.loop.output_processor import (apply_step_output, fail_request, finish_aborted,
                                                finish_request)
 from asgl.engine.contracts.outputs import FinishReason, GenerateOutput, StreamChunk
+from asgl.engine.loop import offload
 from asgl.engine.loop.streams import RequestStream
 from asgl.engine.contracts.step import StepPlan
 from asgl.engine.sampling.batch import SamplingBatch
@@ -399,7 +400,11 @@ class Engine:
                                      f"of {self.vocab_size} tokens", "input_ids")
         elif isinstance(prompt, str):
             if len(prompt) > _OFFLOAD_TOKENIZE_CHARS:
-                ids = await asyncio.get_running_loop().run_in_executor(None, self.tokenize, prompt)
+                try:
+                    ids = await offload.run_bounded(self.tokenize, prompt)
+                except asyncio.TimeoutError:
+                    raise InvalidRequest(f"tokenizing the prompt took longer than "
+                                         f"{offload.TOKENIZE_TIMEOUT_S:.0f} s", "text") from None
             else:
                 ids = self.tokenize(prompt)
         else:
