@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -119,6 +120,22 @@ def _check_greedy(got: list[int], ref: list[int], gaps: list[float], what: str) 
     return len(got)
 
 
+def _check_cold_prompt(llm, hf, prompt: list[int], what: str) -> int:
+    """Greedy tokens and every logits row of one fresh prompt against HF; returns how many
+    generated tokens agree."""
+    ref, gaps = _hf_greedy(hf, prompt, MAX_NEW)
+    tap = _LogitsTap(llm.engine.runner.model)
+    out = llm.generate(prompt, {"temperature": 0.0, "max_new_tokens": MAX_NEW, "ignore_eos": True},
+                       return_logprob=True, logprob_start_len=0)
+    agree = _check_greedy(out.output_ids, ref, gaps, what)
+    got = tap.take()
+    want = _hf_logits(hf, (prompt + out.output_ids)[:-1])
+    assert got.shape == want.shape, (got.shape, want.shape)
+    n = len(prompt) + agree  # rows before a near-tie divergence
+    assert rel_err(got[:n], want[:n]) < 1e-4, (what, rel_err(got[:n], want[:n]))
+    return agree
+
+
 class _LogitsTap:
     """Records every logits tensor the engine's model computes (rows in step order)."""
 
@@ -209,3 +226,134 @@ def test_dummy_preset_shapes(name):
         model = get_model_class(config.architectures)(config)
     billions = sum(p.numel() for p in model.parameters()) / 1e9
     assert abs(billions - PRESET_SIZES[name]) / PRESET_SIZES[name] < 0.01, billions
+
+
+# ---------------------------------------------------------------------------- GGUF
+# A tiny GGUF per llama.cpp architecture, written the way llama.cpp's converter writes it
+# (its tensor names, Gemma's norms stored as 1 + w, Phi-3's fused tensors and LongRoPE
+# factors), from the same random HF model the engine's output is compared with. transformers
+# reads the file too (its own name mapping, where it knows the architecture), so the writer
+# here cannot share a mistake with asgl's reader unnoticed. Fields a GGUF does not store
+# follow llama.cpp's defaults in the HF configs (Gemma's query_pre_attn_scalar = head_dim,
+# Gemma 3's local RoPE base 10000).
+GGUF_CASES = {
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False), "rms"),
+    "qwen3": ("Qwen3Config", dict(rms_norm_eps=1e-6), "rms"),
+    "gemma": ("GemmaConfig", dict(GEMMA, hidden_act="gelu_pytorch_tanh"), "rms"),
+    "gemma2": ("Gemma2Config", dict(GEMMA, sliding_window=WINDOW, query_pre_attn_scalar=16,
+                                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                                    num_hidden_layers=3), "rms"),
+    "gemma3": ("Gemma3TextConfig", dict(GEMMA, sliding_window=WINDOW, query_pre_attn_scalar=16,
+                                        num_hidden_layers=6, rope_theta=100000.0,
+                                        rope_local_base_freq=10000.0), "rms"),
+    "phi3": ("Phi3Config", dict(
+        sliding_window=WINDOW, original_max_position_embeddings=64,
+        rope_scaling=dict(type="longrope", short_factor=[1.0 + 0.1 * i for i in range(8)],
+                          long_factor=[2.0 + 0.5 * i for i in range(8)])), "rms"),
+    "stablelm": ("StableLmConfig", dict(use_qkv_bias=True, partial_rotary_factor=0.25,
+                                        use_parallel_residual=False), "layer"),
+    "command-r": ("CohereConfig", dict(logit_scale=0.5, tie_word_embeddings=True), "layer"),
+}
+_HF_ONLY = {"rotary_emb", "inv_freq"}
+
+
+def _write_gguf(hf, arch: str, path) -> None:
+    import gguf
+    from asgl.models import gguf_arch
+
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), arch)
+    put = lambda key, value, vtype: w.add_key_value(f"{arch}.{key}", value, vtype)  # noqa: E731
+    U32, F32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
+    head_dim = c.head_dim
+    for key, value in [("vocab_size", c.vocab_size), ("context_length", c.max_position_embeddings),
+                       ("embedding_length", c.hidden_size), ("block_count", c.num_hidden_layers),
+                       ("feed_forward_length", c.intermediate_size),
+                       ("attention.head_count", c.num_attention_heads),
+                       ("attention.head_count_kv", c.num_key_value_heads),
+                       ("attention.key_length", head_dim), ("attention.value_length", head_dim)]:
+        put(key, value, U32)
+    from asgl.layers.rotary import rope_parameters
+    params = rope_parameters(c, "full_attention" if arch == "gemma3" else None)
+    put("rope.freq_base", float(params["rope_theta"]), F32)
+    partial = params.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0))
+    put("rope.dimension_count", int(head_dim * partial), U32)
+    if GGUF_CASES[arch][2] == "rms":
+        put("attention.layer_norm_rms_epsilon", float(c.rms_norm_eps), F32)
+    else:
+        put("attention.layer_norm_epsilon", float(c.layer_norm_eps), F32)
+    if getattr(c, "sliding_window", None):
+        put("attention.sliding_window", c.sliding_window, U32)
+    if arch == "gemma2":
+        put("attn_logit_softcapping", float(c.attn_logit_softcapping), F32)
+        put("final_logit_softcapping", float(c.final_logit_softcapping), F32)
+    if arch == "command-r":
+        put("logit_scale", float(c.logit_scale), F32)
+    if arch == "phi3":
+        put("rope.scaling.original_context_length", c.original_max_position_embeddings, U32)
+        for kind in ("long", "short"):
+            w.add_tensor(f"rope_factors_{kind}.weight",
+                         np.array(params[f"{kind}_factor"], dtype=np.float32))
+    for key, value in [("bos_token_id", 1), ("eos_token_id", EOS), ("padding_token_id", 0)]:
+        w.add_key_value(f"tokenizer.ggml.{key}", value, U32)
+
+    inverse = {hf_part: gg for gg, hf_part in gguf_arch.LAYER_NAMES[arch].items()}
+    globals_ = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
+                "lm_head": "output"}
+    for name, tensor in hf.state_dict().items():
+        if any(h in name for h in _HF_ONLY) or (name == "lm_head.weight"
+                                                and c.tie_word_embeddings):
+            continue
+        base, _, suffix = name.rpartition(".")
+        if base in globals_:
+            gg = f"{globals_[base]}.{suffix}"
+        else:
+            layer, part = base.removeprefix("model.layers.").split(".", 1)
+            gg = f"blk.{layer}.{inverse[part]}.{suffix}"
+        data = tensor.float()
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            data = data + 1.0  # llama.cpp's Gemma converter stores 1 + w
+        w.add_tensor(gg, data.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", list(GGUF_CASES))
+def test_gguf_family_matches_hf(arch, tmp_path, monkeypatch):
+    from asgl.models import gguf_loader
+
+    cls_name, extra, _ = GGUF_CASES[arch]
+    FAMILIES[f"gguf-{arch}"] = (cls_name, extra)
+    try:
+        hf = _hf_model(f"gguf-{arch}")
+    finally:
+        del FAMILIES[f"gguf-{arch}"]
+    path = tmp_path / f"tiny-{arch}.gguf"
+    _write_gguf(hf, arch, path)
+    prompt = torch.randint(2, VOCAB - 1, (21,), generator=torch.Generator().manual_seed(9)).tolist()
+
+    if arch in ("qwen2", "qwen3", "gemma2", "gemma3", "phi3", "stablelm"):
+        # transformers' own GGUF reader finds the model's tensors under their HF names
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        empty = transformers.AutoModelForCausalLM.from_config(hf.config)
+        theirs = load_gguf_checkpoint(str(path), return_tensors=True,
+                                      model_to_load=empty)["tensors"]
+        ours = {k: v for k, v in hf.state_dict().items()
+                if not any(h in k for h in _HF_ONLY) and k in theirs}
+        assert len(ours) >= len(hf.state_dict()) - 1  # all, maybe less a tied lm_head
+        for name, tensor in ours.items():
+            torch.testing.assert_close(torch.as_tensor(theirs[name]).float(), tensor.float(),
+                                       msg=name)
+
+    # The tokenizer's conversion is the same for every architecture (transformers reads the
+    # GGUF vocabulary); these files have none. Gemma 3 270M's test converts a real one.
+    monkeypatch.setattr(gguf_loader, "_save_tokenizer", lambda *a, **k: None)
+    monkeypatch.setenv("ASGL_CACHE_DIR", str(tmp_path / "cache"))
+    llm = make_llm(model_path=str(path), dtype="float32", device="cpu", chunked_prefill_size=CHUNK,
+                   skip_tokenizer_init=True, max_total_tokens=1024, disable_overlap_schedule=True)
+    try:
+        _check_cold_prompt(llm, hf, prompt, f"gguf {arch}")
+    finally:
+        llm.shutdown()
