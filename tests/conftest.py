@@ -137,3 +137,56 @@ def make_llm(**options):
     options.setdefault("debug_check_integrity", True)
     options.setdefault("max_total_tokens", ENGINE_KV_TOKENS)
     return LLM(**options)
+
+
+# ------------------------------------------------------------------------------ test tiers
+# The default selection (`python -m pytest -q -n auto`, the README's command) leaves out
+# these files: each takes tens of seconds to minutes on a 2-core CPU (extra servers or
+# engines, multi-process TP/DP, the Triton interpreter, torch.compile, load and fuzz runs,
+# HF references). `.ci/run` runs them in a second step (`--tier slow`). A new test file is
+# in the default tier unless named here: add it when it takes more than ~20 s alone
+# (docs/testing.md). Naming files or node ids on the command line runs them whatever tier.
+SLOW_FILES = frozenset({
+    "test_cuda_graph_shapes.py", "test_dp_engine.py", "test_embeddings.py",
+    "test_embeddings_server.py", "test_gpu_path_cpu.py", "test_grammar_engine.py",
+    "test_grammar_tools.py", "test_isolation.py", "test_lang_readme.py",
+    "test_lang_select.py", "test_loop_device_tensors.py", "test_model_families.py",
+    "test_prefix_cache_engine.py", "test_request_limits.py", "test_sampler_backends.py",
+    "test_server_bench.py", "test_server_fuzz.py", "test_server_guarded.py",
+    "test_server_load.py", "test_server_native.py", "test_server_readme.py",
+    "test_server_structured.py", "test_torch_compile.py", "test_tp_comm.py",
+    "test_tp_engine.py", "test_tp_multinode.py", "test_triton_kernels.py",
+    "test_watchdog.py",
+})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--tier", choices=["fast", "slow", "all"], default=None,
+                     help="fast: the default selection; slow: the files in "
+                          "conftest.SLOW_FILES; all: both (default: fast, or all when "
+                          "files or node ids are named)")
+
+
+def _tier(config: pytest.Config) -> str:
+    tier = config.getoption("--tier")
+    if tier:
+        return tier
+    named = any(arg.split("::")[0].endswith(".py") for arg in config.args)
+    return "all" if named else "fast"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: in the slow tier (conftest.SLOW_FILES)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tier = _tier(config)
+    keep, drop = [], []
+    for item in items:
+        slow = item.path.name in SLOW_FILES
+        if slow:
+            item.add_marker(pytest.mark.slow)
+        (keep if tier == "all" or slow == (tier == "slow") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

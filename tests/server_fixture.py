@@ -164,10 +164,9 @@ def _stop_all() -> None:
 
 @pytest.fixture(scope="session")
 def main_server() -> ServerProcess:
-    """No API key, no queue limit; on SGLang's default port 30000 when that is free, so
-    the README snippets run unchanged."""
-    port = SGLANG_DEFAULT_PORT if port_is_free(SGLANG_DEFAULT_PORT) else None
-    return shared_server("main", [], port=port)
+    """No API key, no queue limit; on a free port, never a fixed one (two runs of the
+    suite at once must not collide): README snippets get their port rewritten."""
+    return shared_server("main", [])
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@
 embeddings snippet verbatim, /v1/embeddings through the openai SDK against
 sentence-transformers, token-id inputs, base64, truncation, /encode, and 400s.
 
-One server subprocess, on port 30000 when free (the README's port) and stopped when this
-module ends, so later modules can have the port."""
+One server subprocess, on a free port (the README's 30000 is rewritten in its snippet),
+stopped when this module ends."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from asgl.models.loader import embedded_embedding_model_path
-from server_fixture import SGLANG_DEFAULT_PORT, ServerProcess, free_port, port_is_free
+from server_fixture import SGLANG_DEFAULT_PORT, ServerProcess, free_port
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -43,7 +43,7 @@ CONTEXT = 512  # the fixture's --context-length 1024, capped to BERT's 512 posit
 
 @pytest.fixture(scope="module")
 def spawned():
-    port = SGLANG_DEFAULT_PORT if port_is_free(SGLANG_DEFAULT_PORT) else free_port()
+    port = free_port()
     proc = ServerProcess(["--is-embedding"], port)
     yield proc
     proc.stop()

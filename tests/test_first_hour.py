@@ -243,3 +243,21 @@ def test_subcommands_show_only_their_own_flags():
     assert "--workload" in bench and "--output" in bench and "--port" not in bench
     serving = _help("bench", "serving")
     assert "--base-url" in serving and "--model-path" not in serving
+
+
+def test_frontend_renders_chat_templates_without_transformers():
+    """A frontend-only install (no transformers) renders the server's chat template with
+    jinja2 alone, exactly as transformers does."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    from asgl.engine.loop.tokenizer import BUILTIN_CHAT_TEMPLATES
+    from asgl.lang.backends.runtime_endpoint import _jinja_render
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    special = {"bos_token": "<s>", "eos_token": "</s>"}
+    for name, text in BUILTIN_CHAT_TEMPLATES.items():
+        for gen_prompt in (False, True):
+            expected, _ = render_jinja_template([messages], chat_template=text,
+                                                add_generation_prompt=gen_prompt, **special)
+            assert _jinja_render(text, special)(messages, gen_prompt) == expected[0], name

@@ -113,10 +113,13 @@ def _output(item: dict) -> NativeOutput:
 
 def _local_tokenizer(tokenizer_path: Optional[str], info: dict) -> Optional[tuple[Any, Any]]:
     """(tokenizer, chat template) of the served model from files on this machine, or None."""
-    from asgl.config import EngineConfig
-    from asgl.engine.loop.tokenizer import load_tokenizer
-    from asgl.models import presets
-    from asgl.models.loader import ModelLoadError, embedded_model_path, resolve_model
+    try:
+        from asgl.config import EngineConfig
+        from asgl.engine.loop.tokenizer import load_tokenizer
+        from asgl.models import presets
+        from asgl.models.loader import ModelLoadError, embedded_model_path, resolve_model
+    except ImportError:  # a frontend-only install (no torch, no transformers)
+        return None
 
     try:
         for path in (tokenizer_path, info.get("tokenizer_path")):
@@ -141,12 +144,14 @@ def _local_tokenizer(tokenizer_path: Optional[str], info: dict) -> Optional[tupl
 
 
 def _template_without_tokenizer(template: str, info: dict) -> ChatTemplate:
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    from asgl.engine.loop.tokenizer import BUILTIN_CHAT_TEMPLATES
-
-    text = BUILTIN_CHAT_TEMPLATES.get(template, template)
     special = {k: info.get(k) or "" for k in ("bos_token", "eos_token")}
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        from asgl.engine.loop.tokenizer import BUILTIN_CHAT_TEMPLATES
+    except ImportError:  # a frontend-only install: the server's template text, with jinja2
+        return JinjaChatTemplate(_jinja_render(template, special), "server template")
+    text = BUILTIN_CHAT_TEMPLATES.get(template, template)
 
     def render(messages: list[dict], add_generation_prompt: bool) -> str:
         rendered, _ = render_jinja_template([messages], chat_template=text,
@@ -154,3 +159,23 @@ def _template_without_tokenizer(template: str, info: dict) -> ChatTemplate:
                                             **special)
         return rendered[0]
     return JinjaChatTemplate(render, "server template")
+
+
+def _jinja_render(text: str, special: dict) -> Any:
+    """Render an HF chat template with jinja2 alone, as transformers sets it up (trimmed
+    blocks, loop controls, `raise_exception`), for installs without transformers."""
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    compiled = env.from_string(text)
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               **special)
+    return render
