@@ -261,3 +261,29 @@ def test_frontend_renders_chat_templates_without_transformers():
             expected, _ = render_jinja_template([messages], chat_template=text,
                                                 add_generation_prompt=gen_prompt, **special)
             assert _jinja_render(text, special)(messages, gen_prompt) == expected[0], name
+
+
+def test_dp_replica_output_is_prefixed_line_by_line():
+    import io
+
+    from asgl.engine.dp.engine import prefix_output
+
+    src = io.BufferedReader(io.BytesIO(b"2026 INFO loaded\nbar 10%\rbar 100%\nTraceback\n  x\n"))
+    dst = io.BytesIO()
+    prefix_output(src, b"[DP1] ", dst)
+    assert dst.getvalue() == (b"[DP1] 2026 INFO loaded\n[DP1] bar 10%\r[DP1] bar 100%\n"
+                              b"[DP1] Traceback\n[DP1]   x\n")
+
+
+def test_fast_tier_still_covers_the_whole_path():
+    """The default selection keeps an engine greedy-vs-HF test, server streaming and
+    shutdown tests and asgl.lang programs against a live server; every slow file exists."""
+    from conftest import SLOW_FILES
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("test_engine_hf.py", "test_server_openai.py", "test_shutdown.py",
+                 "test_lang_openai.py", "test_lang_core.py", "test_first_hour_server.py"):
+        assert name not in SLOW_FILES and os.path.exists(os.path.join(here, name)), name
+    assert all(os.path.exists(os.path.join(here, name)) for name in SLOW_FILES)
+    with open(os.path.join(here, "test_lang_openai.py")) as f:
+        assert "main_server" in f.read()  # a program against the real server, not a fake

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import secrets
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional, Union
@@ -41,6 +43,28 @@ logger = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 600.0
 PromptType = Union[str, list[int], None]
+
+
+def prefix_output(src: Any, prefix: bytes, dst: Any = None) -> None:
+    """Copy a replica's output to ours with `prefix` at the start of every line, so the
+    replicas' logs, warnings and tracebacks stay readable side by side. A progress bar's
+    `\r` starts a line too (its redraws keep their prefix)."""
+    dst = dst or sys.stderr.buffer
+    at_start = True
+    for chunk in iter(lambda: src.read1(1 << 16), b""):
+        out = []
+        for piece in _LINE_ENDS.split(chunk):
+            if piece in (b"\r", b"\n"):
+                at_start = True
+            elif piece and at_start:
+                out.append(prefix)
+                at_start = False
+            out.append(piece)
+        dst.write(b"".join(out))
+        dst.flush()
+
+
+_LINE_ENDS = re.compile(rb"(\r|\n)")
 
 
 class _Replica:
@@ -152,10 +176,15 @@ class DPEngine:
             threads = max(1, (os.cpu_count() or 1) // cfg.dp_size)
         boot = ReplicaBoot(config=replica_cfg, index=index, port=port, token=self._token,
                            threads=threads)
+        if index > 0:  # one progress display: replica 0's bars stand for all of them
+            env["TQDM_DISABLE"] = "1"
         proc = subprocess.Popen([sys.executable, "-m", "asgl.engine.dp.replica",
-                                 "--parent-pid", str(os.getpid())], stdin=subprocess.PIPE, env=env)
+                                 "--parent-pid", str(os.getpid())], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         proc.stdin.write(msgspec.json.encode(boot))
         proc.stdin.close()
+        threading.Thread(target=prefix_output, args=(proc.stdout, f"[DP{index}] ".encode()),
+                         name=f"asgl-dp{index}-log", daemon=True).start()
         return proc
 
     async def _wait_ready(self) -> None:

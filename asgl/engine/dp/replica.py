@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     boot = msgspec.json.decode(sys.stdin.buffer.read(), type=ReplicaBoot)
     logging.basicConfig(level=getattr(logging, boot.config.log_level.upper()),
-                        format=f"%(asctime)s %(levelname)s [DP{boot.index}] %(name)s: %(message)s")
+                        # the front prefixes every line of ours with [DP<index>]
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front decides when replicas stop
     from asgl.engine.worker.tp_launch import watch_parent
 
