@@ -212,6 +212,9 @@ class ModelRunner:
         max_tokens = self.cfg.cuda_graph_max_tokens
         if max_tokens is None:
             max_tokens = DEFAULT_MAX_EXTEND_TOKENS
+        # an extend graph's padded request may not be longer than a table row: with a context
+        # shorter than 1,024 tokens the capture itself indexed past the row (device assert)
+        max_tokens = min(max_tokens, self.req_to_token.shape[1])
         with torch.inference_mode():
             runner = CudaGraphRunner(self, max_bs, max_tokens)
             runner.capture()
