@@ -89,6 +89,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_schema_bytes: int = 256 * 1024
     max_regex_chars: int = 64 * 1024
     max_tools: int = 128
+    # per-request work budgets (asgl/server/limits.py check_work); None: by device
+    max_request_tokens: Optional[int] = None
+    max_prompt_logprobs: Optional[int] = None
 
     # --- liveness (asgl/engine/loop/watchdog.py) ---
     watchdog_timeout: float = 300.0
@@ -243,6 +246,8 @@ _LIMIT_CEILINGS: dict[str, Optional[int]] = {
     "max_schema_bytes": SPEC_CHARS_CEILING,
     "max_regex_chars": REGEX_CHARS_CEILING,
     "max_tools": None,
+    "max_request_tokens": None,
+    "max_prompt_logprobs": None,
 }
 
 # `asgl serve --help` sections, as SGLang's and vLLM's: a field's section, by name. A field
@@ -353,6 +358,13 @@ _HELP: dict[str, str] = {
                         "a request's tool schemas in all (at most 1 MiB)",
     "max_regex_chars": "most characters of a regex constraint (at most 128 KiB)",
     "max_tools": "most tools in a chat request",
+    "max_request_tokens": "most tokens a request of several sequences may generate in all: "
+                          "n x max_tokens summed over its prompts, an absent max_tokens "
+                          "counting as the context left (default 4096 on the CPU, 262144 on "
+                          "a GPU); one sequence is bounded by the context alone",
+    "max_prompt_logprobs": "most prompt positions a request may get logprobs for (echo, "
+                           "logprob_start_len), summed over its prompts and n (default 1024 "
+                           "on the CPU, 65536 on a GPU)",
     "watchdog_timeout": "seconds the scheduler or the worker may go without progress while "
                         "work is queued; then /health is 503 and every thread's stack is "
                         "logged (0: off)",

@@ -17,6 +17,7 @@ from asgl.engine.contracts.errors import InvalidRequest
 from asgl.engine.contracts.sampling_params import SamplingParams
 from asgl.engine.grammar.specs import normalize_json_schema, parse_json_schema
 from asgl.server.errors import ApiError, bad_request
+from asgl.server.generation import Job
 from asgl.server.protocol import MAX_N, MAX_TOP_LOGPROBS
 from asgl.server.state import PROMPT_CHARS_PER_TOKEN, ServerState
 
@@ -180,3 +181,32 @@ def check_logprobs(state: ServerState, top: int, start: int, prompt_len: int,
     if start != -1 and not 0 <= start < prompt_len:
         raise bad_request(f"logprob_start_len must be -1 (no prompt logprobs) or in "
                           f"[0, {prompt_len}) for this prompt, got {start}", "logprob_start_len")
+
+
+def check_work(state: ServerState, jobs: list[Job], max_tokens_param: str = "max_tokens",
+               logprobs_param: str = "logprobs") -> None:
+    """A request's work within its budgets, once its prompts are tokenized: the tokens its
+    sequences may generate (n x max_tokens over its prompts, an absent max_tokens counting
+    as the context left; only for more than one sequence, one is bounded by the context)
+    within --max-request-tokens, and the prompt positions it wants logprobs for within
+    --max-prompt-logprobs."""
+    context = state.context_len
+    sequences = tokens = positions = 0
+    for job in jobs:
+        n, room = job.params.n, context - len(job.input_ids)
+        sequences += n
+        asked = job.params.max_new_tokens
+        tokens += n * (room if asked is None else min(asked, room))
+        if job.return_logprob and job.logprob_start_len >= 0:
+            positions += n * (len(job.input_ids) - job.logprob_start_len)
+    limit = state.max_request_tokens
+    if sequences > 1 and tokens > limit:
+        raise bad_request(f"this request may generate {tokens} tokens over {sequences} "
+                          f"sequences (n x {max_tokens_param}, an absent {max_tokens_param} "
+                          f"counting as the context left); the limit is {limit} "
+                          f"(--max-request-tokens): lower n or {max_tokens_param}", "n")
+    limit = state.max_prompt_logprobs
+    if positions > limit:
+        raise bad_request(f"this request asks for logprobs of {positions} prompt positions "
+                          f"(over its prompts and n); the limit is {limit} "
+                          f"(--max-prompt-logprobs)", logprobs_param)

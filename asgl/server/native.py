@@ -112,6 +112,7 @@ async def _jobs(state: ServerState, body: GenerateRequest) -> tuple[list[Job], b
         jobs.append(Job(rid=rids[k] or uuid.uuid4().hex, input_ids=ids, params=sp,
                         return_logprob=bool(return_lp[k]), logprob_start_len=start,
                         top_logprobs_num=top))
+    limits.check_work(state, jobs, "max_new_tokens", "logprob_start_len")
     return jobs, single
 
 

@@ -71,6 +71,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat_id, rid = new_id("chatcmpl")
     job = Job(rid=rid, input_ids=ids, params=sp, return_logprob=bool(req.logprobs),
               top_logprobs_num=top_n)
+    limits.check_work(state, [job], param)
     limits.check_admission(state, sp.n)
     gen = Generation(state, job, arrival)
     view = _View(state, req, gen, chat_id, tools, fmt)

@@ -58,6 +58,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         jobs.append(Job(rid=rid if count == 1 else f"{rid}-{k}", input_ids=ids, params=sp,
                         return_logprob=top is not None, logprob_start_len=start,
                         top_logprobs_num=top or 0))
+    limits.check_work(state, jobs, "max_tokens", "echo")
     limits.check_admission(state, count * sp.n)
     gens = [Generation(state, job, arrival) for job in jobs]
     view = _View(state, req, texts, gens, cmpl_id, echo)

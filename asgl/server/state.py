@@ -14,6 +14,9 @@ from asgl.server.tokens import TokenTexts
 
 
 PROMPT_CHARS_PER_TOKEN = 16
+# Default work budgets per request (--max-request-tokens, --max-prompt-logprobs).
+CPU_REQUEST_TOKENS, GPU_REQUEST_TOKENS = 4096, 262144
+CPU_PROMPT_LOGPROBS, GPU_PROMPT_LOGPROBS = 1024, 65536
 
 
 @dataclass
@@ -36,6 +39,28 @@ class ServerState:
         so a prompt this long cannot fit, and tokenizing it is bounded (about 50 ms for a
         context of 8192 tokens)."""
         return self.config.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * self.context_len
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether the engine computes on the CPU (where the work budgets are tighter)."""
+        device = getattr(getattr(self.engine, "runner", None), "device", None)
+        if device is not None:
+            return getattr(device, "type", device) == "cpu"
+        return self.config.device == "cpu"
+
+    @property
+    def max_request_tokens(self) -> int:
+        """--max-request-tokens, else by device: on a 2-core CPU with the embedded model
+        n=128 x 64 tokens (8,192) ran for minutes; a GPU runs such a request in seconds."""
+        return self.config.max_request_tokens or (
+            CPU_REQUEST_TOKENS if self.on_cpu else GPU_REQUEST_TOKENS)
+
+    @property
+    def max_prompt_logprobs(self) -> int:
+        """--max-prompt-logprobs, else by device: each scored prompt position costs a full
+        vocabulary of logits (200 KB for a 49k vocabulary) and a log-softmax."""
+        return self.config.max_prompt_logprobs or (
+            CPU_PROMPT_LOGPROBS if self.on_cpu else GPU_PROMPT_LOGPROBS)
 
     @property
     def context_len(self) -> int:
