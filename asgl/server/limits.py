@@ -1,7 +1,8 @@
 """Request limits: what one HTTP request may ask of the engine, checked before anything is
 queued, each with an error that names the field and the limit (and its server flag, for the
 configurable ones: --max-prompt-chars, --max-stop-strings, --max-stop-string-chars,
---max-schema-depth, --max-schema-bytes, --max-regex-chars, --max-tools; README "Limits").
+--max-schema-depth, --max-schema-bytes, --max-regex-chars, --max-tools, and the work
+budgets --max-request-tokens, --max-prompt-logprobs; docs/security.md "Limits").
 
 The engine validates sampling values too; these checks add what only the server knows or
 what must be refused before a whole batch is submitted (a batch is all or nothing).
