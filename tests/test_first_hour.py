@@ -287,3 +287,22 @@ def test_fast_tier_still_covers_the_whole_path():
     assert all(os.path.exists(os.path.join(here, name)) for name in SLOW_FILES)
     with open(os.path.join(here, "test_lang_openai.py")) as f:
         assert "main_server" in f.read()  # a program against the real server, not a fake
+
+
+def test_early_checks_agree_with_the_modules_they_read():
+    """preflight reads the tool-call formats and chat template names from the sources (an
+    import would cost seconds); they must agree with what the modules accept."""
+    from asgl.config import ConfigError
+    from asgl.engine.loop.tokenizer import BUILTIN_CHAT_TEMPLATES
+    from asgl.server import launch
+    from asgl.server.tool_calls import FORMATS, _ALIASES, get_format
+
+    assert launch._builtin_template_names() == list(BUILTIN_CHAT_TEMPLATES)
+    for name in [*FORMATS, *_ALIASES, None]:
+        launch.check_tool_call_parser(name)
+        get_format(name)
+    with pytest.raises(ConfigError) as e:
+        launch.check_tool_call_parser("nope")
+    with pytest.raises(ValueError) as expected:
+        get_format("nope")
+    assert str(e.value) == str(expected.value)

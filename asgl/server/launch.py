@@ -25,8 +25,6 @@ import socket
 import time
 from typing import Any, Optional
 
-from aiohttp import web
-
 from asgl.config import ConfigError, EngineConfig
 
 logger = logging.getLogger(__name__)
@@ -67,26 +65,40 @@ def preflight(config: EngineConfig, bind: bool = True) -> Optional[socket.socket
 
 
 def check_tool_call_parser(name: Optional[str]) -> None:
-    from asgl.server.tool_calls import get_format
+    """The rule of asgl/server/tool_calls.py's get_format (which build_app applies again),
+    from its source: importing it imports aiohttp and the grammar code (0.5-2 s)."""
+    formats = _dict_keys_in_source("asgl.server.tool_calls", "FORMATS")
+    aliases = _dict_keys_in_source("asgl.server.tool_calls", "_ALIASES")
+    if not formats:  # the table moved: ask the module itself
+        from asgl.server.tool_calls import get_format
 
-    try:
-        get_format(name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+        try:
+            get_format(name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        return
+    if name is not None and name not in formats and name not in aliases:
+        raise ConfigError(f"unknown --tool-call-parser {name!r} (known: "
+                          f"{', '.join(sorted(set(formats) | set(aliases)))})")
 
 
-def _builtin_template_names() -> list[str]:
-    """The built-in chat template names, read from asgl/engine/loop/tokenizer.py's source:
-    importing it imports transformers (2+ s), too slow for an early check."""
-    spec = importlib.util.find_spec("asgl.engine.loop.tokenizer")
+def _dict_keys_in_source(module: str, variable: str) -> list[str]:
+    """The string keys of the dict literal assigned to `variable` at the top of `module`,
+    read from its source without importing it (an early check must not pay for imports)."""
+    spec = importlib.util.find_spec(module)
     with open(spec.origin, encoding="utf-8") as f:
         tree = ast.parse(f.read())
     for node in tree.body:
         target = getattr(node, "target", None) or (getattr(node, "targets", None) or [None])[0]
-        if getattr(target, "id", None) == "BUILTIN_CHAT_TEMPLATES" \
-                and isinstance(node.value, ast.Dict):
+        if getattr(target, "id", None) == variable and isinstance(node.value, ast.Dict):
             return [k.value for k in node.value.keys if isinstance(k, ast.Constant)]
     return []
+
+
+def _builtin_template_names() -> list[str]:
+    """The built-in chat template names, from asgl/engine/loop/tokenizer.py's source:
+    importing it imports transformers (2+ s), too slow for an early check."""
+    return _dict_keys_in_source("asgl.engine.loop.tokenizer", "BUILTIN_CHAT_TEMPLATES")
 
 
 def check_chat_template(value: Optional[str]) -> None:
@@ -275,6 +287,8 @@ async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None,
 async def _serve_until_stopped(engine: Any, config: EngineConfig, sock: socket.socket,
                                stop: asyncio.Event, build_app: Any, state_key: Any,
                                phases: StartupPhases) -> None:
+    from aiohttp import web  # not at the top: preflight's errors must come without it
+
     app = build_app(engine, config)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its
     # engine request (aiohttp leaves handlers running by default). The grace period is

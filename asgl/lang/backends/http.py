@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, AsyncIterator, Optional
-
-import aiohttp
+from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
 
 from asgl.lang import event_loop
 from asgl.lang.backends.base import BackendError
+
+if TYPE_CHECKING:
+    import aiohttp
 
 # run_batch pushes every program at once: don't let the client's pool be the bottleneck.
 _MAX_CONNECTIONS = 1024
@@ -30,6 +31,8 @@ class HttpClient:
         loop = asyncio.get_running_loop()
         session = self._sessions.get(loop)
         if session is None or session.closed:
+            import aiohttp  # on first use: its import (SSL contexts) costs `import asgl.lang`
+
             session = aiohttp.ClientSession(
                 headers=self.headers, timeout=aiohttp.ClientTimeout(total=self.timeout),
                 connector=aiohttp.TCPConnector(limit=_MAX_CONNECTIONS))
