@@ -123,7 +123,7 @@ class ModelRunner:
 
     def _create_attention_backend(self) -> AttentionBackend:
         """The configured backend; on CUDA flashinfer by default when it can run this model,
-        else torch (the reference: correct everywhere, slow on a GPU)."""
+        else triton; torch (the reference: correct everywhere, slow on a GPU) on the CPU."""
         from asgl.layers.attention import Attention
 
         name = self.cfg.attention_backend or ("flashinfer" if self.on_cuda else "torch")
@@ -143,8 +143,11 @@ class ModelRunner:
         except (ImportError, NotImplementedError) as exc:
             if self.cfg.attention_backend:  # asked for explicitly: say why it cannot run
                 raise
-            logger.warning("attention backend %s unavailable (%s): using torch", name, exc)
-            return create_attention_backend("torch")
+            # Triton runs every layer kind (windows, soft-caps, fp8 KV, any head dim):
+            # far faster on a GPU than torch, the last resort.
+            fallback = "triton" if self.on_cuda else "torch"
+            logger.warning("attention backend %s unavailable (%s): using %s", name, exc, fallback)
+            return create_attention_backend(fallback)
         logger.info("attention backend: %s", name)
         return backend
 
