@@ -47,7 +47,8 @@ def sample_isolated(sampler: Any, logits: torch.Tensor, sb: SamplingBatch
             out = sampler.sample(logits.index_select(0, index), select_rows(sb, rows))
         except Exception as exc:  # noqa: BLE001 - what we are isolating
             if len(rows) == 1:
-                failed[rows[0]] = f"{type(exc).__name__}: {exc}"
+                why = f"sampling failed for this request: {type(exc).__name__}: {exc}"
+                failed[rows[0]] = why[:500]
                 return
             mid = len(rows) // 2
             solve(rows[:mid])
