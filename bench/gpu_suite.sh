@@ -221,7 +221,7 @@ serve_bars() {
   med=${MED:-$(python3 -c "import json,sys; r=[json.loads(l) for l in open(sys.argv[1])]; \
 print(int(r[0]['running_batch']['median']) or 256)" "$OUT/serving.jsonl" 2>/dev/null || echo 256)}
   step one_batch_median 90 python3 bench/one_batch.py --model-path llama-3.1-8b --load-format dummy \
-    --batch-size "$med" --input-len 720 --output-len 16 --out "$OUT/results.jsonl"
+    --batch-size "$med" --input-len 720 --output-len 16 --out "$OUT/results.jsonl" ${ONE_BATCH_ARGS:-}
 }
 
 case $MODE in
