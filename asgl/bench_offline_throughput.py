@@ -1,4 +1,5 @@
-"""`python -m asgl.bench_offline_throughput`: the same as `asgl bench offline`, as SGLang users type it."""
+"""`python -m asgl.bench_offline_throughput`: the same as `asgl bench offline`, as SGLang
+users type it."""
 
 import sys
 

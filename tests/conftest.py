@@ -18,8 +18,12 @@ import torch
 # fast with one thread, a batch of 8 ~20% faster and a batch of 64 three times faster (the
 # CPU attention runs small per-request ops). HF transformers' reference computations,
 # which run alone, take every core (`reference_threads`).
-ENGINE_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
-REFERENCE_THREADS = max(1, min(4, os.cpu_count() or 1))
+# Under pytest-xdist (-n auto) each worker gets its share of the cores: torch threads
+# beyond it make the workers' OpenMP pools spin against each other (a 10 s HF reference
+# took minutes on 2 cores with 2 workers).
+_CORES = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+ENGINE_THREADS = max(1, min(4, _CORES - 1 if _CORES == (os.cpu_count() or 1) else _CORES))
+REFERENCE_THREADS = max(1, min(4, _CORES))
 torch.set_num_threads(ENGINE_THREADS)
 if not torch.cuda.is_available():
     # Triton kernels run under its interpreter on the CPU. The flag is read when a kernel
@@ -177,6 +181,15 @@ def _tier(config: pytest.Config) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: in the slow tier (conftest.SLOW_FILES)")
+    # pytest-xdist's own marker, declared for runs without it
+    config.addinivalue_line("markers", "xdist_group(name): run on one xdist worker")
+
+
+# Under `--dist loadgroup` (the README's and .ci/run's commands) a file's tests run on one
+# worker, so its module-scoped servers and engines start once; but every test that uses
+# one of these session fixtures (tens of seconds each to build) joins one group, so the
+# fixture is built once per run, not once per worker.
+_GROUPED_FIXTURES = {"hf_smol": "hf_smol", "hf_smol_tokenizer": "hf_smol"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -186,6 +199,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         slow = item.path.name in SLOW_FILES
         if slow:
             item.add_marker(pytest.mark.slow)
+        groups = sorted({_GROUPED_FIXTURES[f] for f in getattr(item, "fixturenames", ())
+                         if f in _GROUPED_FIXTURES})
+        item.add_marker(pytest.mark.xdist_group(groups[0] if groups else item.path.name))
         (keep if tier == "all" or slow == (tier == "slow") else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)

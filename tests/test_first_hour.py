@@ -268,11 +268,13 @@ def test_dp_replica_output_is_prefixed_line_by_line():
 
     from asgl.engine.dp.engine import prefix_output
 
-    src = io.BufferedReader(io.BytesIO(b"2026 INFO loaded\nbar 10%\rbar 100%\nTraceback\n  x\n"))
-    dst = io.BytesIO()
-    prefix_output(src, b"[DP1] ", dst)
-    assert dst.getvalue() == (b"[DP1] 2026 INFO loaded\n[DP1] bar 10%\r[DP1] bar 100%\n"
-                              b"[DP1] Traceback\n[DP1]   x\n")
+    text = b"2026 INFO loaded\nbar 10%\rbar 100%\nTraceback\n  x\npartial"
+    for redraws, bar in ((True, b"[DP1] bar 10%\r[DP1] bar 100%\n"),
+                         (False, b"[DP1] bar 100%\n")):
+        dst = io.BytesIO()
+        prefix_output(io.BufferedReader(io.BytesIO(text)), b"[DP1] ", dst, redraws=redraws)
+        assert dst.getvalue() == (b"[DP1] 2026 INFO loaded\n" + bar +
+                                  b"[DP1] Traceback\n[DP1]   x\n[DP1] partial")
 
 
 def test_fast_tier_still_covers_the_whole_path():

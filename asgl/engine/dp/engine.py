@@ -45,22 +45,24 @@ _START_TIMEOUT_S = 600.0
 PromptType = Union[str, list[int], None]
 
 
-def prefix_output(src: Any, prefix: bytes, dst: Any = None) -> None:
+def prefix_output(src: Any, prefix: bytes, dst: Any = None, redraws: bool = True) -> None:
     """Copy a replica's output to ours with `prefix` at the start of every line, so the
     replicas' logs, warnings and tracebacks stay readable side by side. A progress bar's
-    `\r` starts a line too (its redraws keep their prefix)."""
+    redraws end in `\r`: kept (prefixed) when `redraws`, else dropped, so only one replica
+    draws live bars and the others show each bar's final line."""
     dst = dst or sys.stderr.buffer
-    at_start = True
+    pending = b""
     for chunk in iter(lambda: src.read1(1 << 16), b""):
+        pending += chunk
         out = []
-        for piece in _LINE_ENDS.split(chunk):
-            if piece in (b"\r", b"\n"):
-                at_start = True
-            elif piece and at_start:
-                out.append(prefix)
-                at_start = False
-            out.append(piece)
+        *done, pending = _LINE_ENDS.split(pending)
+        for text, end in zip(done[::2], done[1::2]):
+            if end == b"\n" or redraws:
+                out.append(prefix + text + end)
         dst.write(b"".join(out))
+        dst.flush()
+    if pending:
+        dst.write(prefix + pending)
         dst.flush()
 
 
@@ -176,15 +178,15 @@ class DPEngine:
             threads = max(1, (os.cpu_count() or 1) // cfg.dp_size)
         boot = ReplicaBoot(config=replica_cfg, index=index, port=port, token=self._token,
                            threads=threads)
-        if index > 0:  # one progress display: replica 0's bars stand for all of them
-            env["TQDM_DISABLE"] = "1"
         proc = subprocess.Popen([sys.executable, "-m", "asgl.engine.dp.replica",
                                  "--parent-pid", str(os.getpid())], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         proc.stdin.write(msgspec.json.encode(boot))
         proc.stdin.close()
+        # one live progress display: replica 0's bars stand for all of them
         threading.Thread(target=prefix_output, args=(proc.stdout, f"[DP{index}] ".encode()),
-                         name=f"asgl-dp{index}-log", daemon=True).start()
+                         kwargs={"redraws": index == 0}, name=f"asgl-dp{index}-log",
+                         daemon=True).start()
         return proc
 
     async def _wait_ready(self) -> None:
