@@ -63,6 +63,8 @@ FAMILIES = {
                                         use_parallel_residual=False)),
     "stablelm_parallel": ("StableLmConfig", dict(partial_rotary_factor=0.5,
                                                  use_parallel_residual=True)),
+    "stablelm_qk_norm": ("StableLmConfig", dict(partial_rotary_factor=0.25, qk_layernorm=True,
+                                                use_parallel_residual=True)),
     "cohere": ("CohereConfig", dict(logit_scale=0.5, tie_word_embeddings=True)),
     "cohere_qk_norm": ("CohereConfig", dict(logit_scale=0.25, use_qk_norm=True,
                                             tie_word_embeddings=True)),

@@ -83,7 +83,7 @@ class LayerNorm(nn.Module):
 
 class HeadLayerNorm(nn.Module):
     """Bias-free LayerNorm over each head's dims with a weight per head, [heads, head_dim]
-    (Cohere's q/k norm). Under tensor parallelism each rank keeps its own heads' rows."""
+    (Cohere's and StableLM's q/k norms). Under tensor parallelism each rank keeps its own heads' rows."""
 
     def __init__(self, num_heads: int, head_dim: int, eps: float = 1e-5, *,
                  first_head: int = 0, params_dtype: torch.dtype | None = None):
@@ -94,9 +94,14 @@ class HeadLayerNorm(nn.Module):
                                    requires_grad=False)
         self.weight.weight_loader = self._load
 
-    def _load(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def _load(self, param: nn.Parameter, loaded: torch.Tensor, head: Optional[int] = None) -> None:
+        """The whole [heads, head_dim] tensor, or (StableLM: a LayerNorm module per head)
+        the row of global head `head`, ignored when another rank holds that head."""
         with torch.no_grad():
-            param.copy_(loaded.narrow(0, self.first_head, param.shape[0]))
+            if head is None:
+                param.copy_(loaded.narrow(0, self.first_head, param.shape[0]))
+            elif 0 <= head - self.first_head < param.shape[0]:
+                param[head - self.first_head].copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, heads * head_dim] -> same shape."""

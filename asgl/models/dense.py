@@ -12,7 +12,7 @@
 - Phi-3 / Phi-3.5: Llama with q/k/v and gate/up fused in the checkpoint (the fused
   parameters load whole) and LongRoPE.
 - StableLM: LayerNorm with bias, partial rotary, optional q/k/v bias, optional parallel
-  residual.
+  residual, optional per-head q/k LayerNorm (StableLM 2 12B).
 - Command-R (Cohere): bias-free LayerNorm, parallel attention + MLP, GPT-J RoPE, logit
   scale, tied head, optional per-head q/k LayerNorm.
 """
@@ -20,9 +20,13 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from asgl.models.llama import DecoderArch, LlamaForCausalLM
+
+
+_PER_HEAD_NORM = re.compile(r"\.(q|k)_layernorm\.norms\.(\d+)\.weight$")
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
@@ -83,12 +87,20 @@ class Phi3ForCausalLM(LlamaForCausalLM):
 class StableLmForCausalLM(LlamaForCausalLM):
     @classmethod
     def decoder_arch(cls, config: Any) -> DecoderArch:
-        if getattr(config, "qk_layernorm", False):
-            raise NotImplementedError("StableLM with qk_layernorm (per-head LayerNorm modules) "
-                                      "is not supported yet")
         return DecoderArch(qkv_bias=bool(config.use_qkv_bias), o_bias=False, norm="layer",
                            norm_eps_attr="layer_norm_eps",
+                           qk_norm="head_ln" if getattr(config, "qk_layernorm", False) else None,
                            style="parallel" if config.use_parallel_residual else "pre")
+
+    def _map_weights(self, weights):
+        # q_layernorm.norms.<head>.weight (a LayerNorm module per head) -> row <head> of
+        # our [heads, head_dim] q_norm weight
+        for source, name, tensor, shard_id in super()._map_weights(weights):
+            match = _PER_HEAD_NORM.search(name)
+            if match:
+                name = name[:match.start()] + f".{match.group(1)}_norm.weight"
+                shard_id = int(match.group(2))
+            yield source, name, tensor, shard_id
 
 
 class CohereForCausalLM(LlamaForCausalLM):
