@@ -17,32 +17,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
-from typing import Any, Callable, Optional, Union
+from typing import Any, AsyncIterator, Callable, Iterator, Optional, Union
 
 from asgl.lang import interpreter, ir, sampling
 from asgl.lang.backends.base import Backend
 # gen and select live in generation (ProgramState.gen/select need them, and state sits
 # below this module); they stay importable from here.
-from asgl.lang.generation import gen, select  # noqa: F401
+from asgl.lang.generation import gen, gen_int, gen_string, select  # noqa: F401
+from asgl.lang.global_config import global_config
 from asgl.lang.images import load_image
 from asgl.lang.state import ProgramState
 
-_default_backend: Optional[Backend] = None
-
 
 def set_default_backend(backend: Backend) -> None:
-    global _default_backend
-    _default_backend = backend
+    global_config.default_backend = backend
 
 
 def get_default_backend() -> Optional[Backend]:
-    return _default_backend
+    return global_config.default_backend
 
 
 def _backend(backend: Optional[Backend]) -> Backend:
-    backend = backend or _default_backend
+    backend = backend or global_config.default_backend
     if backend is None:
         raise RuntimeError("no backend: call set_default_backend(RuntimeEndpoint(url)) (or "
                            "Runtime(), OpenAI(model), Anthropic(model)), or pass backend=")
@@ -96,10 +95,21 @@ def fork(state: ProgramState, n: int = 1) -> list[ProgramState]:
 
 
 # ---------------------------------------------------------------------- programs
+def _in_event_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class Program:
     """A function decorated with `@function`: `def` or `async def`, taking the state first."""
 
-    def __init__(self, fn: Callable[..., Any]):
+    def __init__(self, fn: Callable[..., Any], num_api_spec_tokens: Optional[int] = None):
+        if num_api_spec_tokens is not None and num_api_spec_tokens < 1:
+            raise ValueError(f"num_api_spec_tokens must be >= 1, got {num_api_spec_tokens}")
+        self.num_api_spec_tokens = num_api_spec_tokens
         params = list(inspect.signature(fn).parameters.values())
         if not params:
             raise TypeError(f"{fn.__name__} must take the program state as its first argument")
@@ -109,9 +119,17 @@ class Program:
         self._names = {p.name for p in params[1:]}
         functools.update_wrapper(self, fn)
 
-    def __call__(self, s: ProgramState, *args: Any, **kwargs: Any) -> Any:
-        """Call the body on an existing state: programs compose."""
-        return self.fn(s, *args, **kwargs)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """With a state first (inside a program): run the body on it, so programs compose.
+        Without (SGLang's direct call): `.run(...)`; an `async def` program called from
+        async code returns `.arun(...)` to await."""
+        if args and isinstance(args[0], ProgramState):
+            return self.fn(*args, **kwargs)
+        if isinstance(kwargs.get("s"), ProgramState):
+            return self.fn(**kwargs)
+        if self.is_async and _in_event_loop():
+            return self.arun(*args, **kwargs)
+        return self.run(*args, **kwargs)
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, dict]:
         """(positional args, keyword args, sampling defaults); a wrong call fails here."""
@@ -147,25 +165,41 @@ class Program:
 
     def run_batch(self, batch: list, *, backend: Optional[Backend] = None,
                   progress_bar: bool = False, max_concurrency: Optional[int] = None,
-                  num_threads: Union[int, str, None] = None, **kwargs: Any) -> list[ProgramState]:
+                  num_threads: Union[int, str, None] = None, generator_style: bool = False,
+                  **kwargs: Any) -> Union[list[ProgramState], Iterator[ProgramState]]:
         """Run every program of `batch` (dicts of arguments) concurrently, at most
         `max_concurrency` at a time (`num_threads` is SGLang's name for it), so the
-        runtime batches them. Failed programs keep their error in `state.error()`."""
+        runtime batches them. Failed programs keep their error in `state.error()`. With
+        `generator_style=True`, a generator of the states in the batch's order, each as it
+        finishes. On the runtimes, the prefix every program starts with is cached first
+        (`global_config.enable_precache_with_tracing`)."""
         limit = max_concurrency or (num_threads if isinstance(num_threads, int) else None)
-        return interpreter.run_batch(self, self._batch(batch, kwargs), _backend(backend), limit,
-                                     progress_bar)
+        calls = self._batch(batch, kwargs)
+        if generator_style:
+            return interpreter.iter_batch(self, calls, _backend(backend), limit, progress_bar)
+        return interpreter.run_batch(self, calls, _backend(backend), limit, progress_bar)
 
-    async def arun_batch(self, batch: list, *, backend: Optional[Backend] = None,
-                         progress_bar: bool = False, max_concurrency: Optional[int] = None,
-                         **kwargs: Any) -> list[ProgramState]:
-        return await interpreter.arun_batch(self, self._batch(batch, kwargs), _backend(backend),
-                                            max_concurrency, progress_bar)
+    def arun_batch(self, batch: list, *, backend: Optional[Backend] = None,
+                   progress_bar: bool = False, max_concurrency: Optional[int] = None,
+                   num_threads: Union[int, str, None] = None, generator_style: bool = False,
+                   **kwargs: Any) -> Any:
+        """`run_batch` for async code: `await fn.arun_batch(...)` for the list, or
+        `async for state in fn.arun_batch(..., generator_style=True)`."""
+        limit = max_concurrency or (num_threads if isinstance(num_threads, int) else None)
+        calls = self._batch(batch, kwargs)
+        if generator_style:
+            return interpreter.aiter_batch(self, calls, _backend(backend), limit,
+                                           progress_bar)
+        return interpreter.arun_batch(self, calls, _backend(backend), limit, progress_bar)
 
 
-def function(fn: Optional[Callable[..., Any]] = None, **options: Any) -> Any:
-    """Decorate a program: `@function` or `@function()`."""
+def function(fn: Optional[Callable[..., Any]] = None, *,
+             num_api_spec_tokens: Optional[int] = None, **options: Any) -> Any:
+    """Decorate a program: `@function`, `@function()`, or `@function(num_api_spec_tokens=N)`
+    (API speculative execution: a gen with a stop generates N tokens ahead, and the
+    program's next text and gens are matched against them before another call)."""
     if options:
         raise TypeError(f"unknown function options: {', '.join(options)}")
     if fn is None:
-        return Program
-    return Program(fn)
+        return functools.partial(Program, num_api_spec_tokens=num_api_spec_tokens)
+    return Program(fn, num_api_spec_tokens)

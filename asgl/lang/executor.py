@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from asgl.lang import event_loop, ir, sampling
-from asgl.lang.backends.base import Backend, Prompt
+from asgl.lang.backends.base import Backend, GenResult, Prompt, typed_generate
 from asgl.lang.chat import ChatTemplate, text_only
 from asgl.lang.images import ImageData
 
@@ -38,6 +38,20 @@ class ForkOp:
     children: list["Executor"]
 
 
+@dataclass(eq=False)
+class JoinOp:
+    """`forks.join(mode)` on the parent: wait for the branches, then gather their new
+    variables (as lists) or append their text (`concate_and_append`)."""
+    children: list["Executor"]
+    mode: str
+
+
+@dataclass(eq=False)
+class SetVar:
+    name: str
+    value: Any
+
+
 @dataclass
 class StreamEnd:
     error: Optional[BaseException] = None
@@ -45,9 +59,15 @@ class StreamEnd:
 
 class Executor:
     def __init__(self, backend: Backend, defaults: dict, *, stream: bool = False,
-                 ready: bool = True):
+                 ready: bool = True, spec_tokens: Optional[int] = None):
         self.backend = backend
         self.defaults = defaults
+        # API speculative execution (`@function(num_api_spec_tokens=N)`): one call generates
+        # N tokens past a gen's stop; later gens and texts are matched against `_speculated`.
+        self.spec_tokens = spec_tokens
+        self._speculated = ""
+        self._scopes: dict[str, int] = {}  # var_scope name -> where it starts in `text`
+        self.fork_start = 0  # a branch: the length of its parent's text when it forked
         self.stream = stream  # generate with the backend's streaming API (text_iter)
         self.loop = event_loop.loop()
         self.text = ""
@@ -181,6 +201,17 @@ class Executor:
             self._image(op.data)
         elif isinstance(op, ForkOp):
             await self._fork(op.children)
+        elif isinstance(op, ir.VarScopeBegin):
+            self._scopes[op.name] = len(self.text)
+        elif isinstance(op, ir.VarScopeEnd):
+            if op.name not in self._scopes:
+                raise ProgramError(f"var_scope {op.name!r} ends without beginning")
+            self._store(op.name, self.text[self._scopes.pop(op.name):], {})
+            return self.vars[op.name]
+        elif isinstance(op, JoinOp):
+            await self._join(op.children, op.mode)
+        elif isinstance(op, SetVar):
+            self._store(op.name, op.value, self.meta.get(op.name, {}))
         elif not isinstance(op, Barrier):
             raise TypeError(f"unknown operation {op!r}")
         return None
@@ -189,6 +220,11 @@ class Executor:
     def _append(self, text: str, var: Optional[str] = None) -> None:
         if not text:
             return
+        if var is None and self._speculated:  # program text: does the speculation agree?
+            if self._speculated.startswith(text):
+                self._speculated = self._speculated[len(text):]
+            else:
+                self._speculated = ""
         with self._lock:
             self.text += text
             if var is not None:
@@ -207,8 +243,14 @@ class Executor:
     async def _gen(self, op: ir.Gen) -> str:
         params = sampling.merge(self.defaults, op.params)
         prompt = self._prompt()
-        if not self.stream:
-            result = await self.backend.generate(prompt, params)
+        if op.dtype is not None or not self.stream:
+            if op.dtype is not None:
+                result = await typed_generate(self.backend, prompt, params, op.dtype)
+            elif self.spec_tokens and not prompt.has_roles:
+                result = await self._spec_gen(prompt, params)
+            else:
+                result = await self.backend.generate(prompt, params)
+            self.backend.token_usage.add(result.meta)
             self._append(result.text, op.name)
             text, meta = result.text, result.meta
         else:
@@ -219,12 +261,36 @@ class Executor:
                 if event.meta is not None:
                     meta = event.meta
             text = "".join(pieces)
+            self.backend.token_usage.add(meta)
         self._store(op.name, text, meta)
         return text
 
+    async def _spec_gen(self, prompt: Prompt, params: dict) -> GenResult:
+        """A gen served from the speculated continuation when it holds one of the gen's
+        stops; else one call with no stop that generates `spec_tokens` ahead (SGLang's API
+        speculative execution: what follows the stop is matched against the program's next
+        text and gens)."""
+        stops = sampling.stop_list(params)
+        if not stops:  # no stop to cut at: nothing to speculate past
+            return await self.backend.generate(prompt, params)
+        meta: dict = {"speculative": "hit"}
+        if not self._speculated:
+            ahead = {k: v for k, v in params.items() if k != "stop"}
+            ahead["max_new_tokens"] = max(params["max_new_tokens"], self.spec_tokens)
+            out = await self.backend.generate(prompt, ahead)
+            self._speculated, meta = out.text, {**out.meta, "speculative": "call"}
+        # no stop in what was generated: the gen takes all of it (the call was bounded)
+        text, _ = sampling.truncate_at_stop(self._speculated, stops)
+        self._speculated = self._speculated[len(text):]
+        return GenResult(text, meta)
+
     async def _select(self, op: ir.Select) -> str:
-        result = await self.backend.select(self._prompt(), op.choices,
-                                           {"temperature": op.temperature})
+        self._speculated = ""  # a select's choice is not matched against speculation
+        params = {"temperature": op.temperature}
+        if op.choices_method is not None:
+            params["choices_method"] = op.choices_method
+        result = await self.backend.select(self._prompt(), op.choices, params)
+        self.backend.token_usage.add(result.meta)
         self._append(result.choice, op.name)
         self._store(op.name, result.choice, result.meta)
         return result.choice
@@ -290,7 +356,32 @@ class Executor:
         for child in children:
             child._start()
 
+    async def _join(self, children: list["Executor"], mode: str) -> None:
+        for child in children:
+            await child._finish()
+            if child.error is not None:
+                raise child.error
+        if mode == "gather_variable":
+            # SGLang's default join: each variable the branches made becomes, in the
+            # parent, the list of the branches' values
+            new: dict[str, list] = {}
+            for child in children:
+                for name, value in child.vars.items():
+                    if name not in self.vars:
+                        new.setdefault(name, []).append(value)
+            for name, values in new.items():
+                self._store(name, values, {})
+        elif mode == "concate_and_append":
+            # What the branches wrote after the fork, appended in order. SGLang's runtime
+            # also concatenates their KV caches; here the next request's prefix is served
+            # by the radix cache where it can be (docs/frontend.md).
+            self._append("".join(c.text[c.fork_start:] for c in children))
+        else:
+            raise ValueError(f"unknown join mode {mode!r}: use 'gather_variable' or "
+                             f"'concate_and_append'")
+
     def _copy_from(self, parent: "Executor") -> None:
+        self.fork_start = len(parent.text)
         self.text, self.vars, self.meta = parent.text, dict(parent.vars), dict(parent.meta)
         self.messages, self.images = list(parent.messages), list(parent.images)
         self.role, self._role_start = parent.role, parent._role_start

@@ -12,6 +12,14 @@ from typing import Any, Optional, Union
 
 from asgl.lang.images import ImageData
 
+# SGLang's regexes for typed generation (`gen(dtype=int)`, `gen_int`, `gen_string`); its
+# programs import them from here. The trailing `[ \n]*` lets a number end with the space or
+# newline that `dtype` adds as a stop string.
+REGEX_INT = r"[-+]?[0-9]+[ \n]*"
+REGEX_FLOAT = r"[-+]?[0-9]*\.?[0-9]+[ \n]*"
+REGEX_BOOL = r"(True|False)"
+REGEX_STR = r"\"[\w\d\s]*\""  # a quoted string of word characters and spaces
+
 
 class Expr:
     """Base of every primitive: `+` with text or other expressions concatenates."""
@@ -46,6 +54,7 @@ class Gen(Expr):
     """Generate text; stored in the state under `name` (when given)."""
     name: Optional[str]
     params: dict  # only the sampling parameters given explicitly (see sampling.py)
+    dtype: Optional[str] = None  # "int" | "float" | "str" | "bool": typed generation
 
 
 @dataclass(eq=False)
@@ -54,6 +63,7 @@ class Select(Expr):
     name: Optional[str]
     choices: list[str]
     temperature: float = 0.0
+    choices_method: Any = None  # a choices.ChoicesMethod; None: token_length_normalized
 
 
 @dataclass(eq=False)
@@ -71,7 +81,18 @@ class RoleEnd(Expr):
     role: str
 
 
-Op = Union[str, Gen, Select, Image, RoleBegin, RoleEnd]
+@dataclass(eq=False)
+class VarScopeBegin(Expr):
+    """`with s.var_scope(name)`: everything written until the matching end becomes `s[name]`."""
+    name: str
+
+
+@dataclass(eq=False)
+class VarScopeEnd(Expr):
+    name: str
+
+
+Op = Union[str, Gen, Select, Image, RoleBegin, RoleEnd, VarScopeBegin, VarScopeEnd]
 
 
 def role(name: str, expr: Any = None) -> Concat:

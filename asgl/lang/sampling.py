@@ -18,6 +18,10 @@ SAMPLING_KEYS = ("max_new_tokens", "min_new_tokens", "stop", "stop_token_ids", "
                  "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
                  "repetition_penalty", "ignore_eos", "seed")
 CONSTRAINT_KEYS = ("regex", "json_schema")
+# Request options rather than sampling: what logprobs to report (SGLang's names). Backends
+# take them out of the params (native.py) or refuse them (BackendError naming the option).
+LOGPROB_KEYS = ("return_logprob", "logprob_start_len", "top_logprobs_num",
+                "return_text_in_logprobs")
 
 
 def clean(params: dict[str, Any]) -> dict[str, Any]:
@@ -27,7 +31,7 @@ def clean(params: dict[str, Any]) -> dict[str, Any]:
         out["stop"] = [out["stop"]]
     if "json_schema" in out:
         out["json_schema"] = schema_text(out["json_schema"])
-    unknown = set(out) - set(SAMPLING_KEYS) - set(CONSTRAINT_KEYS)
+    unknown = set(out) - set(SAMPLING_KEYS) - set(CONSTRAINT_KEYS) - set(LOGPROB_KEYS)
     if unknown:
         raise TypeError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
     return out
@@ -54,7 +58,7 @@ def split_run_kwargs(kwargs: dict[str, Any], program_params: set[str],
     the program declares is always the program's."""
     args, defaults = {}, {}
     for key, value in kwargs.items():
-        if key in program_params or key not in SAMPLING_KEYS:
+        if key in program_params or key not in SAMPLING_KEYS + LOGPROB_KEYS:
             args[key] = value
         else:
             defaults[key] = value
@@ -73,3 +77,13 @@ def truncate_at_stop(text: str, stops: list[str]) -> tuple[str, Optional[str]]:
         if 0 <= i < best:
             best, hit = i, s
     return text[:best], hit
+
+
+def split_logprob(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(sampling parameters, logprob options): the runtimes take the latter per request."""
+    sampling = {k: v for k, v in params.items() if k not in LOGPROB_KEYS}
+    return sampling, {k: params[k] for k in LOGPROB_KEYS if k in params}
+
+
+def wants_logprobs(params: dict[str, Any]) -> bool:
+    return bool(params.get("return_logprob"))

@@ -14,8 +14,8 @@ import queue
 from typing import Any, AsyncIterator, Iterator, Optional
 
 from asgl.lang import ir
-from asgl.lang.executor import Barrier, Executor, StreamEnd
-from asgl.lang.generation import gen, select
+from asgl.lang.executor import Barrier, Executor, JoinOp, SetVar, StreamEnd
+from asgl.lang.generation import gen, gen_int, gen_string, select
 
 
 def _in_event_loop() -> bool:
@@ -46,13 +46,37 @@ class ProgramState:
         `.result()` in a `def` program)."""
         return Pending(self._ex.submit(gen(name, **kwargs)))
 
+    def gen_int(self, name: Optional[str] = None, **kwargs: Any) -> "Pending":
+        return Pending(self._ex.submit(gen_int(name, **kwargs)))
+
+    def gen_string(self, name: Optional[str] = None, **kwargs: Any) -> "Pending":
+        return Pending(self._ex.submit(gen_string(name, **kwargs)))
+
     def select(self, name: Optional[str] = None, choices: Optional[list[str]] = None,
-               temperature: float = 0.0) -> "Pending":
-        return Pending(self._ex.submit(select(name, choices, temperature=temperature)))
+               temperature: float = 0.0, choices_method: Any = None) -> "Pending":
+        return Pending(self._ex.submit(select(name, choices, temperature=temperature,
+                                              choices_method=choices_method)))
 
     def fork(self, n: int = 1) -> "ForkGroup":
         """n branches that start from this state's text; they run concurrently."""
-        return ForkGroup(ProgramState(child) for child in self._ex.fork(n))
+        return ForkGroup((ProgramState(child) for child in self._ex.fork(n)), parent=self)
+
+    def var_scope(self, name: str) -> "_VarScope":
+        """`with s.var_scope("x"):` (or `async with`): everything written inside the block
+        becomes `s["x"]`. `async with` waits for the block's operations on exit, so the
+        variable is readable right after it."""
+        return _VarScope(self, name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        self.set_var(name, value)
+
+    def set_var(self, name: str, value: Any) -> None:
+        """Set a variable (after the operations queued before it)."""
+        if self._ex.idle:
+            with self._ex._lock:
+                self._ex.vars[name] = value
+        else:
+            self._ex.submit(SetVar(name, value))
 
     def system(self, expr: Any = None) -> Any:
         return self._role("system", expr)
@@ -177,16 +201,72 @@ class Pending:
 
 
 class ForkGroup(list):
-    """The branches of `s.fork(n)`: a list of states."""
+    """The branches of `s.fork(n)`: a list of states. `forks += expr` appends to every
+    branch; `forks += lambda i: expr` appends `expr(i)` to branch i; a list, item i."""
 
-    def join(self) -> "ForkGroup":
-        for state in self:
-            state.sync()
+    def __init__(self, states: Any = (), parent: Optional[ProgramState] = None):
+        super().__init__(states)
+        self.parent = parent
+
+    def __iadd__(self, other: Any) -> "ForkGroup":  # not list's extend
+        if callable(other):
+            for i, state in enumerate(self):
+                state += other(i)
+        elif isinstance(other, (list, tuple)):
+            if len(other) != len(self):
+                raise ValueError(f"{len(other)} expressions for {len(self)} branches")
+            for state, expr in zip(self, other):
+                state += expr
+        else:
+            for state in self:
+                state += other
+        return self
+
+    def join(self, mode: str = "gather_variable") -> Any:
+        """Wait for the branches, then, in the parent: each variable they made as the list
+        of their values (`gather_variable`, SGLang's default), or their text appended
+        (`concate_and_append`). Blocks in a `def` program; in an `async def` one it
+        returns an awaitable: `await forks.join(...)`."""
+        if mode not in ("gather_variable", "concate_and_append"):
+            raise ValueError(f"unknown join mode {mode!r}: use 'gather_variable' or "
+                             f"'concate_and_append'")
+        if self.parent is None:
+            pending = None
+        else:
+            children = [state._ex for state in self]
+            pending = Pending(self.parent._ex.submit(JoinOp(children, mode)))
+        if _in_event_loop():
+            return pending if pending is not None else self.wait()
+        if pending is not None:
+            pending.result()
+        else:
+            for state in self:
+                state.sync()
         return self
 
     async def wait(self) -> "ForkGroup":
         await asyncio.gather(*(state.wait() for state in self))
         return self
+
+
+class _VarScope:
+    def __init__(self, state: ProgramState, name: str):
+        self._state, self._name = state, name
+
+    def __enter__(self) -> ProgramState:
+        self._state += ir.VarScopeBegin(self._name)
+        return self._state
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self._state += ir.VarScopeEnd(self._name)
+
+    async def __aenter__(self) -> ProgramState:
+        return self.__enter__()
+
+    async def __aexit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            await Pending(self._state._ex.submit(ir.VarScopeEnd(self._name)))
 
 
 class _RoleBlock:

@@ -40,7 +40,11 @@ class Anthropic(Backend):
     def build_request(self, prompt: Prompt, params: dict) -> tuple[dict, str]:
         """(the request body, whitespace trimmed off the end of a prefill)."""
         if "regex" in params or "json_schema" in params:
-            raise BackendError("the Anthropic API has no regex / json_schema constraints")
+            raise BackendError("the Anthropic API has no regex / json_schema constraints",
+                               param="regex" if "regex" in params else "json_schema")
+        if params.get("return_logprob") or params.get("logprob_start_len") is not None:
+            raise BackendError("gen(return_logprob=True): the Anthropic API returns no "
+                               "logprobs", param="return_logprob")
         system, messages, trimmed = _messages(prompt)
         body: dict[str, Any] = {"model": self.model_name,
                                 "max_tokens": params["max_new_tokens"], "messages": messages}

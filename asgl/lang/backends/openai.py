@@ -73,8 +73,21 @@ class OpenAI(Backend):
                 args[_OPENAI_NAMES[key]] = value
             elif key in _EXTRA_NAMES:
                 extra[_EXTRA_NAMES[key]] = value
+        if params.get("logprob_start_len") is not None:
+            raise BackendError(f"gen(logprob_start_len=...): {self!r} returns no prompt "
+                               f"(input) logprobs; use a runtime backend",
+                               param="logprob_start_len")
+        top = params.get("top_logprobs_num") or 0
         client = self._client()
-        if self._use_chat(prompt):
+        chat = self._use_chat(prompt)
+        if params.get("return_logprob"):
+            if chat:
+                args["logprobs"] = True
+                if top:
+                    args["top_logprobs"] = top
+            else:
+                args["logprobs"] = top
+        if chat:
             args["messages"] = chat_messages(prompt)
             if "json_schema" in params:
                 args["response_format"] = {"type": "json_schema", "json_schema": {
@@ -96,21 +109,50 @@ class OpenAI(Backend):
         resp = await _call(method, args)
         choice = resp.choices[0]
         text = choice.message.content if hasattr(choice, "message") else choice.text
-        return GenResult(text or "", _meta(resp.id, resp.usage, choice.finish_reason))
+        meta = _meta(resp.id, resp.usage, choice.finish_reason)
+        if params.get("return_logprob"):
+            meta.update(_logprob_meta([choice], params))
+        return GenResult(text or "", meta)
 
     async def stream(self, prompt: Prompt, params: dict) -> AsyncIterator[StreamEvent]:
         method, args = self._request(prompt, params)
         args.update(stream=True, stream_options={"include_usage": True})
-        rid, reason, usage = None, None, None
+        rid, reason, usage, seen = None, None, None, []
         async for chunk in await _call(method, args):
             rid, usage = chunk.id, chunk.usage or usage
             for choice in chunk.choices:
                 delta = getattr(choice, "delta", None)
                 text = (delta.content if delta is not None else choice.text) or ""
                 reason = choice.finish_reason or reason
+                seen.append(choice)
                 if text:
                     yield StreamEvent(text)
-        yield StreamEvent("", _meta(rid, usage, reason))
+        meta = _meta(rid, usage, reason)
+        if params.get("return_logprob"):
+            meta.update(_logprob_meta(seen, params))
+        yield StreamEvent("", meta)
+
+
+def _logprob_meta(choices: list, params: dict) -> dict:
+    """SGLang's logprob entries from OpenAI's: [logprob, None (no token ids in this API),
+    token text]; chat (`logprobs.content`) or completions (`tokens`/`token_logprobs`)."""
+    tokens, tops = [], []
+    for choice in choices:
+        lp = getattr(choice, "logprobs", None)
+        if lp is None:
+            continue
+        if getattr(lp, "content", None) is not None:
+            for item in lp.content:
+                tokens.append([item.logprob, None, item.token])
+                tops.append([[t.logprob, None, t.token] for t in item.top_logprobs or []])
+        elif getattr(lp, "tokens", None) is not None:
+            for i, token in enumerate(lp.tokens):
+                tokens.append([lp.token_logprobs[i], None, token])
+                row = (lp.top_logprobs or [None] * len(lp.tokens))[i] or {}
+                tops.append([[v, None, k] for k, v in row.items()])
+    return {"output_token_logprobs": tokens,
+            "output_top_logprobs": tops if params.get("top_logprobs_num") else None,
+            "input_token_logprobs": []}
 
 
 def chat_messages(prompt: Prompt) -> list[dict]:

@@ -64,30 +64,57 @@ class Runtime(NativeBackend):
         return len(self.engine.tokenize(text))
 
     async def _call(self, texts: list[str], sampling: dict, *, images: list = (),
-                    logprob_start_len: Optional[int] = None) -> list[NativeOutput]:
+                    logprob_start_len: Optional[int] = None, return_logprob: bool = False,
+                    top_logprobs_num: int = 0, return_text: bool = False,
+                    input_ids: Optional[list[list[int]]] = None) -> list[NativeOutput]:
         self._check_images(list(images))
-        opts = {}
-        if logprob_start_len is not None:
-            opts = dict(return_logprob=True, logprob_start_len=logprob_start_len)
-        outs = await asyncio.gather(*(self._on_engine(self.engine.generate(t, sampling, **opts))
-                                      for t in texts))
-        return [NativeOutput(o.text, _meta(o), list(o.input_token_logprobs or []))
-                for o in outs]
+        opts: dict[str, Any] = {}
+        if return_logprob or logprob_start_len is not None:
+            opts = dict(return_logprob=True, top_logprobs_num=top_logprobs_num,
+                        logprob_start_len=-1 if logprob_start_len is None else logprob_start_len)
+        prompts = [(t, None) for t in texts] + [(None, ids) for ids in input_ids or []]
+        outs = await asyncio.gather(*(self._on_engine(self.engine.generate(
+            t, sampling, input_ids=ids, **opts)) for t, ids in prompts))
+        entries = _Entries(self.engine.tokenizer if return_text else None)
+        return [NativeOutput(o.text, _meta(o), entries.tokens(o.input_token_logprobs or []),
+                             entries.meta(o) if opts else {}) for o in outs]
 
-    async def _stream(self, text: str, sampling: dict, *, images: list = ()
+    async def _stream(self, text: str, sampling: dict, *, images: list = (),
+                      return_logprob: bool = False, logprob_start_len: Optional[int] = None,
+                      top_logprobs_num: int = 0, return_text: bool = False,
                       ) -> AsyncIterator[StreamEvent]:
         self._check_images(list(images))
+        logprob = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                       top_logprobs_num=top_logprobs_num, return_text=return_text)
         if asyncio.get_running_loop() is not self._loop:
             # another loop's engine: stream it as one piece rather than bridge a generator
-            out = (await self._call([text], sampling))[0]
-            yield StreamEvent(out.text, out.meta)
+            out = (await self._call([text], sampling, **logprob))[0]
+            yield StreamEvent(out.text, {**out.meta, **out.logprobs})
             return
+        opts: dict[str, Any] = {}
+        if return_logprob:
+            opts = dict(return_logprob=True, top_logprobs_num=top_logprobs_num,
+                        logprob_start_len=-1 if logprob_start_len is None else logprob_start_len)
+        entries = _Entries(self.engine.tokenizer if return_text else None)
         meta: dict = {"completion_tokens": 0}
-        async for chunk in self.engine.generate_stream(text, sampling):
+        if return_logprob:
+            meta.update(output_token_logprobs=[], input_token_logprobs=[],
+                        output_top_logprobs=[] if top_logprobs_num else None,
+                        input_top_logprobs=None)
+        async for chunk in self.engine.generate_stream(text, sampling, **opts):
             for key in ("prompt_tokens", "cached_tokens"):
                 if getattr(chunk, key) is not None:
                     meta[key] = getattr(chunk, key)
             meta["completion_tokens"] += len(chunk.token_ids)
+            if return_logprob:  # chunks carry deltas; the meta reports them all
+                meta["output_token_logprobs"] += entries.tokens(chunk.logprobs or [])
+                if top_logprobs_num:
+                    meta["output_top_logprobs"] += entries.tops(chunk.top_logprobs or [])
+                if chunk.input_token_logprobs is not None:
+                    meta["input_token_logprobs"] = entries.tokens(chunk.input_token_logprobs)
+                    if top_logprobs_num:
+                        meta["input_top_logprobs"] = entries.tops(chunk.input_top_logprobs
+                                                                  or [])
             if chunk.finished:
                 meta["finish_reason"] = chunk.finish_reason
             yield StreamEvent(chunk.text, dict(meta) if chunk.finished else None)
@@ -105,3 +132,28 @@ def _meta(out: Any) -> dict:
     return {"id": out.rid, "prompt_tokens": out.prompt_tokens,
             "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
             "finish_reason": out.finish_reason}
+
+
+class _Entries:
+    """Engine (logprob, token_id) pairs as SGLang's [logprob, token_id, text | None]."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+
+    def _entry(self, pair: Any) -> list:
+        lp, tid = pair[0], pair[1]
+        return [lp, tid, self._tokenizer.decode([tid]) if self._tokenizer is not None else None]
+
+    def tokens(self, pairs: list) -> list:
+        return [self._entry(p) for p in pairs]
+
+    def tops(self, rows: list) -> list:
+        return [None if row is None else self.tokens(row) for row in rows]
+
+    def meta(self, out: Any) -> dict:
+        top = out.output_top_logprobs is not None
+        return {"output_token_logprobs": self.tokens(out.output_token_logprobs or []),
+                "output_top_logprobs": self.tops(out.output_top_logprobs) if top else None,
+                "input_token_logprobs": self.tokens(out.input_token_logprobs or []),
+                "input_top_logprobs": (self.tops(out.input_top_logprobs)
+                                       if out.input_top_logprobs is not None else None)}

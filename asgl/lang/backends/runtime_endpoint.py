@@ -78,22 +78,33 @@ class RuntimeEndpoint(NativeBackend):
         return body
 
     async def _call(self, texts: list[str], sampling: dict, *, images: list = (),
-                    logprob_start_len: Optional[int] = None) -> list[NativeOutput]:
-        body = self._body(texts, sampling, list(images))
-        if logprob_start_len is not None:
-            body.update(return_logprob=True, logprob_start_len=logprob_start_len)
+                    logprob_start_len: Optional[int] = None, return_logprob: bool = False,
+                    top_logprobs_num: int = 0, return_text: bool = False,
+                    input_ids: Optional[list[list[int]]] = None) -> list[NativeOutput]:
+        if input_ids:
+            body: dict[str, Any] = {"input_ids": input_ids if len(input_ids) > 1
+                                    else input_ids[0], "sampling_params": sampling}
+        else:
+            body = self._body(texts, sampling, list(images))
+        body.update(_logprob_fields(return_logprob, logprob_start_len, top_logprobs_num,
+                                    return_text))
         resp = await self.http.post_json("/generate", body)
         return [_output(item) for item in (resp if isinstance(resp, list) else [resp])]
 
-    async def _stream(self, text: str, sampling: dict, *, images: list = ()
+    async def _stream(self, text: str, sampling: dict, *, images: list = (),
+                      return_logprob: bool = False, logprob_start_len: Optional[int] = None,
+                      top_logprobs_num: int = 0, return_text: bool = False,
                       ) -> AsyncIterator[StreamEvent]:
-        body = {**self._body([text], sampling, list(images)), "stream": True}
+        body = {**self._body([text], sampling, list(images)), "stream": True,
+                **_logprob_fields(return_logprob, logprob_start_len, top_logprobs_num,
+                                  return_text)}
         sent = 0
         async for _, event in self.http.post_sse("/generate", body):
             text_so_far = event["text"]  # the native stream sends the whole text each time
             meta = event.get("meta_info") or {}
             done = meta.get("finish_reason") is not None
-            yield StreamEvent(text_so_far[sent:], _meta(meta) if done else None)
+            out = {**_meta(meta), **_logprobs(meta)} if done else None
+            yield StreamEvent(text_so_far[sent:], out)
             sent = len(text_so_far)
 
     async def aclose(self) -> None:
@@ -105,10 +116,33 @@ def _meta(meta: dict) -> dict:
                                      "cached_tokens", "finish_reason")}
 
 
+_LOGPROB_META = ("output_token_logprobs", "output_top_logprobs", "input_token_logprobs",
+                 "input_top_logprobs")
+
+
+def _logprob_fields(return_logprob: bool, logprob_start_len: Optional[int],
+                    top_logprobs_num: int, return_text: bool) -> dict:
+    if not return_logprob and logprob_start_len is None:
+        return {}
+    fields: dict[str, Any] = {"return_logprob": True}
+    if logprob_start_len is not None:
+        fields["logprob_start_len"] = logprob_start_len
+    if top_logprobs_num:
+        fields["top_logprobs_num"] = top_logprobs_num
+    if return_text:
+        fields["return_text_in_logprobs"] = True
+    return fields
+
+
+def _logprobs(meta: dict) -> dict:
+    """The logprob entries of a meta_info, as the server sent them (SGLang's format)."""
+    return {k: meta[k] for k in _LOGPROB_META if k in meta}
+
+
 def _output(item: dict) -> NativeOutput:
     meta = item["meta_info"]
-    pairs = [(lp, tid) for lp, tid, *_ in meta.get("input_token_logprobs") or []]
-    return NativeOutput(item["text"], _meta(meta), pairs)
+    entries = [list(e) + [None] * (3 - len(e)) for e in meta.get("input_token_logprobs") or []]
+    return NativeOutput(item["text"], _meta(meta), entries, _logprobs(meta))
 
 
 def _local_tokenizer(tokenizer_path: Optional[str], info: dict) -> Optional[tuple[Any, Any]]:
