@@ -218,7 +218,11 @@ class LlamaModel(nn.Module):
         arch = dataclasses.replace(arch or DecoderArch(), qkv_bias=qkv_bias, o_bias=o_bias)
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size,
                                                    prefix=f"{prefix}.embed_tokens")
-        self.embed_scale, self.embed_scale_in_dtype = arch.embed_scale, arch.embed_scale_in_dtype
+        self.embed_scale = arch.embed_scale
+        if arch.embed_scale_in_dtype:  # HF Gemma: the scale rounded to the model dtype (the
+            # default dtype while the model is built), a constant in forward
+            self.embed_scale = float(torch.tensor(self.embed_scale, device="cpu",
+                                                  dtype=torch.get_default_dtype()))
         ropes = _layer_ropes(config, _head_dim(config), arch)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, ropes[i], qkv_bias, o_bias, quant_config,
@@ -230,10 +234,7 @@ class LlamaModel(nn.Module):
                 input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
         if self.embed_scale != 1.0:
-            if self.embed_scale_in_dtype:  # HF Gemma: a tensor in the model dtype
-                x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
-            else:
-                x = x * self.embed_scale
+            x = x * self.embed_scale
         residual = None
         for layer in self.layers:
             x, residual = layer(positions, x, residual, batch)
