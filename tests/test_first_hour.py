@@ -308,3 +308,17 @@ def test_early_checks_agree_with_the_modules_they_read():
     with pytest.raises(ValueError) as expected:
         get_format("nope")
     assert str(e.value) == str(expected.value)
+
+
+def test_torch_compile_says_when_it_compiles(caplog):
+    import torch
+
+    from asgl.server.launch import log_torch_compiles
+
+    log_torch_compiles()
+    f = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    with caplog.at_level("INFO", logger="asgl.server.launch"):
+        f(torch.ones(3))
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("torch.compile: compiling for a new batch shape") for m in lines)
+    assert any(m.startswith("torch.compile: compiled in ") for m in lines), lines

@@ -208,6 +208,29 @@ class StartupPhases(logging.Handler):
         return f"started in {time.perf_counter() - self.started:.1f} s ({parts})"
 
 
+def log_torch_compiles() -> None:
+    """With --enable-torch-compile, a line when torch.compile starts compiling (on a batch
+    shape's first use: the step, and the requests in it, wait) and when it is done; without
+    them a first request stalled for 15 s with nothing in the log."""
+    from torch._dynamo.callback import callback_handler
+
+    started: dict[str, float] = {}
+
+    def on_start(args: Any) -> None:
+        started[str(args.compile_id)] = time.perf_counter()
+        logger.info("torch.compile: compiling for a new batch shape (first use; the step "
+                    "waits) [%s]", args.compile_id)
+
+    def on_end(args: Any) -> None:
+        t0 = started.pop(str(args.compile_id), None)
+        if t0 is not None:
+            logger.info("torch.compile: compiled in %.1f s [%s]", time.perf_counter() - t0,
+                        args.compile_id)
+
+    callback_handler.register_start_callback(on_start)
+    callback_handler.register_end_callback(on_end)
+
+
 # ---------------------------------------------------------------------------- serving
 def _in_flight(engine: Any) -> list[str]:
     """Request ids the engine is working on (Engine keeps them in `_streams`, DPEngine in
@@ -256,6 +279,8 @@ async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None,
     engine = None
     try:
         warn_inapplicable_flags(config, _device_is_cpu(config))
+        if config.enable_torch_compile:
+            log_torch_compiles()
         if config.dp_size > 1:  # replicas in processes behind this server (asgl/engine/dp)
             from asgl.engine.dp.engine import DPEngine
             phases.mark("imports")
