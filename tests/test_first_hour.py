@@ -142,6 +142,11 @@ def test_flags_that_do_nothing_here_are_named_in_one_warning(caplog):
     assert warn_inapplicable_flags(EngineConfig(), on_cpu=True) is None
     assert "--cpu-kv-budget-gb" in warn_inapplicable_flags(EngineConfig(cpu_kv_budget_gb=4),
                                                            on_cpu=False)
+    from asgl.server.launch import warn_no_effect_flags
+
+    assert warn_no_effect_flags(EngineConfig()) is None
+    assert warn_no_effect_flags(EngineConfig(revision="main")).startswith(
+        "--revision does nothing in asgl")
 
 
 def test_ready_line_has_a_curl_and_the_v1_base_url():

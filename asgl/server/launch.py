@@ -160,6 +160,23 @@ def warn_inapplicable_flags(config: EngineConfig, on_cpu: bool) -> Optional[str]
     return line
 
 
+# Accepted so that SGLang command lines run, but nothing here reads them.
+_NO_EFFECT_FLAGS = ("revision", "schedule_conservativeness")
+
+
+def warn_no_effect_flags(config: EngineConfig) -> Optional[str]:
+    """One warning line naming the SGLang flags given that asgl accepts but never uses."""
+    defaults = EngineConfig()
+    given = [f"--{n.replace('_', '-')}" for n in _NO_EFFECT_FLAGS
+             if getattr(config, n) != getattr(defaults, n)]
+    if not given:
+        return None
+    line = (f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing in asgl "
+            "(accepted for SGLang's command lines): ignored")
+    logger.warning(line)
+    return line
+
+
 def _device_is_cpu(config: EngineConfig) -> bool:
     if config.device != "auto":
         return config.device == "cpu"
@@ -279,6 +296,7 @@ async def serve(config: EngineConfig, stop: Optional[asyncio.Event] = None,
     engine = None
     try:
         warn_inapplicable_flags(config, _device_is_cpu(config))
+        warn_no_effect_flags(config)
         if config.enable_torch_compile:
             log_torch_compiles()
         if config.dp_size > 1:  # replicas in processes behind this server (asgl/engine/dp)
