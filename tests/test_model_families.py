@@ -68,9 +68,12 @@ FAMILIES = {
     "cohere": ("CohereConfig", dict(logit_scale=0.5, tie_word_embeddings=True)),
     "cohere_qk_norm": ("CohereConfig", dict(logit_scale=0.25, use_qk_norm=True,
                                             tie_word_embeddings=True)),
+    # 4 layers: three windowed with RoPE, one global without position encoding
+    "cohere2": ("Cohere2Config", dict(logit_scale=0.5, tie_word_embeddings=True,
+                                      sliding_window=WINDOW, num_hidden_layers=4)),
 }
 
-WINDOWED = {"qwen3_window", "gemma2", "gemma3", "phi3_longrope"}
+WINDOWED = {"qwen3_window", "gemma2", "gemma3", "phi3_longrope", "cohere2"}
 
 
 def _config(family: str):
@@ -168,7 +171,7 @@ def test_family_matches_hf_through_engine(family, backend, tmp_path):
     prompt = torch.randint(2, VOCAB - 1, (21,), generator=gen).tolist()
     ref, gaps = _hf_greedy(hf, prompt, MAX_NEW)
     # an end-of-turn id next to EOS in generation_config, as chat checkpoints list them
-    stop_at = ref.index(ref[3])
+    stop_at = next(i for i, t in enumerate(ref) if t in (EOS, ref[3]))
     hf.save_pretrained(tmp_path)
     (tmp_path / "generation_config.json").write_text(
         json.dumps({"eos_token_id": [EOS, ref[3]], "bos_token_id": 1}))

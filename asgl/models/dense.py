@@ -15,6 +15,8 @@
   residual, optional per-head q/k LayerNorm (StableLM 2 12B).
 - Command-R (Cohere): bias-free LayerNorm, parallel attention + MLP, GPT-J RoPE, logit
   scale, tied head, optional per-head q/k LayerNorm.
+- Cohere 2 (Command R7B, Command A): + sliding-window layers with RoPE, global layers
+  without position encoding (layer_types).
 """
 
 from __future__ import annotations
@@ -111,3 +113,12 @@ class CohereForCausalLM(LlamaForCausalLM):
                            norm_eps_attr="layer_norm_eps", style="parallel",
                            qk_norm="head_ln" if getattr(config, "use_qk_norm", False) else None,
                            logit_scale=config.logit_scale, rope_neox=False)
+
+
+class Cohere2ForCausalLM(CohereForCausalLM):
+    """Command R7B / Command A: Cohere's block with sliding-window layers (RoPE) and global
+    layers without position encoding."""
+
+    @classmethod
+    def decoder_arch(cls, config: Any) -> DecoderArch:
+        return dataclasses.replace(super().decoder_arch(config), rope_sliding_only=True)

@@ -43,6 +43,7 @@ class DecoderArch:
     embed_scale_in_dtype: bool = False  # round the scale to the model dtype first (Gemma)
     residual_scale: float = 1.0  # attention/MLP outputs scaled before the residual add (Granite)
     rope_neox: bool = True  # False: GPT-J interleaved pairs (Cohere)
+    rope_sliding_only: bool = False  # global layers use no position encoding (Cohere 2)
     act: Optional[str] = None  # None: config.hidden_act
     norm_eps_attr: str = "rms_norm_eps"
 
@@ -86,9 +87,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, qkv_bias: bool,
-                 o_bias: bool, quant_config: Optional[QuantizationConfig], prefix: str,
-                 arch: Optional[DecoderArch] = None):
+    def __init__(self, config: Any, layer_id: int, rotary_emb: Optional[RotaryEmbedding],
+                 qkv_bias: bool, o_bias: bool, quant_config: Optional[QuantizationConfig],
+                 prefix: str, arch: Optional[DecoderArch] = None):
         super().__init__()
         arch = arch or DecoderArch()
         head_dim = _head_dim(config)
@@ -99,7 +100,7 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
                                         o_bias, quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.rotary_emb = rotary_emb  # shared by every layer (of its layer type)
+        self.rotary_emb = rotary_emb  # shared by every layer (of its layer type); None: NoPE
         self.qk_norm = arch.qk_norm
         eps = getattr(config, arch.norm_eps_attr)
         if arch.qk_norm == "head":
@@ -132,7 +133,8 @@ class LlamaAttention(nn.Module):
             k = self.k_norm(k.reshape(T, -1, self.head_dim)).view(T, -1)
         elif self.qk_norm is not None:
             q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
-        q, k = self.rotary_emb(positions, q, k)
+        if self.rotary_emb is not None:
+            q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v, batch))
 
 
@@ -144,9 +146,9 @@ def _kv_head_start(qkv: QKVParallelLinear) -> int:
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: Any, layer_id: int, rotary_emb: RotaryEmbedding, qkv_bias: bool,
-                 o_bias: bool, quant_config: Optional[QuantizationConfig], prefix: str,
-                 arch: Optional[DecoderArch] = None):
+    def __init__(self, config: Any, layer_id: int, rotary_emb: Optional[RotaryEmbedding],
+                 qkv_bias: bool, o_bias: bool, quant_config: Optional[QuantizationConfig],
+                 prefix: str, arch: Optional[DecoderArch] = None):
         super().__init__()
         arch = arch or DecoderArch()
         self.style, self.residual_scale = arch.style, arch.residual_scale
@@ -192,13 +194,18 @@ class LlamaDecoderLayer(nn.Module):
         return x, residual
 
 
-def _layer_ropes(config: Any, head_dim: int, arch: DecoderArch) -> list[RotaryEmbedding]:
+def _layer_ropes(config: Any, head_dim: int,
+                 arch: DecoderArch) -> list[Optional[RotaryEmbedding]]:
     """The rotary embedding of each layer: one module per distinct parameter set (Gemma 3
-    gives sliding and full-attention layers different bases)."""
+    gives sliding and full-attention layers different bases); None for a layer without
+    position encoding."""
     layer_types = getattr(config, "layer_types", None) or [None] * config.num_hidden_layers
     by_params: dict[str, RotaryEmbedding] = {}
-    out = []
+    out: list[Optional[RotaryEmbedding]] = []
     for layer_type in layer_types:
+        if arch.rope_sliding_only and layer_type != "sliding_attention":
+            out.append(None)
+            continue
         key = repr(sorted(rope_parameters(config, layer_type).items()))
         if key not in by_params:
             by_params[key] = get_rope(config, head_dim, is_neox_style=arch.rope_neox,

@@ -18,7 +18,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     **{name: ("asgl.models.dense", name) for name in (
         "Qwen3ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM", "GemmaForCausalLM",
         "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "StableLmForCausalLM",
-        "CohereForCausalLM")},
+        "CohereForCausalLM", "Cohere2ForCausalLM")},
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")
