@@ -514,3 +514,51 @@ def test_shared_prefix_hint(runtime):
     assert [s["a"] for s in hinted] == [s["a"] for s in plain]
     cold_cached = [s.get_meta_info("a")["cached_tokens"] for s in unhinted]
     assert sum(cold_cached) < sum(cached), (cold_cached, cached)
+
+
+# ---------------------------------------------------------------------- server side
+def test_concate_and_append_route():
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from asgl.server import lang_routes
+
+    async def main():
+        app = web.Application()
+        lang_routes.add_routes(app)
+        async with TestClient(TestServer(app)) as client:  # a free port, never a fixed one
+            ok = await client.post("/concate_and_append_request",
+                                   json={"src_rids": ["a", "b"], "dst_rid": "c"})
+            bad = await client.post("/concate_and_append_request", json={"src_rids": "a"})
+            return ok.status, await ok.json(), bad.status, await bad.json()
+
+    status, body, bad_status, bad_body = asyncio.run(main())
+    assert status == 200 and body["success"] is True
+    assert bad_status == 400 and bad_body["error"]["param"] == "src_rids"
+
+
+def test_sglang_client_against_asgl_serve(request):
+    """SGLang's own frontend, pointed at `asgl serve`, runs the same programs."""
+    sglang = pytest.importorskip(
+        "sglang", reason="sglang's frontend is not installed here (`pip install sglang` "
+                         "pulls its server's dependencies: zmq, starlette, ...)")
+    main_server = request.getfixturevalue("main_server")  # only once sglang is there
+    backend = sglang.RuntimeEndpoint(main_server.url)
+
+    @sglang.function
+    def decode_int_sgl(s):
+        s += "The number of hours in a day is " + sglang.gen_int("hours") + "\n"
+
+    @sglang.function
+    def parallel_encoding_sgl(s, contexts):
+        s += "USER: Please memorize these statements.\n"
+        forks = s.fork(len(contexts))
+        forks += lambda i: f"Statement {i}: " + contexts[i] + "\n"
+        forks.join(mode="concate_and_append")
+        s += "ASSISTANT:" + sglang.gen("answer", max_tokens=4)
+
+    state = decode_int_sgl.run(backend=backend, temperature=0, max_new_tokens=6)
+    assert re.fullmatch(r"[-+]?\d+", state["hours"].strip())
+    state = parallel_encoding_sgl.run(contexts=list(CONTEXTS.values()), backend=backend,
+                                      temperature=0)
+    assert "Statement 2: Oliver" in state.text()
