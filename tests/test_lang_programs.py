@@ -562,3 +562,13 @@ def test_sglang_client_against_asgl_serve(request):
     state = parallel_encoding_sgl.run(contexts=list(CONTEXTS.values()), backend=backend,
                                       temperature=0)
     assert "Statement 2: Oliver" in state.text()
+
+
+def test_flush_cache_server_info_and_bind(backend):
+    @sgl.function
+    def greet(s, who, punct):
+        s += "Hello " + who + punct
+
+    assert greet.bind(punct="!").run(who="you", backend=backend).text() == "Hello you!"
+    assert sgl.flush_cache(backend) is True
+    assert "memory_state" in sgl.get_server_info(backend)

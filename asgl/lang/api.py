@@ -48,6 +48,15 @@ def _backend(backend: Optional[Backend]) -> Backend:
     return backend
 
 
+def flush_cache(backend: Optional[Backend] = None) -> bool:
+    """Drop the runtime's prefix cache; False while requests hold cached prefixes."""
+    return interpreter.call_sync(_backend(backend).flush_cache())
+
+
+def get_server_info(backend: Optional[Backend] = None) -> dict:
+    return interpreter.call_sync(_backend(backend).get_server_info())
+
+
 # ---------------------------------------------------------------------- expressions
 def image(source: Any) -> ir.Image:
     """An image input: a file path, an http(s)/data URL, or bytes."""
@@ -130,6 +139,16 @@ class Program:
         if self.is_async and _in_event_loop():
             return self.arun(*args, **kwargs)
         return self.run(*args, **kwargs)
+
+    def bind(self, **arguments: Any) -> "Program":
+        """A program with some arguments fixed (SGLang's `fn.bind(...)`)."""
+        unknown = set(arguments) - self._names
+        if unknown:
+            raise TypeError(f"{self.__name__} has no parameter(s) {', '.join(sorted(unknown))}")
+        program = Program(functools.partial(self.fn, **arguments), self.num_api_spec_tokens)
+        program.is_async = self.is_async
+        program.__name__ = self.__name__
+        return program
 
     def _bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, dict]:
         """(positional args, keyword args, sampling defaults); a wrong call fails here."""

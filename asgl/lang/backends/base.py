@@ -123,6 +123,13 @@ class Backend:
         """Have the prefix cached before forked branches run; None where nothing is cached."""
         return None
 
+    async def flush_cache(self) -> bool:
+        """Drop the runtime's prefix cache (`sgl.flush_cache()`); API backends have none."""
+        raise BackendError(f"{self!r} has no prefix cache to flush", param="flush_cache")
+
+    async def get_server_info(self) -> dict:
+        raise BackendError(f"{self!r} reports no server info", param="get_server_info")
+
     async def aclose(self) -> None:
         pass
 

@@ -119,6 +119,13 @@ class Runtime(NativeBackend):
                 meta["finish_reason"] = chunk.finish_reason
             yield StreamEvent(chunk.text, dict(meta) if chunk.finished else None)
 
+    async def flush_cache(self) -> bool:
+        return bool(await self._on_engine(_call_async(self.engine.flush_cache)))
+
+    async def get_server_info(self) -> dict:
+        return {"model_path": self.model_name,
+                "memory_state": await self._on_engine(_call_async(self.engine.memory_state))}
+
     def shutdown(self) -> None:
         """Stop the engine this Runtime started (an engine given to it is left running)."""
         event_loop.call_sync(self.aclose())
@@ -157,3 +164,8 @@ class _Entries:
                 "input_token_logprobs": self.tokens(out.input_token_logprobs or []),
                 "input_top_logprobs": (self.tops(out.input_top_logprobs)
                                        if out.input_top_logprobs is not None else None)}
+
+
+async def _call_async(fn: Any) -> Any:
+    # engine methods that must run on the engine's loop thread
+    return fn()

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Optional
 
 from asgl.lang.backends.http import HttpClient
 from asgl.lang.backends.native import NativeBackend, NativeOutput
-from asgl.lang.backends.base import StreamEvent
+from asgl.lang.backends.base import BackendError, StreamEvent
 from asgl.lang.chat import ChatTemplate, JinjaChatTemplate, PlainChatTemplate
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,16 @@ class RuntimeEndpoint(NativeBackend):
             out = {**_meta(meta), **_logprobs(meta)} if done else None
             yield StreamEvent(text_so_far[sent:], out)
             sent = len(text_so_far)
+
+    async def flush_cache(self) -> bool:
+        try:
+            async with self.http.session().post(self.base_url + "/flush_cache") as resp:
+                return resp.status == 200
+        except OSError as e:
+            raise BackendError(f"{self.base_url}/flush_cache: {e}") from e
+
+    async def get_server_info(self) -> dict:
+        return await self.http.get_json("/get_server_info")
 
     async def aclose(self) -> None:
         await self.http.aclose()
