@@ -233,6 +233,38 @@ def test_dummy_preset_shapes(name):
     assert abs(billions - PRESET_SIZES[name]) / PRESET_SIZES[name] < 0.01, billions
 
 
+# ---------------------------------------------------------------------------- TP
+TP_FAMILIES = ["qwen3", "gemma3", "stablelm_qk_norm", "cohere_qk_norm"]
+
+
+def test_tensor_parallel_2_ranks_match_hf(tmp_path):
+    """Two gloo ranks, each with half the heads: per-head q/k norms (RMS, Gemma's 1 + w,
+    and LayerNorm with a weight per head, loaded whole or one head at a time), windows,
+    per-layer-type RoPE, tied heads."""
+    from types import SimpleNamespace
+
+    from asgl.models.registry import get_model_class
+    from helpers import tp_worker
+
+    plans = [[10, 7, 1, 1], [6, 1, 1, 1], [0, 9, 1, 1]]
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(2, VOCAB - 1, (sum(p),), generator=gen).tolist() for p in plans]
+    jobs, refs = [], []
+    for family in TP_FAMILIES:
+        hf = _hf_model(family)
+        # a plain namespace: the ranks need not import transformers (slow to start)
+        config = SimpleNamespace(**hf.config.to_dict())
+        jobs.append((get_model_class([type(hf).__name__]), config, dict(hf.state_dict()),
+                     plans, seqs))
+        refs.append([_hf_logits(hf, ids) for ids in seqs])
+    out = tmp_path / "logits.pt"
+    torch.multiprocessing.spawn(tp_worker, args=(2, str(tmp_path / "init"), jobs, str(out)),
+                                nprocs=2, join=True)
+    for family, got, ref in zip(TP_FAMILIES, torch.load(out), refs):
+        for g, r in zip(got, ref):
+            assert rel_err(g, r) < 1e-4, family
+
+
 # ---------------------------------------------------------------------------- GGUF
 # A tiny GGUF per llama.cpp architecture, written the way llama.cpp's converter writes it
 # (its tensor names, Gemma's norms stored as 1 + w, Phi-3's fused tensors and LongRoPE
