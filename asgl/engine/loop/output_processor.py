@@ -37,8 +37,7 @@ def apply_step_output(batch: ScheduledBatch, out: StepOutput, context_len: int) 
     while True:
         # (a try costs nothing until it raises: the healthy path is the plain loop)
         try:
-            for k in range(k + 1, len(reqs)):
-                req = reqs[k]
+            for k, req in enumerate(reqs if k < 0 else reqs[k + 1:], k + 1):
                 req.num_inflight -= 1
                 if req.finish_reason is not None:
                     continue
