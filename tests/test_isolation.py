@@ -132,3 +132,28 @@ def test_failed_forward_pass_does_not_kill_the_worker(llm, clean, monkeypatch):
     monkeypatch.undo()
     assert llm.generate(PROMPTS[0], GREEDY).output_ids == clean[0].output_ids
     assert llm.engine.worker._executor._threads  # the same worker thread still serves
+
+
+def test_sampler_flags_non_finite_rows_and_keeps_the_others():
+    # sampled (not greedy) rows: the draw must stay in range on NaN / +inf / all-banned rows
+    from asgl.engine.sampling.batch import SamplingBatch
+    from asgl.engine.sampling.sampler import Sampler
+
+    gen = torch.Generator().manual_seed(0)
+    s, v = 6, 50
+    logits = torch.randn(s, v, generator=gen)
+    sb = SamplingBatch(size=s, vocab_size=v, all_greedy=False,
+                       temperatures=torch.full((s, 1), 0.8),
+                       rng_keys=torch.arange(s, dtype=torch.int64) * 7919,
+                       steps=torch.zeros(s, dtype=torch.int64))
+    clean = Sampler().sample(logits, sb)
+    poisoned = logits.clone()
+    poisoned[1, 3] = float("nan")
+    poisoned[3, 9] = float("inf")
+    poisoned[4] = float("-inf")
+    out = Sampler().sample(poisoned, sb)
+    assert out.bad_rows.tolist() == [False, True, False, True, True, False]
+    assert ((out.next_token_ids >= 0) & (out.next_token_ids < v)).all()
+    keep = [0, 2, 5]
+    assert out.next_token_ids[keep].tolist() == clean.next_token_ids[keep].tolist()
+    assert not clean.bad_rows.any()

@@ -84,11 +84,11 @@ class Sampler:
         # from zeros instead, so the draw below stays in range (an out-of-range gather is a
         # device-side assert on CUDA, fatal to every request) and the caller ends them.
         bad = ~torch.isfinite(logits.amax(dim=-1))
-        logits = logits.masked_fill(bad.unsqueeze(1), 0.0)
 
-        if sb.all_greedy:
+        if sb.all_greedy:  # (an argmax stays in range whatever the row holds)
             ids = torch.argmax(logits, dim=-1)
         else:
+            logits = logits.masked_fill(bad.unsqueeze(1), 0.0)
             if self.backend == "flashinfer" and not sb.seeded:
                 ids = _draw_flashinfer(logits, sb)
             else:
