@@ -164,6 +164,17 @@ SLOW_FILES = frozenset({
 })
 
 
+# Parametrizations of fast-tier files that run with the slow tier: (file, id part). The
+# default tier keeps the file's first configuration (test_engine_hf: overlap + radix).
+SLOW_PARAMS = frozenset({("test_engine_hf.py", "no-overlap+no-radix+chunk16")})
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    name = item.path.name
+    return name in SLOW_FILES or any(
+        name == file and part in item.nodeid for file, part in SLOW_PARAMS)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--tier", choices=["fast", "slow", "all"], default=None,
                      help="fast: the default selection; slow: the files in "
@@ -196,7 +207,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     tier = _tier(config)
     keep, drop = [], []
     for item in items:
-        slow = item.path.name in SLOW_FILES
+        slow = _is_slow(item)
         if slow:
             item.add_marker(pytest.mark.slow)
         groups = sorted({_GROUPED_FIXTURES[f] for f in getattr(item, "fixturenames", ())
