@@ -79,13 +79,13 @@ class NativeBackend(Backend):
 
     async def cache_prefix(self, prompt: Prompt) -> Optional[dict]:
         """Prefill `prompt` once (no output) so the radix cache holds it. A request with no
-        output tokens and no logprobs is answered without running the model, so ask for the
-        last prompt token's logprob: that makes the runtime compute (and cache) the prompt."""
+        output tokens and no logprobs is answered without running the model, so ask for
+        logprobs (of no prompt position: nothing comes back): that makes the runtime
+        compute, and cache, the prompt, in one request."""
         if not prompt.text:
             return None
-        n = await self._count_tokens(prompt.text)
         out = await self._call([prompt.text], {"max_new_tokens": 0}, images=prompt.images,
-                               logprob_start_len=n - 1)
+                               return_logprob=True)
         return out[0].meta
 
     async def select(self, prompt: Prompt, choices: list[str], params: dict) -> SelectResult:
