@@ -74,6 +74,8 @@ async def execute(program: "Program", state: "ProgramState", args: tuple,
         raise
     finally:
         ex.close_stream(error)
+    if global_config.verbosity >= 2:  # SGLang's switch: show each finished program
+        print(ex.text)
     return state
 
 
