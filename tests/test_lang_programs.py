@@ -472,10 +472,24 @@ def test_chat_completion_speculative(openai_backend):
         s += sgl.user("Construct a character within the following format:")
         s += sgl.assistant("Name: Steve Jobs.\nBirthday: February 24, 1955.\nJob: Apple CEO.\n")
         s += sgl.user("Please generate new Name, Birthday and Job.\n")
-        s += sgl.assistant(sgl.gen("name", stop="\n", max_tokens=8))
+        s += sgl.assistant("Name:" + sgl.gen("name", stop="\n") + "\nBirthday:"
+                           + sgl.gen("birthday", stop="\n") + "\nJob:" + sgl.gen("job", stop="\n"))
 
+    usage = openai_backend.token_usage
+    usage.reset()
     state = gen_character_spec.run(backend=openai_backend, temperature=0)
-    assert state.messages()[-1]["content"] == state["name"]
+    meta = state.get_meta_info("name")
+    # one chat call wrote the whole turn (the chat API cannot continue "Name:" otherwise)
+    assert meta["speculative"] == "chat" and usage.prompt_tokens == meta["prompt_tokens"]
+    turn = state.messages()[-1]["content"]
+    assert turn == ("Name:" + state["name"] + "\nBirthday:" + state["birthday"] + "\nJob:"
+                    + state["job"])
+    assert all("\n" not in state[k] for k in ("name", "birthday", "job"))
+
+    async def in_async():  # the async form: the same turn, awaited
+        return await gen_character_spec.arun(backend=openai_backend, temperature=0)
+
+    assert asyncio.run(in_async())["name"] == state["name"]
 
 
 def test_dtype_post_parse_on_openai(openai_backend):

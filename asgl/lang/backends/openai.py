@@ -61,6 +61,10 @@ class OpenAI(Backend):
         if client is not None:
             await client.close()
 
+    def chat_speculation(self, prompt: Prompt) -> bool:
+        """Whether `num_api_spec_tokens` generates an assistant turn in one chat call."""
+        return self._use_chat(prompt)
+
     def _use_chat(self, prompt: Prompt) -> bool:
         return self.is_chat_model if self.is_chat_model is not None else prompt.has_roles
 
