@@ -594,3 +594,30 @@ def test_flush_cache_server_info_and_bind(backend):
     assert greet.bind(punct="!").run(who="you", backend=backend).text() == "Hello you!"
     assert sgl.flush_cache(backend) is True
     assert "memory_state" in sgl.get_server_info(backend)
+
+
+def test_dtype_post_parse_rules():
+    """Where the API takes no regex: the value is parsed out of the free answer."""
+    from asgl.lang.backends.base import Backend, GenResult, Prompt, typed_generate
+
+    class Answers(Backend):
+        supports_regex = False
+
+        def __init__(self, text):
+            self.text = text
+
+        async def generate(self, prompt, params):
+            assert "regex" not in params  # never sent where the API takes none
+            return GenResult(self.text, {})
+
+    async def parse(text, dtype):
+        return (await typed_generate(Answers(text), Prompt("", []), {}, dtype)).text
+
+    cases = [(" about 24 hours", "int", "24"), ("pi is 3.14159.", "float", "3.14159"),
+             (" true, it is", "bool", "True"), (' "Domain Name System"', "str",
+                                                '"Domain Name System"'),
+             ("Domain Name System\nmore", "str", '"Domain Name System"')]
+    for text, dtype, want in cases:
+        assert asyncio.run(parse(text, dtype)) == want, (text, dtype)
+    with pytest.raises(BackendError, match="dtype=int"):
+        asyncio.run(parse("no number here", "int"))
