@@ -159,9 +159,9 @@ class _LogitsTap:
         return out
 
 
-# The Triton kernels (under TRITON_INTERPRET on the CPU) for the families whose attention
-# they must change: soft-capping with alternating windows, and per-layer RoPE bases.
-CASES = [(f, "torch") for f in FAMILIES] + [("gemma2", "triton"), ("gemma3", "triton")]
+# The Triton kernels (under TRITON_INTERPRET on the CPU) where the attention itself changes:
+# soft-capping, a non-default scale, windowed layers alternating with global ones.
+CASES = [(f, "torch") for f in FAMILIES] + [("gemma2", "triton")]
 
 
 @pytest.mark.parametrize("family,backend", CASES, ids=[f"{f}-{b}" for f, b in CASES])
