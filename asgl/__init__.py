@@ -23,9 +23,11 @@ _LAZY: dict[str, str] = {
     "SamplingParams": "asgl.engine.contracts.sampling_params",
 }
 _LANG = ["Anthropic", "BackendError", "OpenAI", "Runtime", "RuntimeEndpoint", "assistant",
-         "assistant_begin", "assistant_end", "fork", "function", "gen", "image", "select",
-         "set_default_backend", "system", "system_begin", "system_end", "user",
-         "user_begin", "user_end"]
+         "assistant_begin", "assistant_end", "flush_cache", "fork", "function", "gen",
+         "gen_int", "gen_string", "get_server_info", "global_config",
+         "greedy_token_selection", "image", "select", "set_default_backend", "system",
+         "system_begin", "system_end", "token_length_normalized",
+         "unconditional_likelihood_normalized", "user", "user_begin", "user_end"]
 _LAZY.update({name: "asgl.lang" for name in _LANG})
 
 __all__ = ["Engine", "EngineConfig", "GenerateOutput", "InvalidRequest", "LLM",
@@ -53,6 +55,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from asgl.engine.loop.engine import Engine
     from asgl.engine.loop.sync_engine import LLM
     from asgl.lang import (Anthropic, BackendError, OpenAI, Runtime, RuntimeEndpoint,
-                           assistant, assistant_begin, assistant_end, fork, function, gen,
-                           image, select, set_default_backend, system, system_begin,
-                           system_end, user, user_begin, user_end)
+                           assistant, assistant_begin, assistant_end, flush_cache, fork,
+                           function, gen, gen_int, gen_string, get_server_info,
+                           global_config, greedy_token_selection, image, select,
+                           set_default_backend, system, system_begin, system_end,
+                           token_length_normalized, unconditional_likelihood_normalized,
+                           user, user_begin, user_end)
