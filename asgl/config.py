@@ -80,6 +80,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_request_body_mb: float = 32.0
     tool_call_parser: Optional[str] = None
     shutdown_timeout: float = 30.0
+    # a streamed choice's chunks are delivered every `stream_interval` tokens (its first
+    # token and its end at once); native /generate streams deltas, not the output so far
+    stream_interval: int = 1
+    incremental_streaming_output: bool = False
 
     # --- request limits (each refused with a 400 naming the flag, before anything is queued) ---
     max_prompt_chars: Optional[int] = None
@@ -120,6 +124,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
                               f"got {self.watchdog_timeout}")
         if self.shutdown_timeout < 0:
             raise ConfigError(f"--shutdown-timeout must be >= 0, got {self.shutdown_timeout}")
+        if self.stream_interval < 1:
+            raise ConfigError(f"--stream-interval must be >= 1, got {self.stream_interval}")
         if self.cpu_kv_budget_gb <= 0:
             raise ConfigError("--cpu-kv-budget-gb must be positive")
         for name in ("tp_size", "dp_size", "nnodes"):
@@ -261,7 +267,8 @@ CLI_GROUPS: dict[str, str] = {
     **dict.fromkeys(["host", "port", "api_key", "admin_api_key", "max_request_body_mb",
                      "max_queued_requests", "shutdown_timeout", "watchdog_timeout",
                      "exit_on_stall"], "serving"),
-    **dict.fromkeys(["served_model_name", "tool_call_parser"], "API"),
+    **dict.fromkeys(["served_model_name", "tool_call_parser", "stream_interval",
+                     "incremental_streaming_output"], "API"),
     **dict.fromkeys(["max_prompt_chars", "max_stop_strings", "max_stop_string_chars",
                      "max_schema_depth", "max_schema_bytes", "max_regex_chars", "max_tools",
                      "max_request_tokens", "max_prompt_logprobs"],
@@ -349,6 +356,11 @@ _HELP: dict[str, str] = {
     "tool_call_parser": "tool-call format of the model (hermes, llama3)",
     "shutdown_timeout": "seconds in-flight requests may run on after SIGTERM/SIGINT; then "
                         "they end with finish_reason abort",
+    "stream_interval": "streamed tokens per event: a choice's chunks are held until this "
+                       "many tokens are new (its first token and its end go at once); higher "
+                       "costs the server less per token",
+    "incremental_streaming_output": "native /generate streams: each event holds the new "
+                                    "text and output_ids only, not the output so far",
     "max_prompt_chars": "most characters of a text prompt (or of a chat's messages), refused "
                         "before tokenizing (default: 16 x the context length)",
     "max_stop_strings": "most stop strings per request (at most 64)",

@@ -174,9 +174,14 @@ ab() {
 # offline figure with --detokenize on this tree, the bar the serving path is held to.
 serve_one() {  # serve_one TAG TREE
   local tag=$1 tree=$2 port=30123 t0=$SECONDS
+  # PROFILE=1: the server runs under bench/loop_sampler.py, which samples the event loop's
+  # stack for PROFILE_S seconds from PROFILE_AT seconds into the first backend's bench
+  local launch="-m asgl.cli"
+  [[ -n ${PROFILE:-} ]] && launch="$ROOT/bench/loop_sampler.py --out $LOGS/loop_$tag.txt \
+--trigger $LOGS/trig_$tag --duration ${PROFILE_S:-20} --"
   # from inside the tree: `python -m` puts the working directory first on the path
   (cd "$ROOT/$tree" && exec env PYTHONPATH=/tmp/asgl_site:/tmp/asgl_smol:$ROOT/$tree \
-    python3 -m asgl.cli serve --model-path llama-3.1-8b --load-format dummy \
+    python3 $launch serve --model-path llama-3.1-8b --load-format dummy \
     --tokenizer-path $ROOT/$CARRY/tok --port $port --log-level warning) \
     > "$LOGS/serve_$tag.log" 2>&1 &
   local pid=$!
@@ -189,6 +194,7 @@ serve_one() {  # serve_one TAG TREE
   echo "=== serve_$tag ready in $((SECONDS - t0))s"
   local backend
   for backend in ${SERVE_BACKENDS:-asgl openai}; do
+    [[ -n ${PROFILE:-} ]] && (sleep ${PROFILE_AT:-25}; touch "$LOGS/trig_$tag") &
     timeout -k 5 200 python3 bench/serving.py --base-url http://127.0.0.1:$port --backend $backend \
       --num-prompts ${SERVE_PROMPTS:-1000} --input-len 1024 --output-len 512 --range-ratio 0.125 \
       --tokenizer $ROOT/$CARRY/tok --disable-tqdm --output-file "$OUT/serving.jsonl" \
@@ -197,14 +203,29 @@ serve_one() {  # serve_one TAG TREE
       "$LOGS/bench_${tag}_$backend.log" | tr -s ' ' | tr '\n' ';' | cut -c1-400)"
   done
   kill -INT $pid; wait $pid 2>/dev/null
+  if [[ -n ${PROFILE:-} && -f $LOGS/loop_$tag.txt ]]; then
+    echo "=== event-loop profile, $tag (${SERVE_BACKENDS:-asgl openai})"
+    python3 bench/pyspy_summary.py "$LOGS/loop_$tag.txt" --thread MainThread --top 22 \
+      | tee "$LOGS/loop_${tag}_summary.txt" | head -60
+  fi
 }
 
 serve_ab() {
   : "${BASELINE:?set BASELINE to the folder of the older tree}"
   begin_call
+  # PROFILE=1: each tree's server is sampled during its first backend's bench
   serve_one after .
   serve_one baseline "$BASELINE"
   serve_bars
+  tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+}
+
+# Where the event loop's time goes while serving (bench/loop_sampler.py), one server per
+# backend so that each bench is sampled in its decode phase
+serve_profile() {
+  begin_call
+  PROFILE=1 SERVE_BACKENDS=asgl serve_one prof_asgl .
+  PROFILE=1 SERVE_BACKENDS=openai serve_one prof_openai .
   tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
 }
 
@@ -230,6 +251,7 @@ case $MODE in
   run) run ;;
   ab) ab ;;
   serve_ab) serve_ab ;;
+  serve_profile) serve_profile ;;
   serve_bars) serve_bars; tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS" ;;
-  *) echo "usage: $0 prepare|stage|run|ab|serve_ab|serve_bars"; exit 2 ;;
+  *) echo "usage: $0 prepare|stage|run|ab|serve_ab|serve_profile|serve_bars"; exit 2 ;;
 esac

@@ -11,8 +11,9 @@ decode step at full batch costs: schedule, submit (sampling batch + table writes
 table's writes are tracked as on the GPU path. The forward pass runs on the worker
 thread and is not counted. `--profile` writes a cProfile of those three calls.
 
-The server's path is `--stream --sampled --detok`: every request is consumed through
-`generate_stream` (as the HTTP routes do), samples with temperature / top-p / a seed, and
+The server's path is `--stream --sampled --detok`: every request is consumed as the HTTP
+routes do (`generate_into`: chunks handed over inside the step; a tree without it:
+`generate_stream`), samples with temperature / top-p / a seed, and
 is detokenized incrementally (SmolLM2's tokenizer). `--baseline DIR` runs the same
 measurement first on the tree in DIR (e.g. `git archive` of an older commit) in a
 subprocess, and prints both.
@@ -124,6 +125,13 @@ async def main_async(args) -> dict:
             return len((await engine.generate(input_ids=prompt, sampling_params=params))
                        .output_ids)
         n = 0
+        if hasattr(engine, "generate_into"):  # the server routes' path, where it exists
+            def take(chunk) -> None:
+                nonlocal n
+                n += len(chunk.token_ids)
+
+            await engine.generate_into(take, input_ids=prompt, sampling_params=params)
+            return n
         async for chunk in engine.generate_stream(input_ids=prompt, sampling_params=params):
             n += len(chunk.token_ids)
         return n
@@ -136,7 +144,8 @@ async def main_async(args) -> dict:
     if prof is not None:
         prof.dump_stats(args.profile)
     rec = {"bench": "loop_cpu", "batch": args.batch, "decode_steps": args.steps,
-           "stream": args.stream, "sampled": args.sampled, "detok": args.detok,
+           "stream": args.stream and ("generate_into" if hasattr(engine, "generate_into")
+                                      else "generate_stream"), "sampled": args.sampled, "detok": args.detok,
            "wall_s": round(wall, 2), **timer.summary()}
     return rec
 

@@ -1,21 +1,23 @@
 """Generation: one engine request as the server drives it.
 
 Every route (native or OpenAI, streaming or not) runs its engine requests through here,
-so the whole server has one code path for: consuming `Engine.generate_stream`, assembling
-each choice (text, ids, logprobs), per-request metrics (TTFT, inter-token latency, queue
-time, end-to-end latency, token counters), and aborting. Abort needs no code of its own:
-a client that disconnects cancels the handler (aiohttp handler cancellation), the
-cancellation reaches the engine's generator, and its `finally` aborts the request; a
-handler that stops reading closes the generator (`aclosing`), which does the same.
+so the whole server has one code path for: taking the engine's chunks
+(`Engine.generate_into`: each chunk is handed over inside the step that made it, so a
+streaming route renders and writes its event there, with no task wake-up per request per
+step), assembling each choice (text, ids, logprobs), per-request metrics (TTFT,
+inter-token latency, queue time, end-to-end latency, token counters), and aborting. Abort
+needs no code of its own: a client that disconnects cancels the handler (aiohttp handler
+cancellation), the cancellation reaches `generate_into`, which aborts the request; a
+write that fails ends that request the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Optional
+from typing import Callable, Optional
 
 from asgl.engine.contracts.outputs import StreamChunk
 from asgl.engine.contracts.sampling_params import SamplingParams
@@ -76,32 +78,35 @@ class Generation:
     def completion_tokens(self) -> int:
         return sum(len(c.output_ids) for c in self.choices)
 
-    async def events(self) -> AsyncIterator[StreamChunk]:
-        """The engine's chunks, each recorded into `choices` before it is yielded."""
+    async def deliver(self, on_chunk: Callable[[StreamChunk], None]) -> None:
+        """Hand each chunk, recorded into `choices` first, to `on_chunk` inside the engine
+        step that produced it (Engine.generate_into): the streaming routes render and write
+        their events from there, with no task wake-up per request per step."""
         job, engine, metrics = self.job, self.state.engine, self.state.metrics
-        stream = engine.generate_stream(
-            input_ids=job.input_ids, sampling_params=job.params, rid=job.rid,
-            return_logprob=job.return_logprob, logprob_start_len=job.logprob_start_len,
-            top_logprobs_num=job.top_logprobs_num)
         counted = 0
         accepted = False
+
+        def take(chunk: StreamChunk) -> None:
+            nonlocal counted, accepted
+            if not accepted:
+                accepted = True
+                metrics.prompt_tokens.inc(len(job.input_ids))
+            self._record(chunk)
+            counted += len(chunk.token_ids)
+            on_chunk(chunk)
+
         try:
-            async with aclosing(stream):
-                async for chunk in stream:
-                    if not accepted:  # the request was accepted: count its prompt
-                        accepted = True
-                        metrics.prompt_tokens.inc(len(job.input_ids))
-                    self._record(chunk)
-                    counted += len(chunk.token_ids)
-                    yield chunk
+            await engine.generate_into(
+                take, input_ids=job.input_ids, sampling_params=job.params, rid=job.rid,
+                return_logprob=job.return_logprob, logprob_start_len=job.logprob_start_len,
+                top_logprobs_num=job.top_logprobs_num)
         finally:
             if counted:
                 metrics.generation_tokens.inc(counted)
 
     async def run(self) -> list[Choice]:
-        async with aclosing(self.events()) as chunks:
-            async for _ in chunks:
-                pass
+        """To completion: the chunks are only recorded (no wake-up until the end)."""
+        await self.deliver(_ignore)
         return self.choices
 
     def _record(self, chunk: StreamChunk) -> None:
@@ -137,6 +142,10 @@ class Generation:
                 self.state.metrics.e2e.observe(now - self.arrival)
 
 
+def _ignore(chunk: StreamChunk) -> None:
+    pass
+
+
 async def run_all(gens: list[Generation]) -> None:
     """Run generations concurrently; if one fails or we are cancelled, abort the rest."""
     if len(gens) == 1:
@@ -151,36 +160,17 @@ async def run_all(gens: list[Generation]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def merged_events(gens: list[Generation]) -> AsyncIterator[tuple[int, StreamChunk]]:
-    """(generation index, chunk) from all generations, in arrival order."""
+async def deliver_all(gens: list[Generation],
+                      on_chunk: Callable[[int, StreamChunk], None]) -> None:
+    """Every generation's chunks to `on_chunk(generation index, chunk)` as the steps make
+    them; if one fails or we are cancelled, abort the rest."""
     if len(gens) == 1:
-        async with aclosing(gens[0].events()) as chunks:
-            async for chunk in chunks:
-                yield 0, chunk
+        await gens[0].deliver(functools.partial(on_chunk, 0))
         return
-    queue: asyncio.Queue = asyncio.Queue()
-    _END = object()
-
-    async def pump(k: int, gen: Generation) -> None:
-        try:
-            async with aclosing(gen.events()) as chunks:
-                async for chunk in chunks:
-                    queue.put_nowait((k, chunk))
-            queue.put_nowait((k, _END))
-        except Exception as e:  # hand it to the consumer; cancellation just ends the pump
-            queue.put_nowait((k, e))
-
-    tasks = [asyncio.ensure_future(pump(k, g)) for k, g in enumerate(gens)]
+    tasks = [asyncio.ensure_future(g.deliver(functools.partial(on_chunk, k)))
+             for k, g in enumerate(gens)]
     try:
-        remaining = len(tasks)
-        while remaining:
-            k, item = await queue.get()
-            if item is _END:
-                remaining -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield k, item
+        await asyncio.gather(*tasks)
     finally:
         for t in tasks:
             t.cancel()

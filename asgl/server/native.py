@@ -18,9 +18,10 @@ from aiohttp import web
 
 import asgl
 from asgl.engine.contracts.sampling_params import SamplingParams
+from asgl.engine.contracts.outputs import StreamChunk
 from asgl.server import limits
 from asgl.server.errors import ApiError, bad_request
-from asgl.server.generation import Choice, Generation, Job, merged_events, run_all
+from asgl.server.generation import Choice, Generation, Job, deliver_all, run_all
 from asgl.server.jsonio import json_response, read_json
 from asgl.server.prompts import tokenize_all
 from asgl.server.protocol import AbortRequest, GenerateRequest, GenerateResponse, MetaInfo
@@ -45,16 +46,22 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if body.stream:
         # one prompt with n == 1 streams plain events; anything else tags each with `index`
         indexed = not single or jobs[0].params.n > 1
+        incremental = state.config.incremental_streaming_output
 
         async def produce(sse: SSEWriter) -> None:
-            async for k, chunk in merged_events(gens):
+            def on_chunk(k: int, chunk: StreamChunk) -> None:  # inside the engine's step
                 gen = gens[k]
-                out = _output(state, gen, gen.choices[chunk.index], with_text)
+                out = _output(state, gen, gen.choices[chunk.index], with_text,
+                              chunk if incremental else None)
                 if indexed:
                     out.index = k * gen.job.params.n + chunk.index
-                await sse.send(out)
+                sse.emit(out)
 
-        return await stream_events(request, produce)
+            await deliver_all(gens, on_chunk)
+
+        # each event holds the output so far (unless --incremental-streaming-output): a
+        # client that falls behind gets the newest
+        return await stream_events(request, produce, cumulative=not (indexed or incremental))
     await run_all(gens)
     outs = [_output(state, g, c, with_text) for g in gens for c in g.choices]
     return json_response(outs[0] if single and len(outs) == 1 else outs)
@@ -158,8 +165,10 @@ def _sampling_params(state: ServerState, raw: Optional[dict],
     return sp, raw.get("max_new_tokens") is not None
 
 
-def _output(state: ServerState, gen: Generation, choice: Choice,
-            with_text: bool) -> GenerateResponse:
+def _output(state: ServerState, gen: Generation, choice: Choice, with_text: bool,
+            delta: Optional[StreamChunk] = None) -> GenerateResponse:
+    """The choice's output so far, or with `delta` (--incremental-streaming-output) that
+    chunk's text, ids and logprobs only; meta_info counts the whole output either way."""
     job = gen.job
     n = len(gen.choices)
     reason = choice.finish_reason
@@ -172,13 +181,20 @@ def _output(state: ServerState, gen: Generation, choice: Choice,
                     e2e_latency=round(time.monotonic() - gen.arrival, 6))
     if job.return_logprob:
         fmt = _LogprobFormat(state, with_text)
-        meta.input_token_logprobs = fmt.tokens(choice.input_logprobs or [])
-        meta.output_token_logprobs = fmt.tokens(choice.logprobs)
+        # incremental: the prompt's logprobs ride on the chunk that carries them (the last)
+        meta.input_token_logprobs = fmt.tokens(
+            choice.input_logprobs if delta is None else delta.input_token_logprobs or [])
+        meta.output_token_logprobs = fmt.tokens(
+            choice.logprobs if delta is None else delta.logprobs or [])
         if job.top_logprobs_num:
-            meta.input_top_logprobs = fmt.tops(choice.input_top_logprobs or [])
-            meta.output_top_logprobs = fmt.tops(choice.top_logprobs)
-    return GenerateResponse(text=choice.text, output_ids=list(choice.output_ids),
-                            meta_info=meta)
+            meta.input_top_logprobs = fmt.tops(
+                choice.input_top_logprobs if delta is None else delta.input_top_logprobs or [])
+            meta.output_top_logprobs = fmt.tops(
+                choice.top_logprobs if delta is None else delta.top_logprobs or [])
+    if delta is not None:
+        return GenerateResponse(text=delta.text, output_ids=delta.token_ids, meta_info=meta)
+    # encoded at once (the event is written inside the step): no copy of the ids
+    return GenerateResponse(text=choice.text, output_ids=choice.output_ids, meta_info=meta)
 
 
 class _LogprobFormat:

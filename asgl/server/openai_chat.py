@@ -19,7 +19,8 @@ from msgspec import UNSET
 
 from asgl.server import limits
 from asgl.server.errors import bad_request
-from asgl.server.generation import Choice, Generation, Job, merged_events, run_all
+from asgl.engine.contracts.outputs import StreamChunk
+from asgl.server.generation import Choice, Generation, Job, deliver_all, run_all
 from asgl.server.jsonio import json_response, read_json
 from asgl.server.openai_common import (chat_logprobs, check_stream_options, finish_reason,
                                        new_id, now, response_model, sampling_params, usage)
@@ -145,11 +146,12 @@ class _View:
     async def stream(self, sse: SSEWriter, include_usage: bool) -> None:
         started: set[int] = set()
         parsers = {}
-        async for _, chunk in merged_events([self.gen]):
+
+        def on_chunk(_: int, chunk: StreamChunk) -> None:  # inside the engine's step
             i = chunk.index
             if i not in started:
                 started.add(i)
-                await sse.send(self._chunk(ChatChunkChoice(
+                sse.emit(self._chunk(ChatChunkChoice(
                     index=i, delta=Delta(role="assistant", content="")), include_usage))
                 if self.tools is not None:
                     parsers[i] = self.fmt.parser()
@@ -163,14 +165,16 @@ class _View:
                     text, calls = text + more_text, calls + more_calls
                     reason = self._finish_reason(chunk.finish_reason, bool(parser.calls))
             if not (text or calls or chunk.finished or (self.logprobs and chunk.logprobs)):
-                continue
+                return
             logprobs = None
             if self.logprobs and chunk.logprobs:
                 logprobs = chat_logprobs(self.state.token_texts, chunk.logprobs,
                                          chunk.top_logprobs or [], self.top_n)
             delta = Delta(content=text or None, tool_calls=[_delta(c) for c in calls] or None)
-            await sse.send(self._chunk(ChatChunkChoice(
+            sse.emit(self._chunk(ChatChunkChoice(
                 index=i, delta=delta, logprobs=logprobs, finish_reason=reason), include_usage))
+
+        await deliver_all([self.gen], on_chunk)
         if include_usage:
             await sse.send(ChatCompletionChunk(id=self.id, created=self.created,
                                                model=self.model, choices=[],

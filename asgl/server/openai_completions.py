@@ -15,7 +15,8 @@ from msgspec import UNSET
 
 from asgl.server import limits
 from asgl.server.errors import bad_request
-from asgl.server.generation import Choice, Generation, Job, merged_events, run_all
+from asgl.engine.contracts.outputs import StreamChunk
+from asgl.server.generation import Choice, Generation, Job, deliver_all, run_all
 from asgl.server.jsonio import json_response, read_json
 from asgl.server.openai_common import (check_stream_options, completion_logprobs,
                                        finish_reason, new_id, now, response_model,
@@ -126,7 +127,8 @@ class _View:
 
     async def stream(self, sse: SSEWriter, include_usage: bool) -> None:
         offsets: dict[int, int] = {}  # choice index -> text offset of its next token
-        async for k, chunk in merged_events(self.gens):
+
+        def on_chunk(k: int, chunk: StreamChunk) -> None:  # inside the engine's step
             gen = self.gens[k]
             c = gen.choices[chunk.index]
             index = k * len(gen.choices) + chunk.index
@@ -139,16 +141,18 @@ class _View:
                     if self.logprobs:
                         pairs, tops = _with_prompt(c, pairs, tops)
             if not (text or pairs or chunk.finished):
-                continue  # nothing to tell yet (text held back by a possible stop string)
+                return  # nothing to tell yet (text held back by a possible stop string)
             logprobs = None
             if self.logprobs:
                 logprobs, offsets[index] = completion_logprobs(
                     self.state.token_texts, pairs, tops, offsets[index])
-            await sse.send(CompletionResponse(
+            sse.emit(CompletionResponse(
                 id=self.id, created=self.created, model=self.model,
                 choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
                                           finish_reason=finish_reason(chunk.finish_reason))],
                 usage=None if include_usage else UNSET))
+
+        await deliver_all(self.gens, on_chunk)
         if include_usage:
             await sse.send(CompletionResponse(id=self.id, created=self.created, model=self.model,
                                               choices=[], usage=usage(self.gens)))

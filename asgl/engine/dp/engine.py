@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional, Union
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
 import msgspec
 import torch
@@ -306,6 +306,15 @@ class DPEngine:
             self.router.finish(index, sp.n)
             if finished < sp.n and replica.out is not None:
                 replica.out.send(Abort(rid))
+
+    async def generate_into(self, deliver: Callable[[StreamChunk], None],
+                            prompt: PromptType = None, sampling_params: Any = None,
+                            **kwargs: Any) -> None:
+        """Engine.generate_into's contract over the replicas' stream: each chunk is handed
+        to `deliver` as it arrives (one wake-up per frame here: the replicas' frames
+        arrive per step already)."""
+        async for chunk in self.generate_stream(prompt, sampling_params, **kwargs):
+            deliver(chunk)
 
     async def generate(self, prompt: PromptType = None, sampling_params: Any = None, *,
                        input_ids: Optional[list[int]] = None, rid: Optional[str] = None,

@@ -22,7 +22,7 @@ import random
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator, Optional, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Union
 
 import msgspec
 
@@ -279,6 +279,27 @@ class Engine:
                 self.abort(stream.rid)
             self._streams.pop(stream.rid, None)
 
+    async def generate_into(self, deliver: Callable[[StreamChunk], None],
+                            prompt: PromptType = None,
+                            sampling_params: Union[SamplingParams, dict, None] = None, *,
+                            input_ids: Optional[list[int]] = None, rid: Optional[str] = None,
+                            return_logprob: bool = False, logprob_start_len: int = -1,
+                            top_logprobs_num: int = 0) -> None:
+        """Like generate_stream, but each chunk is handed to `deliver`, a plain function
+        called on the event loop inside the step that produced it: no task wake-up per
+        step, which is what a server streaming to hundreds of clients pays for. Returns
+        once every choice has finished; an exception from `deliver` aborts this request
+        (only) and is raised here; cancelling aborts too."""
+        stream = await self._submit(prompt, sampling_params, input_ids, rid, return_logprob,
+                                    logprob_start_len, top_logprobs_num)
+        try:
+            stream.attach(deliver)
+            await stream.wait_delivered()
+        finally:
+            if not all(req.finished for req in stream.reqs):
+                self.abort(stream.rid)
+            self._streams.pop(stream.rid, None)
+
     def abort(self, rid: str) -> bool:
         """Abort a request; its KV memory is released within one step. False if unknown."""
         stream = self._streams.get(rid)
@@ -340,7 +361,8 @@ class Engine:
         max_new = self.context_len - len(ids)
         if sp.max_new_tokens is not None:
             max_new = min(max_new, sp.max_new_tokens)
-        stream = RequestStream(rid, sp.n, collect=collect)
+        stream = RequestStream(rid, sp.n, collect=collect,
+                               interval=self.config.stream_interval)
         detok_factory = self._detok_factory(sp)
         base_seed = sp.seed if sp.seed is not None else self._seed_rng.getrandbits(62)
         now = time.monotonic()
