@@ -198,8 +198,9 @@ serve_one() {  # serve_one TAG TREE
     timeout -k 5 200 python3 bench/serving.py --base-url http://127.0.0.1:$port --backend $backend \
       --num-prompts ${SERVE_PROMPTS:-1000} --input-len 1024 --output-len 512 --range-ratio 0.125 \
       --tokenizer $ROOT/$CARRY/tok --disable-tqdm --output-file "$OUT/serving.jsonl" \
+      --server-pid $pid \
       > "$LOGS/bench_${tag}_$backend.log" 2>&1
-    echo "[$tag $backend] $(grep -iE 'completed|output tok|itl|ttft|running batch' \
+    echo "[$tag $backend] $(grep -iE 'completed|output tok|itl|ttft|running batch|loop cpu' \
       "$LOGS/bench_${tag}_$backend.log" | tr -s ' ' | tr '\n' ';' | cut -c1-400)"
   done
   kill -INT $pid; wait $pid 2>/dev/null

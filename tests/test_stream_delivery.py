@@ -167,3 +167,38 @@ async def test_native_stream_cumulative_and_incremental(incremental):
         assert events[-1]["meta_info"]["finish_reason"]["type"] == "length"
     finally:
         await engine.shutdown()
+
+
+async def test_a_bug_mid_stream_is_reported_in_band_with_the_request_id(monkeypatch):
+    import asgl.server.native as native
+
+    real, calls = native._output, 0
+
+    def failing(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("a bug in rendering")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(native, "_output", failing)
+    engine = await _engine().start()
+    try:
+        config = EngineConfig(model_path="tiny-llama", load_format="dummy", device="cpu",
+                              skip_tokenizer_init=True)
+        async with TestClient(TestServer(build_app(engine, config))) as client:
+            r = await client.post("/generate", headers={"X-Request-Id": "req-42"},
+                                  json={"input_ids": PROMPTS[0], "stream": True,
+                                        "sampling_params": GREEDY})
+            assert r.status == 200
+            events = await _events(r)
+            assert len(events) == 3 and "output_ids" in events[0]
+            err = events[-1]["error"]
+            assert "RuntimeError" in err["message"] and "request id req-42" in err["message"]
+            # the server goes on serving, and the failed request left nothing behind
+            ok = await client.post("/generate", json={"input_ids": PROMPTS[1],
+                                                      "sampling_params": GREEDY})
+            assert ok.status == 200
+        assert engine.memory_state()["running"] == 0
+    finally:
+        await engine.shutdown()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -205,6 +206,7 @@ async def run(args: argparse.Namespace) -> dict:
                 bar.update(1)
             return res
 
+        loop_cpu0 = _thread_cpu_s(args.server_pid)
         start = time.perf_counter()
         sampler = asyncio.ensure_future(_sample_running(session, args)) \
             if args.sample_running else None
@@ -215,6 +217,7 @@ async def run(args: argparse.Namespace) -> dict:
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
+        loop_cpu = _thread_cpu_s(args.server_pid) - loop_cpu0 if args.server_pid else None
         running: list[float] = []
         if sampler is not None:
             sampler.cancel()
@@ -227,7 +230,23 @@ async def run(args: argparse.Namespace) -> dict:
     # the decode batch the server ran at: the bar ITL is held to (one_batch.py at this size)
     summary["running_batch"] = {"median": statistics.median(busy) if busy else 0.0,
                                 "samples": len(busy)}
+    if loop_cpu is not None:
+        out = summary["total_output_tokens"]
+        summary["server_loop_cpu"] = {"seconds": round(loop_cpu, 2),
+                                      "share_of_wall": round(loop_cpu / duration, 3),
+                                      "us_per_output_token": round(1e6 * loop_cpu / out, 1)
+                                      if out else None}
     return summary
+
+
+def _thread_cpu_s(pid: Optional[int]) -> float:
+    """CPU seconds (user + system) of the main thread of process `pid` (the server's event
+    loop), from /proc (Linux; the server on this host)."""
+    if not pid:
+        return 0.0
+    with open(f"/proc/{pid}/task/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 _RUNNING = "num_running_reqs"
@@ -305,6 +324,10 @@ def print_report(s: dict) -> None:
         d = s[key]
         print(f"{key:<28}mean {d['mean']:.1f}  p50 {d['p50']:.1f}  p90 {d['p90']:.1f}  "
               f"p99 {d['p99']:.1f}")
+    if s.get("server_loop_cpu"):
+        c = s["server_loop_cpu"]
+        print(f"{'server loop CPU':<28}{c['seconds']:.1f} s ({100 * c['share_of_wall']:.0f}% of "
+              f"the run), {c['us_per_output_token']} us per output token")
     if s.get("running_batch", {}).get("samples"):
         print(f"{'median running batch':<28}{s['running_batch']['median']:.0f} "
               f"({s['running_batch']['samples']} samples of /metrics)")
@@ -343,6 +366,9 @@ def parse_args(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> 
                    help="append one JSON line with the results to this file (default: print "
                         "only)")
     p.add_argument("--disable-tqdm", action="store_true")
+    p.add_argument("--server-pid", type=int, default=None,
+                   help="the server's process id on this host: report its event-loop "
+                        "thread's CPU time per output token (Linux /proc)")
     p.add_argument("--sample-running", action=argparse.BooleanOptionalAction, default=True,
                    help="read the server's running batch size from /metrics during the run "
                         "and report its median")

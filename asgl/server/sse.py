@@ -14,7 +14,7 @@ from typing import Awaitable, Callable, Optional
 
 from aiohttp import web
 
-from asgl.server.errors import ApiError, classify, error_body
+from asgl.server.errors import ApiError, classify, error_body, request_id
 from asgl.server.jsonio import encode
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,8 @@ async def stream_events(request: web.Request,
             raise
         err = classify(e)
         if err is None:  # a bug: the status line is gone, so report it in-band
-            logger.exception("stream failed after it started")
-            err = ApiError(500, f"internal error: {type(e).__name__}")
+            rid = request_id(request)
+            logger.exception("stream failed after it started (request id %s)", rid)
+            err = ApiError(500, f"internal error: {type(e).__name__} (request id {rid})")
         await sse.send_error(err.status, err.message, err.param)
     return await sse.finish()
