@@ -33,6 +33,8 @@ from asgl.engine.contracts.forward_batch import ForwardBatch
 from asgl.engine.contracts.step import StepOutput, StepPlan
 from asgl.engine.worker.isolation import sample_isolated
 from asgl.engine.worker.kv_cache import KVPool
+from asgl.engine.worker.latent_kv_cache import (LatentKVPool, create_kv_pool, describe_layout,
+                                                kv_bytes_per_token)
 from asgl.engine.worker.step_io import GpuStepStats, PendingResults, timing_event, upload
 from asgl.engine.worker.torch_compile import compiled_forward
 from asgl.kernels.attention import AttentionBackend, create_attention_backend
@@ -100,7 +102,7 @@ class ModelRunner:
         self.vocab_size = int(hf_config.vocab_size)
         self.sampler = Sampler(self._sampling_backend())
         self.attn_backend = self._create_attention_backend()
-        self.kv_pool: Optional[KVPool] = None
+        self.kv_pool: Optional[KVPool | LatentKVPool] = None
         self.req_to_token: Optional[torch.Tensor] = None
         self.last_next_ids: Optional[torch.Tensor] = None
         self.graph_runner = None
@@ -160,7 +162,7 @@ class ModelRunner:
         card is left for activations, the request table, CUDA graphs and workspaces."""
         m = self.model
         kv_dtype = self.kv_dtype()
-        per_token = KVPool.bytes_per_token(m.num_layers, m.num_kv_heads, m.head_dim, kv_dtype)
+        per_token = kv_bytes_per_token(m, kv_dtype)
         if self.cfg.max_total_tokens:
             return self.cfg.max_total_tokens
         if self.on_cuda:
@@ -191,9 +193,11 @@ class ModelRunner:
     def init_memory(self, num_tokens: int, max_reqs: int, context_len: int) -> None:
         """Allocate the KV pool and the device request table, then capture CUDA graphs
         (here, in the worker thread, before the engine serves anything)."""
-        m = self.model
-        self.kv_pool = KVPool(num_tokens, m.num_layers, m.num_kv_heads, m.head_dim,
-                              self.kv_dtype(), self.device)
+        m, kv_dtype = self.model, self.kv_dtype()
+        self.kv_pool = create_kv_pool(m, num_tokens, kv_dtype, self.device)
+        per_token = kv_bytes_per_token(m, kv_dtype)
+        logger.info("KV pool: %d tokens, %d bytes per token (%s) = %d tokens per GiB",
+                    num_tokens, per_token, describe_layout(m, kv_dtype), (1 << 30) // per_token)
         if self.device.type != "cpu":
             self.req_to_token = torch.zeros((max_reqs, context_len), dtype=torch.int64,
                                             device=self.device)

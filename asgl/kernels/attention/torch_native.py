@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec
+from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec, MLAKVIndex
 
 if TYPE_CHECKING:
     from asgl.engine.contracts.forward_batch import ForwardBatch
@@ -38,6 +38,7 @@ class _Plan:
 
 class TorchNativeBackend(AttentionBackend):
     name = "torch"
+    mla_expanded_prefill = True
 
     def prepare(self, batch: "ForwardBatch") -> None:
         """Look up each request's slots once per step rather than once per layer."""
@@ -73,6 +74,18 @@ class TorchNativeBackend(AttentionBackend):
             else:
                 ki, vi, q_start = k[rows], v[rows], 0
             out[rows] = _attend(q[rows], ki, vi, q_start, spec)
+        return out.reshape(T, spec.num_heads * spec.v_dim)
+
+    def forward_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         index: MLAKVIndex, spec: AttentionSpec,
+                         batch: "ForwardBatch") -> torch.Tensor:
+        if not isinstance(batch.attn_state, _Plan):
+            self.prepare(batch)
+        T = q.shape[0]
+        out = q.new_empty(T, spec.num_heads, spec.v_dim)
+        for r, s0 in zip(batch.attn_state.reqs, index.kv_start):
+            rows, keys = slice(r.start, r.start + r.extend_len), slice(s0, s0 + r.seq_len)
+            out[rows] = _attend(q[rows], k[keys], v[keys], r.prefix_len, spec)
         return out.reshape(T, spec.num_heads * spec.v_dim)
 
 
