@@ -13,6 +13,11 @@ index buffers themselves are built lazily by the first layer and reused by the o
 Per layer, `forward` writes the new K/V into the pool, then runs decode attention for
 DECODE batches and extend attention for the rest (a decode request in a MIXED batch is an
 extend of one token). Both kernels read K/V through req_to_token: no gather copies.
+
+MLA (asgl/layers/mla.py): decode batches of a latent layer (`spec.kv_latent`) run the MLA
+decode kernel (mla_decode.py) over the latent pool; extend batches come expanded through
+`forward_expanded`, which runs the extend kernel with the gathered K/V standing in for the
+pool and `MLAKVIndex.table` for req_to_token.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec
+from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec, MLAKVIndex
 from asgl.kernels.triton.decode_attention import decode_attention, decode_scratch, num_kv_splits
 from asgl.kernels.triton.extend_attention import build_schedule, extend_attention, tokens_per_block
+from asgl.kernels.triton.mla_decode import mla_decode_attention, mla_head_blocks
 
 if TYPE_CHECKING:
     from asgl.engine.contracts.forward_batch import ForwardBatch
@@ -41,6 +47,7 @@ class _TritonState:
 
 class TritonAttnBackend(AttentionBackend):
     name = "triton"
+    mla_expanded_prefill = True
 
     def __init__(self, num_kv_splits: Optional[int] = None, max_kv_splits: int = 64):
         """`num_kv_splits`: a fixed split count for decode (CUDA graphs need one launch
@@ -71,7 +78,17 @@ class TritonAttnBackend(AttentionBackend):
         if pool is not None:
             pool.set_kv(spec.layer_id, batch.out_cache_loc, k, v, spec.k_scale, spec.v_scale)
             k_buf, v_buf = pool.get_kv(spec.layer_id)
-        if state.decode:
+        if state.decode and spec.kv_latent:
+            # the kernel's programs are (request, block of 16 heads, split)
+            splits = self._splits(state, batch, mla_head_blocks(H))
+            key = (H, Dv, splits)
+            if key not in state.scratch:
+                state.scratch[key] = decode_scratch(T, H, splits, Dv, q.device)
+            mla_decode_attention(q, k_buf, out, batch.req_to_token, batch.req_pool_indices,
+                                 batch.seq_lens, kv_lora_rank=Dv, sm_scale=spec.scaling,
+                                 num_splits=splits, k_scale=spec.k_scale,
+                                 mid=state.scratch[key])
+        elif state.decode:
             splits = self._splits(state, batch, Hkv)
             key = (H, Dv, splits)
             if key not in state.scratch:
@@ -94,6 +111,23 @@ class TritonAttnBackend(AttentionBackend):
                              state.schedules[tok_m], sm_scale=spec.scaling, causal=spec.causal,
                              sliding_window=window, logit_cap=spec.logit_cap,
                              k_scale=spec.k_scale, v_scale=spec.v_scale)
+        return out.reshape(T, H * Dv)
+
+    def forward_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         index: MLAKVIndex, spec: AttentionSpec,
+                         batch: "ForwardBatch") -> torch.Tensor:
+        state = batch.attn_state
+        if not isinstance(state, _TritonState):
+            self.prepare(batch)
+            state = batch.attn_state
+        T, H, D, Dv = q.shape[0], spec.num_heads, spec.head_dim, spec.v_dim
+        out = q.new_empty(T, H, Dv)
+        tok_m = tokens_per_block(D, Dv, 1, q.dtype)
+        if tok_m not in state.schedules:
+            state.schedules[tok_m] = build_schedule(batch.extend_lens_cpu, tok_m, q.device)
+        extend_attention(q, k, v, out, index.table, index.rows, batch.prefix_lens,
+                         batch.extend_lens, batch.extend_start_loc, state.schedules[tok_m],
+                         sm_scale=spec.scaling, causal=True)
         return out.reshape(T, H * Dv)
 
     def _splits(self, state: _TritonState, batch: "ForwardBatch", num_kv_heads: int) -> int:
