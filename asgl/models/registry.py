@@ -19,6 +19,8 @@ _MODELS: dict[str, tuple[str, str]] = {
         "Qwen3ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM", "GemmaForCausalLM",
         "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "StableLmForCausalLM",
         "CohereForCausalLM", "Cohere2ForCausalLM")},
+    **{name: ("asgl.models.moe", name) for name in (
+        "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")},
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")
