@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -46,6 +46,9 @@ class DecoderArch:
     rope_sliding_only: bool = False  # global layers use no position encoding (Cohere 2)
     act: Optional[str] = None  # None: config.hidden_act
     norm_eps_attr: str = "rms_norm_eps"
+    # (config, layer_id, quant_config, prefix) -> the layer's MLP (MoE families, models/moe.py);
+    # None: LlamaMLP
+    mlp_factory: Optional[Callable[..., nn.Module]] = None
 
 
 def _head_dim(config: Any) -> int:
@@ -154,7 +157,10 @@ class LlamaDecoderLayer(nn.Module):
         self.style, self.residual_scale = arch.style, arch.residual_scale
         self.self_attn = LlamaAttention(config, layer_id, rotary_emb, qkv_bias, o_bias,
                                         quant_config, f"{prefix}.self_attn", arch)
-        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", arch.act)
+        if arch.mlp_factory is not None:
+            self.mlp = arch.mlp_factory(config, layer_id, quant_config, f"{prefix}.mlp")
+        else:
+            self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", arch.act)
         h, eps = config.hidden_size, getattr(config, arch.norm_eps_attr)
         if arch.style != "post":
             self.input_layernorm = make_norm(arch, h, eps)

@@ -21,6 +21,8 @@ _MODELS: dict[str, tuple[str, str]] = {
         "CohereForCausalLM", "Cohere2ForCausalLM")},
     **{name: ("asgl.models.deepseek_v2", name) for name in (
         "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "MiniCPM3ForCausalLM")},
+    **{name: ("asgl.models.moe", name) for name in (
+        "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")},
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")
