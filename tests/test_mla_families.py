@@ -16,10 +16,12 @@ import json
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
 from helpers import rel_err
 from tests.conftest import make_llm, reference_threads
 from tests.test_model_families import _check_greedy, _hf_greedy, _hf_logits, _LogitsTap
+from tests.test_moe_families import _check_every_tensor_consumed
 
 VOCAB = 160
 EOS = VOCAB - 1
@@ -33,22 +35,24 @@ MLA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_la
 YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64,
             mscale=0.707, mscale_all_dim=0.707, beta_fast=32, beta_slow=1, rope_theta=10000.0)
 
+# layer 0 dense, layer 1 MoE (routed + shared experts), as DeepSeek's first_k_dense_replace
+MOE = dict(first_k_dense_replace=1, n_routed_experts=8, num_experts_per_tok=2,
+           moe_intermediate_size=16, n_shared_experts=1)
 FAMILIES = {
-    # every layer dense (first_k_dense_replace = layers); V2-Lite's q_proj (no q LoRA)
-    "deepseek_v2_lite": ("DeepseekV2Config", dict(q_lora_rank=None, first_k_dense_replace=2,
-                                                  n_routed_experts=4, num_experts_per_tok=2,
-                                                  moe_intermediate_size=16)),
-    "deepseek_v2_yarn": ("DeepseekV2Config", dict(first_k_dense_replace=2, n_routed_experts=4,
-                                                  num_experts_per_tok=2,
-                                                  moe_intermediate_size=16,
+    # V2-Lite: q_proj (no q LoRA), plain softmax top-k scaled by routed_scaling_factor
+    "deepseek_v2_lite": ("DeepseekV2Config", dict(MOE, q_lora_rank=None, topk_method="greedy",
+                                                  routed_scaling_factor=1.5)),
+    # V2: q LoRA, YaRN (mscale on the softmax), group-limited top-k (group max), biases
+    "deepseek_v2_yarn": ("DeepseekV2Config", dict(MOE, topk_method="group_limited_greedy",
+                                                  n_group=2, topk_group=1,
+                                                  routed_scaling_factor=2.0,
                                                   attention_bias=True, rope_parameters=YARN)),
-    "deepseek_v3": ("DeepseekV3Config", dict(first_k_dense_replace=2, n_routed_experts=4,
-                                             num_experts_per_tok=2, moe_intermediate_size=16,
-                                             n_group=1, topk_group=1, rope_interleave=True)),
-    "deepseek_v3_neox": ("DeepseekV3Config", dict(first_k_dense_replace=2, n_routed_experts=4,
-                                                  num_experts_per_tok=2,
-                                                  moe_intermediate_size=16, n_group=1,
-                                                  topk_group=1, rope_interleave=False)),
+    # V3: sigmoid scores, correction bias, group top-2 sums, renormalized then scaled
+    "deepseek_v3": ("DeepseekV3Config", dict(MOE, n_group=4, topk_group=2,
+                                             routed_scaling_factor=2.5, norm_topk_prob=True,
+                                             rope_interleave=True)),
+    "deepseek_v3_neox": ("DeepseekV3Config", dict(MOE, n_group=1, topk_group=1,
+                                                  norm_topk_prob=False, rope_interleave=False)),
     "minicpm3": ("MiniCPM3Config", dict(scale_emb=3.0, scale_depth=1.4, dim_model_base=16,
                                         tie_word_embeddings=True)),
 }
@@ -63,6 +67,9 @@ def _hf_model(family: str):
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
+        for name, b in model.named_buffers():  # V3's expert correction bias: make it count
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.3)
     return model.float().eval()
 
 
@@ -76,12 +83,18 @@ def test_mla_family_matches_hf_through_engine(family, backend, tmp_path):
     prompt = torch.randint(2, VOCAB - 1, (21,), generator=gen).tolist()
     ref, gaps = _hf_greedy(hf, prompt, MAX_NEW)
     hf.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    if family.startswith("deepseek"):  # the published per-expert layout, V3's bias
+        assert any(".mlp.experts.7.down_proj." in n for n in names)
+        assert any(n.endswith("e_score_correction_bias") for n in names) == ("v3" in family)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": EOS}))
     llm = make_llm(model_path=str(tmp_path), dtype="float32", device="cpu",
                    chunked_prefill_size=CHUNK, skip_tokenizer_init=True, max_total_tokens=1024,
                    disable_overlap_schedule=True, attention_backend=backend)
     try:
         runner = llm.engine.runner
+        _check_every_tensor_consumed(type(runner.model), hf.config, tmp_path, names)
         assert type(runner.kv_pool).__name__ == "LatentKVPool"
         assert runner.kv_pool.get_latent(0).shape[-1] == MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"]
         tap = _LogitsTap(runner.model)

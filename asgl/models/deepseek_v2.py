@@ -11,8 +11,8 @@ V3's `rope_interleave: false` and MiniCPM 3 pair the halves, NeoX style). YaRN's
 mscale_all_dim also scales the softmax (scale = qk_head_dim^-0.5 * mscale^2).
 
 MLP: dense (gate/up/down) for the first `first_k_dense_replace` layers and every layer of
-MiniCPM 3; DeepSeek's other layers are MoE layers (routed experts + shared experts),
-which need asgl's fused MoE layer.
+MiniCPM 3; DeepSeek's other layers are MoE layers (routed experts + shared experts,
+deepseek_moe.py).
 
 MiniCPM 3 adds muP-style scalings: embeddings times scale_emb, each residual branch times
 scale_depth / sqrt(layers), and hidden states divided by hidden_size / dim_model_base

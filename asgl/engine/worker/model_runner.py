@@ -63,6 +63,7 @@ class ModelRunner:
         from asgl.engine.sampling.sampler import Sampler
         from asgl.models.dummy_weights import init_dummy_weights
         from asgl.models.registry import get_model_class
+        from asgl.models.weights import cast_model
 
         self.cfg = cfg
         self.device = resolve_device(cfg)
@@ -91,7 +92,7 @@ class ModelRunner:
             init_dummy_weights(model, seed=cfg.random_seed or 0)
         else:
             model.load_weights(source.iter_weights(progress=get_tp_rank() == 0))
-        self.model = model.to(self.dtype).eval()
+        self.model = cast_model(model, self.dtype).eval()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
