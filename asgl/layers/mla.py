@@ -23,38 +23,40 @@ Two ways to compute the same attention:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from asgl.engine.contracts.attention import AttentionSpec, MLAKVIndex
+from asgl.layers.attention import Attention
 
 if TYPE_CHECKING:
     from asgl.engine.contracts.forward_batch import ForwardBatch
 
 
-class LatentAttention(nn.Module):
+class LatentAttention(Attention):
+    """An Attention layer (so the engine finds its spec like any other) whose spec is
+    the absorbed form's: MQA over the latent, V = the latent's first kv_lora_rank columns."""
+
     def __init__(self, num_heads: int, qk_nope_head_dim: int, qk_rope_head_dim: int,
                  v_head_dim: int, kv_lora_rank: int, scaling: float, layer_id: int):
         """`num_heads`: this rank's heads."""
-        super().__init__()
+        super().__init__(num_heads, kv_lora_rank + qk_rope_head_dim, scaling, 1, layer_id,
+                         v_head_dim=kv_lora_rank)
+        self.spec = dataclasses.replace(self.spec, kv_latent=True)
         self.num_heads, self.kv_lora_rank = num_heads, kv_lora_rank
         self.nope, self.rope, self.v_dim = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
-        # absorbed: MQA over the latent, V = its first kv_lora_rank columns
-        self.spec = AttentionSpec(layer_id=layer_id, num_heads=num_heads, num_kv_heads=1,
-                                  head_dim=kv_lora_rank + qk_rope_head_dim, scaling=scaling,
-                                  v_head_dim=kv_lora_rank, kv_latent=True)
         # expanded: ordinary multi-head attention
         self.expanded_spec = AttentionSpec(layer_id=layer_id, num_heads=num_heads,
                                            num_kv_heads=num_heads,
                                            head_dim=qk_nope_head_dim + qk_rope_head_dim,
                                            scaling=scaling, v_head_dim=v_head_dim)
 
-    def forward(self, q: torch.Tensor, latent: torch.Tensor, kv_b_weight: torch.Tensor,
-                batch: "ForwardBatch") -> torch.Tensor:
+    def forward(self, q: torch.Tensor, latent: torch.Tensor,  # type: ignore[override]
+                kv_b_weight: torch.Tensor, batch: "ForwardBatch") -> torch.Tensor:
         """q [T, H, Dn + Dr] and latent [T, Dl + Dr], both rotated; kv_b_weight
         [H * (Dn + Dv), Dl] (kv_b_proj, this rank's heads) -> [T, H * Dv]."""
         backend = batch.attn_backend
@@ -62,6 +64,10 @@ class LatentAttention(nn.Module):
                 and getattr(backend, "mla_expanded_prefill", False)):
             return self._expanded(q, latent, kv_b_weight, batch)
         return self._absorbed(q, latent, kv_b_weight, batch)
+
+    def extra_repr(self) -> str:
+        return (f"layer={self.spec.layer_id}, heads={self.num_heads}, latent="
+                f"{self.kv_lora_rank}+{self.rope}, qk_nope={self.nope}, v={self.v_dim}")
 
     def _weights(self, kv_b_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """W_k [H, Dn, Dl] and W_v [H, Dv, Dl], views of kv_b_proj's weight."""

@@ -134,7 +134,15 @@ class ModelRunner:
             return create_attention_backend("torch")
         specs = [m.spec for m in self.model.modules() if isinstance(m, Attention)]
         kwargs: dict[str, Any] = {}
-        if name == "flashinfer":  # plans need the model's head shapes and dtypes up front
+        if any(s.kv_latent for s in specs) and self.cfg.attention_backend is None:
+            name = "triton"  # MLA on CUDA: the tested kernels unless flashinfer is asked for
+        if name == "flashinfer" and specs[0].kv_latent:  # MLA: FlashInfer's latent kernels
+            s = specs[0]
+            name = "flashinfer_mla"
+            kwargs = dict(device=self.device, num_heads=s.num_heads, kv_lora_rank=s.v_dim,
+                          rope_dim=s.head_dim - s.v_dim, sm_scale=s.scaling, dtype=self.dtype,
+                          kv_dtype=self.kv_dtype())
+        elif name == "flashinfer":  # plans need the model's head shapes and dtypes up front
             s = specs[0]
             kwargs = dict(device=self.device, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
                           head_dim=s.head_dim, dtype=self.dtype, kv_dtype=self.kv_dtype())
