@@ -44,6 +44,11 @@ def padded_size(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(bound, block_m) * block_m
 
 
+# Up to this many (token, slot) pairs the sort/align runs as one Triton program (decode:
+# one launch instead of ~15 small torch ops); beyond, torch's device sort.
+SMALL_ALIGN_PAIRS = 256
+
+
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
                          expert_map: Optional[torch.Tensor] = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,7 +56,13 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
     num_padded [1] int32). `num_experts`: the local experts (w13.shape[0]).
 
     Pairs keep their order within an expert (a stable sort), so the result is
-    deterministic."""
+    deterministic; both paths give the same tensors."""
+    if topk_ids.numel() <= SMALL_ALIGN_PAIRS:
+        return _align_small(topk_ids, block_m, num_experts, expert_map)
+    return _align_torch(topk_ids, block_m, num_experts, expert_map)
+
+
+def _align_torch(topk_ids, block_m, num_experts, expert_map):
     flat = topk_ids.reshape(-1).long()
     if expert_map is not None:
         flat = expert_map.long()[flat]
@@ -74,6 +85,64 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
     block_expert = torch.searchsorted(ends, block_first_row, right=True)
     block_expert = torch.where(block_expert < E, block_expert, -1).to(torch.int32)
     return sorted_ids[:P], block_expert, ends[-1:].to(torch.int32)
+
+
+@triton.jit
+def _align_small_kernel(ids_ptr, map_ptr, sorted_ptr, block_expert_ptr, num_padded_ptr,
+                        n, E, P, HAS_MAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                        E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+    """One program: counts per expert, padded offsets, then each pair's slot (its rank
+    among the earlier pairs of its expert), chunk by chunk with one-hot [CHUNK, E] tiles."""
+    experts = tl.arange(0, E_POW2)
+    rows = tl.arange(0, CHUNK)
+    counts = tl.zeros([E_POW2], dtype=tl.int32)
+    for c0 in range(0, n, CHUNK):
+        idx = c0 + rows
+        e = tl.load(ids_ptr + idx, mask=idx < n, other=-1)
+        if HAS_MAP:
+            e = tl.load(map_ptr + e, mask=e >= 0, other=-1)
+        onehot = (e[:, None] == experts[None, :]).to(tl.int32)
+        counts += tl.sum(onehot, axis=0)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    total = tl.sum(padded, axis=0)
+    tl.store(num_padded_ptr, total)
+    for p0 in range(0, P, CHUNK):  # padding everywhere first
+        tl.store(sorted_ptr + p0 + rows, tl.zeros([CHUNK], tl.int32) + n, mask=p0 + rows < P)
+    for b0 in range(0, P // BLOCK_M, CHUNK):  # each row block's expert; -1 past the end
+        first_row = (b0 + rows) * BLOCK_M
+        ends_valid = tl.where(experts < E, ends, 2147483647)
+        owner = tl.sum((ends_valid[None, :] <= first_row[:, None]).to(tl.int32), axis=1)
+        owner = tl.where((owner < E) & (first_row < total), owner, -1)
+        tl.store(block_expert_ptr + b0 + rows, owner, mask=b0 + rows < P // BLOCK_M)
+    tl.debug_barrier()  # the padding stores land before the pairs' stores
+    seen = tl.zeros([E_POW2], dtype=tl.int32)
+    for c0 in range(0, n, CHUNK):
+        idx = c0 + rows
+        e = tl.load(ids_ptr + idx, mask=idx < n, other=-1)
+        if HAS_MAP:
+            e = tl.load(map_ptr + e, mask=e >= 0, other=-1)
+        onehot = (e[:, None] == experts[None, :]).to(tl.int32)
+        before = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of this chunk, same expert
+        slot = tl.sum(onehot * (before + starts[None, :] + seen[None, :]), axis=1)
+        tl.store(sorted_ptr + slot, idx.to(tl.int32), mask=(idx < n) & (e >= 0))
+        seen += tl.sum(onehot, axis=0)
+
+
+def _align_small(topk_ids, block_m, num_experts, expert_map):
+    n, dev = topk_ids.numel(), topk_ids.device
+    P = padded_size(n, num_experts, block_m)
+    sorted_ids = torch.empty(P, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(P // block_m, dtype=torch.int32, device=dev)
+    num_padded = torch.empty(1, dtype=torch.int32, device=dev)
+    ids = topk_ids.reshape(-1).to(torch.int32)
+    e_pow2 = triton.next_power_of_2(num_experts)
+    _align_small_kernel[(1,)](
+        ids, expert_map if expert_map is not None else ids, sorted_ids, block_expert,
+        num_padded, n, num_experts, P, HAS_MAP=expert_map is not None, BLOCK_M=block_m,
+        E_POW2=e_pow2, CHUNK=max(16, min(64, 8192 // e_pow2)), num_warps=4)
+    return sorted_ids, block_expert, num_padded
 
 
 # --------------------------------------------------------------------------- GEMM

@@ -119,12 +119,16 @@ class FusedMoE(nn.Module):
 
     def _load_expert(self, param: nn.Parameter, w: torch.Tensor, expert: int, piece: str) -> None:
         I, r = self.intermediate_per_rank, self.moe_tp_rank
+        full, H = self.intermediate_size, self.hidden_size
+        want = {"down": (H, full), "gate_up": (2 * full, H)}.get(piece, (full, H))
+        if tuple(w.shape) != want:
+            raise ValueError(f"{self.prefix}: expert {expert} {piece} tensor of shape "
+                             f"{tuple(w.shape)} does not fit the config's {want}")
         dst = param.data[expert - self.expert_start]
         with torch.no_grad():
             if piece == "down":  # [H, I]: this rank's columns
                 copy_weight(dst, w.narrow(1, r * I, I))
             elif piece == "gate_up":  # [2I, H]: this rank's rows of each half
-                full = w.shape[0] // 2
                 copy_weight(dst[:I], w.narrow(0, r * I, I))
                 copy_weight(dst[I:], w.narrow(0, full + r * I, I))
             else:
