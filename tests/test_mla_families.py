@@ -12,6 +12,7 @@ Also: every tensor of a checkpoint in the published layout is consumed by the lo
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -77,7 +78,8 @@ CASES = [(f, "torch") for f in FAMILIES] + [("deepseek_v2_yarn", "triton")]
 
 
 @pytest.mark.parametrize("family,backend", CASES, ids=[f"{f}-{b}" for f, b in CASES])
-def test_mla_family_matches_hf_through_engine(family, backend, tmp_path):
+def test_mla_family_matches_hf_through_engine(family, backend, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     hf = _hf_model(family)
     gen = torch.Generator().manual_seed(7)
     prompt = torch.randint(2, VOCAB - 1, (21,), generator=gen).tolist()
@@ -97,6 +99,11 @@ def test_mla_family_matches_hf_through_engine(family, backend, tmp_path):
         _check_every_tensor_consumed(type(runner.model), hf.config, tmp_path, names)
         assert type(runner.kv_pool).__name__ == "LatentKVPool"
         assert runner.kv_pool.get_latent(0).shape[-1] == MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"]
+        # the start-up line states the pool's size as the latent predicts (float32: 4 bytes)
+        per_token = MLA["num_hidden_layers"] * (MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"]) * 4
+        assert any(f"{per_token} bytes per token (MLA latent" in r.getMessage()
+                   and f"= {(1 << 30) // per_token} tokens per GiB" in r.getMessage()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
         tap = _LogitsTap(runner.model)
         greedy = {"temperature": 0.0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
 
@@ -119,3 +126,27 @@ def test_mla_family_matches_hf_through_engine(family, backend, tmp_path):
         assert rel_err(got2[:agree2 + 1], want2[:agree2 + 1]) < 1e-4
     finally:
         llm.shutdown()
+
+
+# Published parameter counts (model cards), in billions; V3 without its MTP layer.
+PRESETS = {"deepseek-v2-lite": 15.7, "deepseek-v3": 671.0}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_mla_preset_shapes_and_latent_kv_size(name):
+    """The dummy presets have the published shapes, and their KV pool stores the latent:
+    layers x (kv_lora_rank + rope) values per token (V2-Lite bf16: 31,104 bytes, 34,521
+    tokens per GiB, vs 276,480 bytes for the expanded K/V)."""
+    from asgl.engine.worker.latent_kv_cache import kv_bytes_per_token
+    from asgl.models import presets
+    from asgl.models.registry import get_model_class
+
+    config = presets.get_preset(name).hf_config()
+    with torch.device("meta"):
+        model = get_model_class(config.architectures)(config)
+    billions = sum(p.numel() for p in model.parameters()) / 1e9
+    assert abs(billions - PRESETS[name]) / PRESETS[name] < 0.005, billions
+    per_token = kv_bytes_per_token(model, torch.bfloat16)
+    assert per_token == config.num_hidden_layers * (512 + 64) * 2
+    if name == "deepseek-v2-lite":
+        assert (1 << 30) // per_token == 34521
