@@ -86,14 +86,17 @@ def test_mla_decode_kernel_fp8_latent():
 
 
 # --------------------------------------------------------------- the latent attention
-H, DN, DR, DV, DL = 4, 16, 8, 12, 32
+# (heads, qk_nope, rope, v, kv_lora_rank): tiny; DeepSeek's (FlashInfer's MLA kernels)
+DIMS = (4, 16, 8, 12, 32)
+DEEPSEEK_DIMS = (16, 128, 64, 128, 512)
 # (prefix_len, extend_len) per request
 MIXED = [(0, 7), (5, 4), (9, 1), (0, 1), (12, 3), (20, 30)]
 DECODE = [(0, 1), (16, 1), (44, 1), (63, 1)]
 
 
-def _mla_reference(q, lat_all, w, batch_plan, scale):
+def _mla_reference(q, lat_all, w, batch_plan, scale, dims):
     """Per request, attention written out from the MLA equations in float32."""
+    H, DN, DR, DV, DL = dims
     w = w.float().view(H, DN + DV, DL)
     outs = []
     for (pre, ext), qi, lat in zip(batch_plan, q, lat_all):
@@ -108,7 +111,8 @@ def _mla_reference(q, lat_all, w, batch_plan, scale):
     return torch.cat(outs)
 
 
-def _run_layer(plan, backend_name, dtype, expanded, gen):
+def _run_layer(plan, backend_name, dtype, expanded, gen, dims=DIMS):
+    H, DN, DR, DV, DL = dims
     seqs = [p + e for p, e in plan]
     cap = sum(seqs) + 4
     table = _table(seqs, cap, gen)
@@ -122,9 +126,16 @@ def _run_layer(plan, backend_name, dtype, expanded, gen):
             pool.set_kv(0, table[i, :pre].to(DEV), lat[:pre].to(DEV))
         new_lat.append(lat[pre:])
         new_slots.append(table[i, pre:pre + ext])
-    w = (torch.randn(H * (DN + DV), DL, generator=gen) * 0.2).to(dtype)
-    backend = create_attention_backend(backend_name)
-    backend.mla_expanded_prefill = expanded
+    w = (torch.randn(H * (DN + DV), DL, generator=gen) * DL ** -0.5).to(dtype)
+    scale = (DN + DR) ** -0.5
+    if backend_name == "flashinfer_mla":  # GPU only: FlashInfer's paged MLA kernels
+        pytest.importorskip("flashinfer")
+        backend = create_attention_backend(backend_name, device=DEV, num_heads=H,
+                                           kv_lora_rank=DL, rope_dim=DR, sm_scale=scale,
+                                           dtype=dtype)
+    else:
+        backend = create_attention_backend(backend_name)
+        backend.mla_expanded_prefill = expanded
     decode = all(e == 1 for _, e in plan)
     T = sum(e for _, e in plan)
     batch = ForwardBatch.build(
@@ -133,17 +144,17 @@ def _run_layer(plan, backend_name, dtype, expanded, gen):
         req_pool_indices=list(range(len(plan))), prefix_lens=[p for p, _ in plan],
         extend_lens=[e for _, e in plan], logits_rows=[0], sample_rows=[0], device=DEV,
         req_to_token=table.to(DEV), kv_pool=pool, attn_backend=backend)
-    scale = (DN + DR) ** -0.5
     layer = LatentAttention(H, DN, DR, DV, DL, scale, layer_id=0)
     out = layer(torch.cat(q_all).to(DEV), torch.cat(new_lat).to(DEV), w.to(DEV), batch)
-    ref = _mla_reference(q_all, lat_all, w, plan, scale)
+    ref = _mla_reference(q_all, lat_all, w, plan, scale, dims)
     # the pool now holds every request's whole latent sequence
     for i, lat in enumerate(lat_all):
         assert torch.equal(pool.get_latent(0)[table[i, :len(lat)].to(DEV), 0].cpu(), lat)
     return out.float().cpu(), ref
 
 
-CASES = [("torch", True), ("torch", False), ("triton", True), ("triton", False)]
+CASES = [("torch", True), ("torch", False), ("triton", True), ("triton", False),
+         ("flashinfer_mla", False)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -151,8 +162,11 @@ CASES = [("torch", True), ("torch", False), ("triton", True), ("triton", False)]
                          ids=[f"{b}-{'expanded' if e else 'absorbed'}" for b, e in CASES])
 @pytest.mark.parametrize("plan", [MIXED, DECODE], ids=["mixed", "decode"])
 def test_latent_attention_matches_mla_equations(plan, backend, expanded, dtype):
+    if backend == "flashinfer_mla" and (not ON_GPU or dtype == torch.float32):
+        pytest.skip("FlashInfer's MLA kernels: CUDA, fp16/bf16")
     if backend == "triton" and not expanded and plan is MIXED and not ON_GPU and dtype != torch.float32:
         pytest.skip("absorbed extend under the interpreter: the float32 case covers it")
     gen = torch.Generator().manual_seed(11)
-    out, ref = _run_layer(plan, backend, dtype, expanded, gen)
+    dims = DEEPSEEK_DIMS if backend == "flashinfer_mla" else DIMS
+    out, ref = _run_layer(plan, backend, dtype, expanded, gen, dims)
     assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
