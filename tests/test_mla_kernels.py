@@ -170,3 +170,47 @@ def test_latent_attention_matches_mla_equations(plan, backend, expanded, dtype):
     dims = DEEPSEEK_DIMS if backend == "flashinfer_mla" else DIMS
     out, ref = _run_layer(plan, backend, dtype, expanded, gen, dims)
     assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
+
+
+def test_triton_decode_graph_state_replays_any_batch():
+    """The Triton backend's decode-graph hooks, as the graph runner uses them (here
+    without a graph: the forward of the captured batch stands for the replay): the
+    captured batch's state points at static lengths / table rows; before a replay they
+    are rewritten from the real batch (3 requests padded to 4), and the padded forward
+    gives the eager outputs in the real rows."""
+    H_, DN_, DR_, DV_, DL_ = DIMS
+    gen = torch.Generator().manual_seed(5)
+    seqs = [17, 5, 40]
+    cap = sum(seqs) + 4
+    table = _table(seqs, cap, gen)
+    pool = LatentKVPool(cap, 1, DL_, DR_, torch.float32, DEV)
+    pool.buffers[0].copy_(torch.randn(pool.buffers[0].shape, generator=gen))
+    layer = LatentAttention(H_, DN_, DR_, DV_, DL_, 0.2, layer_id=0)
+    w = torch.randn(H_ * (DN_ + DV_), DL_, generator=gen) * DL_ ** -0.5
+    q = torch.randn(4, H_, DN_ + DR_, generator=gen)
+    new = torch.randn(4, DL_ + DR_, generator=gen)
+    backend = create_attention_backend("triton")
+    backend.enable_decode_graphs(num_splits=3)
+    assert backend.supports_cuda_graph and not backend.graph_extend
+    backend.init_cuda_graph_state([(1, 1), (4, 4)], 0, device=DEV)
+
+    def decode_batch(lens, rows, slots):
+        return ForwardBatch.build(
+            mode=ForwardMode.DECODE, input_ids=[0] * len(lens), positions=[s - 1 for s in lens],
+            out_cache_loc=slots, req_pool_indices=rows, prefix_lens=[s - 1 for s in lens],
+            extend_lens=[1] * len(lens), logits_rows=[0], sample_rows=[0], device=DEV,
+            req_to_token=table.to(DEV), kv_pool=pool, attn_backend=backend)
+
+    last = torch.tensor([int(table[i, s - 1]) for i, s in enumerate(seqs)])
+    # "capture": a static batch of 4 one-token rows on table row 0, slot 0
+    static = decode_batch([1] * 4, [0] * 4, torch.zeros(4, dtype=torch.int64))
+    backend.prepare_cuda_graph(static, 4, 4)
+    # "replay": the real batch rewrites the static lengths and rows; the runner pads the
+    # token tensors (slot 0 for the padding row)
+    real = decode_batch(seqs, [0, 1, 2], last)
+    backend.prepare_cuda_graph(real, 4, 4)
+    static.out_cache_loc = torch.cat([last, torch.zeros(1, dtype=torch.int64)]).to(DEV)
+    graphed = layer(q.to(DEV), new.to(DEV), w.to(DEV), static)[:3]
+    eager_batch = decode_batch(seqs, [0, 1, 2], last)
+    eager = layer(q[:3].to(DEV), new[:3].to(DEV), w.to(DEV), eager_batch)
+    assert rel_err(graphed.cpu(), eager.cpu()) < 1e-5

@@ -159,6 +159,8 @@ class ModelRunner:
             fallback = "triton" if self.on_cuda else "torch"
             logger.warning("attention backend %s unavailable (%s): using %s", name, exc, fallback)
             return create_attention_backend(fallback)
+        if name == "triton" and self.on_cuda and any(s.kv_latent for s in specs):
+            backend.enable_decode_graphs()  # MLA: latent decode kernel, graph-safe
         logger.info("attention backend: %s", name)
         return backend
 
@@ -228,6 +230,8 @@ class ModelRunner:
         max_tokens = self.cfg.cuda_graph_max_tokens
         if max_tokens is None:
             max_tokens = DEFAULT_MAX_EXTEND_TOKENS
+        if not getattr(self.attn_backend, "graph_extend", True):
+            max_tokens = 0  # the backend captures decode batches only
         # an extend graph's padded request may not be longer than a table row: with a context
         # shorter than 1,024 tokens the capture itself indexed past the row (device assert)
         max_tokens = min(max_tokens, self.req_to_token.shape[1])

@@ -43,11 +43,18 @@ class _TritonState:
     schedules: dict = field(default_factory=dict)  # tokens per block -> (block_req, block_start)
     splits: dict = field(default_factory=dict)  # kv heads -> number of KV splits
     scratch: dict = field(default_factory=dict)  # (H, Dv, splits) -> decode stage-1 buffers
+    # CUDA-graph decode: the static (seq_lens, req_pool_indices) the kernels read instead
+    # of the batch's own, rewritten before every replay
+    graph: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class TritonAttnBackend(AttentionBackend):
     name = "triton"
     mla_expanded_prefill = True
+    # Decode-only CUDA graphs, switched on per model (`enable_decode_graphs`; today MLA
+    # models): extends always run eagerly (graph_extend False: none are captured).
+    supports_cuda_graph = False
+    graph_extend = False
 
     def __init__(self, num_kv_splits: Optional[int] = None, max_kv_splits: int = 64):
         """`num_kv_splits`: a fixed split count for decode (CUDA graphs need one launch
@@ -78,14 +85,15 @@ class TritonAttnBackend(AttentionBackend):
         if pool is not None:
             pool.set_kv(spec.layer_id, batch.out_cache_loc, k, v, spec.k_scale, spec.v_scale)
             k_buf, v_buf = pool.get_kv(spec.layer_id)
+        seq_lens, rpi = state.graph or (batch.seq_lens, batch.req_pool_indices)
         if state.decode and spec.kv_latent:
             # the kernel's programs are (request, block of 16 heads, split)
             splits = self._splits(state, batch, mla_head_blocks(H))
             key = (H, Dv, splits)
             if key not in state.scratch:
                 state.scratch[key] = decode_scratch(T, H, splits, Dv, q.device)
-            mla_decode_attention(q, k_buf, out, batch.req_to_token, batch.req_pool_indices,
-                                 batch.seq_lens, kv_lora_rank=Dv, sm_scale=spec.scaling,
+            mla_decode_attention(q, k_buf, out, batch.req_to_token, rpi, seq_lens,
+                                 kv_lora_rank=Dv, sm_scale=spec.scaling,
                                  num_splits=splits, k_scale=spec.k_scale,
                                  mid=state.scratch[key])
         elif state.decode:
@@ -93,8 +101,8 @@ class TritonAttnBackend(AttentionBackend):
             key = (H, Dv, splits)
             if key not in state.scratch:
                 state.scratch[key] = decode_scratch(T, H, splits, Dv, q.device)
-            decode_attention(q, k_buf, v_buf, out, batch.req_to_token, batch.req_pool_indices,
-                             batch.seq_lens, sm_scale=spec.scaling, num_splits=splits,
+            decode_attention(q, k_buf, v_buf, out, batch.req_to_token, rpi, seq_lens,
+                             sm_scale=spec.scaling, num_splits=splits,
                              sliding_window=window, logit_cap=spec.logit_cap,
                              k_scale=spec.k_scale, v_scale=spec.v_scale,
                              mid=state.scratch[key])
@@ -130,7 +138,41 @@ class TritonAttnBackend(AttentionBackend):
                          sm_scale=spec.scaling, causal=True)
         return out.reshape(T, H * Dv)
 
+    # ------------------------------------------------------------------ CUDA graphs
+    def enable_decode_graphs(self, num_splits: int = 16) -> None:
+        """Let the graph runner capture decode batches; graphed steps use `num_splits` KV
+        splits whatever the lengths (one launch shape for every replay)."""
+        self.supports_cuda_graph = True
+        self.graph_splits = num_splits
+
+    def init_cuda_graph_state(self, shapes: list[tuple[int, int]], max_kv_tokens: int,
+                              device: Optional[torch.device] = None) -> None:
+        if any(bs != tokens for bs, tokens in shapes):
+            raise NotImplementedError("triton backend: decode graphs only (graph_extend False)")
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        max_bs = max(bs for bs, _ in shapes)
+        self._g_seq_lens = torch.ones(max_bs, dtype=torch.int64, device=device)
+        self._g_rpi = torch.zeros(max_bs, dtype=torch.int64, device=device)
+
+    def prepare_cuda_graph(self, batch: "ForwardBatch", padded_bs: int,
+                           padded_tokens: Optional[int] = None) -> None:
+        """Point the batch's state at the static lengths / table rows, filled with this
+        batch's and, for the padding rows, one key each (position 0 of table row 0: the
+        padding rows' outputs are discarded)."""
+        if padded_tokens not in (None, padded_bs) or not batch.mode.is_decode:
+            raise NotImplementedError("triton backend: decode graphs only")
+        bs = batch.batch_size
+        seq_lens, rpi = self._g_seq_lens[:padded_bs], self._g_rpi[:padded_bs]
+        seq_lens[:bs].copy_(batch.seq_lens, non_blocking=True)
+        seq_lens[bs:].fill_(1)
+        rpi[:bs].copy_(batch.req_pool_indices, non_blocking=True)
+        rpi[bs:].zero_()
+        batch.attn_state = _TritonState(decode=True, max_seq_len=0, graph=(seq_lens, rpi))
+
     def _splits(self, state: _TritonState, batch: "ForwardBatch", num_kv_heads: int) -> int:
+        if state.graph is not None:
+            return self.graph_splits
         if self.fixed_splits is not None:
             return self.fixed_splits
         if num_kv_heads not in state.splits:
