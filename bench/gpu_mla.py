@@ -3,6 +3,7 @@ decode kernels' speed against the memory bandwidth measured in the same run.
 
     python bench/gpu_mla.py check [--out R]   # bf16 decode kernels vs the float32 reference
     python bench/gpu_mla.py bench [--out R] [--batch 64] [--context 4096] [--sweep]
+    python bench/gpu_mla.py model [--out R]   # a DeepSeek-V2 model through the engine vs HF
 
 check: the Triton MLA decode kernel (`mla_decode_attention`) and FlashInfer's paged MLA
 kernel through our backend (`FlashInferMLABackend`), bf16, on the DeepSeek-V2-Lite
@@ -11,6 +12,13 @@ scattered slots and uneven lengths, against `mla_decode_ref` in float32 on the s
 rounded inputs: PASS when ||out - ref|| / ||ref|| < 1e-2 and no NaN. (The whole latent
 attention, extend batches included, is tests/test_mla_kernels.py, which runs compiled on a
 GPU with longer sequences: `python -m pytest tests/test_mla_kernels.py -q`.)
+
+model: a 3-layer DeepSeek-V2 with V2-Lite's attention dims (16 heads, 512 + 64 latent,
+YaRN) and a MoE layer, random weights saved by transformers, served by `asgl.LLM` on the
+GPU with chunked prefill (64-token chunks) and a radix-cache hit: in float32 (torch and
+Triton backends; Triton replays CUDA graphs for decode) every logits row within 1e-3
+relative of transformers' float32 logits on the CPU; in bf16 (Triton, FlashInfer) within
+5e-2. Exercises the latent pool, expanded prefill, absorbed decode and graphs end to end.
 
 bench: one decode step's attention of `--batch` requests of `--context` cached tokens
 (default 64 x 4096) over the latent pool: bytes read = batch x context x (512 + 64) x 2
@@ -200,18 +208,88 @@ def bench(args) -> int:
     return 0
 
 
+def model_check(args) -> int:
+    import tempfile
+
+    import transformers
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # for helpers
+    from tests.conftest import make_llm
+    from tests.test_model_families import _LogitsTap
+
+    config = transformers.DeepseekV2Config(
+        vocab_size=1000, hidden_size=512, intermediate_size=1024, num_hidden_layers=3,
+        num_attention_heads=16, num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=1,
+        n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+        n_shared_experts=1, topk_method="greedy", routed_scaling_factor=1.0,
+        max_position_embeddings=8192, initializer_range=0.02, bos_token_id=1, eos_token_id=999,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                         "original_max_position_embeddings": 1024, "mscale": 0.707,
+                         "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1})
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    hf = hf.float().eval()
+    path = tempfile.mkdtemp()
+    hf.save_pretrained(path)
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(2, 998, (300,), generator=gen).tolist()
+    prompt2 = prompt[:200] + torch.randint(2, 998, (50,), generator=gen).tolist()
+    failed = 0
+    cases = [("float32", "torch", 1e-3), ("float32", "triton", 1e-3),
+             ("bfloat16", "triton", 5e-2), ("bfloat16", "flashinfer", 5e-2)]
+    for dtype, backend, tol in cases[:args.cases]:
+        try:
+            llm = make_llm(model_path=path, dtype=dtype, device=args.device, chunked_prefill_size=64,
+                           skip_tokenizer_init=True, max_total_tokens=4096,
+                           attention_backend=backend, debug_check_integrity=False)
+        except (ImportError, NotImplementedError) as exc:
+            print(f"[check] SKIP model {backend} {dtype}: {exc}")
+            continue
+        try:
+            runner = llm.engine.runner
+            graphs = runner.graph_runner is not None
+            for i, ids in enumerate((prompt, prompt2)):
+                tap = _LogitsTap(runner.model)
+                # the first prompt: logits of every prompt row (prompt logprobs); the
+                # second: its last prompt row and the decode rows
+                extra = dict(return_logprob=True, logprob_start_len=0) if i == 0 else {}
+                out = llm.generate(ids, {"temperature": 0.0, "max_new_tokens": 8,
+                                         "ignore_eos": True}, **extra)
+                got = tap.take()
+                seq = ids + out.output_ids
+                with torch.no_grad():
+                    want = hf(torch.tensor([seq[:-1]])).logits[0].float()
+                want = want if i == 0 else want[len(ids) - 1:]
+                err = float((got.cpu().double() - want.double()).norm() / want.double().norm())
+                ok = err < tol and got.shape == want.shape
+                failed += not ok
+                print(f"[check] {'PASS' if ok else 'FAIL'} model deepseek-v2 {backend} {dtype} "
+                      f"prompt {i + 1} (cached {out.cached_tokens}) graphs={graphs} "
+                      f"rows={got.shape[0]} rel_err={err:.2e}")
+                _record(args.out, {"bench": "mla_model_check", "backend": backend,
+                                   "dtype": dtype, "prompt": i + 1, "graphs": graphs,
+                                   "cached": out.cached_tokens, "rel_err": err, "pass": ok})
+        finally:
+            llm.shutdown()
+    return 1 if failed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=["check", "bench"])
+    parser.add_argument("mode", choices=["check", "bench", "model"])
     parser.add_argument("--out", default=None, help="append JSON records to this file")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--shape", nargs="+", default=["deepseek-v2-lite", "deepseek-v3"],
                         choices=list(SHAPES))
     parser.add_argument("--sweep", action="store_true", help="also time Triton configs")
+    parser.add_argument("--device", default="cuda", help="model: where the engine runs")
+    parser.add_argument("--cases", type=int, default=4, help="model: run the first N of "
+                        "(fp32 torch, fp32 triton, bf16 triton, bf16 flashinfer)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    return check(args) if args.mode == "check" else bench(args)
+    return {"check": check, "bench": bench, "model": model_check}[args.mode](args)
 
 
 if __name__ == "__main__":
