@@ -111,7 +111,7 @@ def _mla_reference(q, lat_all, w, batch_plan, scale, dims):
     return torch.cat(outs)
 
 
-def _run_layer(plan, backend_name, dtype, expanded, gen, dims=DIMS):
+def _run_layer(plan, backend_name, dtype, expanded, gen, dims=DIMS, expand_min=4):
     H, DN, DR, DV, DL = dims
     seqs = [p + e for p, e in plan]
     cap = sum(seqs) + 4
@@ -136,6 +136,7 @@ def _run_layer(plan, backend_name, dtype, expanded, gen, dims=DIMS):
     else:
         backend = create_attention_backend(backend_name)
         backend.mla_expanded_prefill = expanded
+        backend.mla_expand_min_tokens = expand_min
     decode = all(e == 1 for _, e in plan)
     T = sum(e for _, e in plan)
     batch = ForwardBatch.build(
@@ -153,22 +154,28 @@ def _run_layer(plan, backend_name, dtype, expanded, gen, dims=DIMS):
     return out.float().cpu(), ref
 
 
-CASES = [("torch", True), ("torch", False), ("triton", True), ("triton", False),
-         ("flashinfer_mla", False)]
+# (backend, expanded prefill, fewest new tokens for the expanded form): with 4, the mixed
+# plan's requests of 7, 4 and 30 new tokens are expanded and the others (1, 1, 3 tokens)
+# attended row by row in absorbed form; 1: all expanded; 1000: all rows absorbed.
+CASES = [("torch", True, 4), ("torch", True, 1), ("torch", True, 1000), ("torch", False, 0),
+         ("triton", True, 4), ("triton", True, 1), ("triton", True, 1000),
+         ("triton", False, 0), ("flashinfer_mla", False, 0)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend,expanded", CASES,
-                         ids=[f"{b}-{'expanded' if e else 'absorbed'}" for b, e in CASES])
+@pytest.mark.parametrize("backend,expanded,expand_min", CASES,
+                         ids=[f"{b}-{f'split{m}' if e else 'absorbed'}" for b, e, m in CASES])
 @pytest.mark.parametrize("plan", [MIXED, DECODE], ids=["mixed", "decode"])
-def test_latent_attention_matches_mla_equations(plan, backend, expanded, dtype):
+def test_latent_attention_matches_mla_equations(plan, backend, expanded, expand_min, dtype):
     if backend == "flashinfer_mla" and (not ON_GPU or dtype == torch.float32):
         pytest.skip("FlashInfer's MLA kernels: CUDA, fp16/bf16")
+    if plan is DECODE and expand_min not in (0, 4):
+        pytest.skip("decode batches take the absorbed path whatever the split")
     if backend == "triton" and not expanded and plan is MIXED and not ON_GPU and dtype != torch.float32:
         pytest.skip("absorbed extend under the interpreter: the float32 case covers it")
     gen = torch.Generator().manual_seed(11)
     dims = DEEPSEEK_DIMS if backend == "flashinfer_mla" else DIMS
-    out, ref = _run_layer(plan, backend, dtype, expanded, gen, dims)
+    out, ref = _run_layer(plan, backend, dtype, expanded, gen, dims, expand_min)
     assert rel_err(out, ref) < TOL[dtype], rel_err(out, ref)
 
 

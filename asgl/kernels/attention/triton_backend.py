@@ -15,9 +15,11 @@ DECODE batches and extend attention for the rest (a decode request in a MIXED ba
 extend of one token). Both kernels read K/V through req_to_token: no gather copies.
 
 MLA (asgl/layers/mla.py): decode batches of a latent layer (`spec.kv_latent`) run the MLA
-decode kernel (mla_decode.py) over the latent pool; extend batches come expanded through
-`forward_expanded`, which runs the extend kernel with the gathered K/V standing in for the
-pool and `MLAKVIndex.table` for req_to_token.
+decode kernel (mla_decode.py) over the latent pool; in extend / mixed batches the requests
+with many new tokens come expanded through `forward_expanded`, which runs the extend kernel
+with the gathered K/V standing in for the pool and `MLAKVIndex.table` for req_to_token,
+and the others through `forward_latent_rows`: the MLA decode kernel with each query row as
+its own request (its key count = its position + 1: causal by construction).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec, MLAKVIndex
+from asgl.engine.contracts.attention import (AttentionBackend, AttentionSpec, MLAKVIndex,
+                                             MLALatentRows)
 from asgl.kernels.triton.decode_attention import decode_attention, decode_scratch, num_kv_splits
 from asgl.kernels.triton.extend_attention import build_schedule, extend_attention, tokens_per_block
 from asgl.kernels.triton.mla_decode import mla_decode_attention, mla_head_blocks
@@ -124,18 +127,28 @@ class TritonAttnBackend(AttentionBackend):
     def forward_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          index: MLAKVIndex, spec: AttentionSpec,
                          batch: "ForwardBatch") -> torch.Tensor:
-        state = batch.attn_state
-        if not isinstance(state, _TritonState):
-            self.prepare(batch)
-            state = batch.attn_state
         T, H, D, Dv = q.shape[0], spec.num_heads, spec.head_dim, spec.v_dim
         out = q.new_empty(T, H, Dv)
         tok_m = tokens_per_block(D, Dv, 1, q.dtype)
-        if tok_m not in state.schedules:
-            state.schedules[tok_m] = build_schedule(batch.extend_lens_cpu, tok_m, q.device)
-        extend_attention(q, k, v, out, index.table, index.rows, batch.prefix_lens,
-                         batch.extend_lens, batch.extend_start_loc, state.schedules[tok_m],
+        if tok_m not in index.cache:  # one schedule per step, shared by the layers
+            index.cache[tok_m] = build_schedule(index.extend_lens_cpu, tok_m, q.device)
+        extend_attention(q, k, v, out, index.table, index.rows, index.prefix_lens,
+                         index.extend_lens, index.extend_start_loc, index.cache[tok_m],
                          sm_scale=spec.scaling, causal=True)
+        return out.reshape(T, H * Dv)
+
+    def forward_latent_rows(self, q: torch.Tensor, rows: MLALatentRows, spec: AttentionSpec,
+                            batch: "ForwardBatch") -> torch.Tensor:
+        T, H, Dv = q.shape[0], spec.num_heads, spec.v_dim
+        out = q.new_empty(T, H, Dv)
+        if H not in rows.splits:
+            rows.splits[H] = num_kv_splits(T, mla_head_blocks(H), max(rows.seq_lens_cpu),
+                                           num_sms=self._sms(batch),
+                                           max_splits=self.max_kv_splits)
+        k_buf, _ = batch.kv_pool.get_kv(spec.layer_id)
+        mla_decode_attention(q, k_buf, out, batch.req_to_token, rows.req_pool_indices,
+                             rows.seq_lens, kv_lora_rank=Dv, sm_scale=spec.scaling,
+                             num_splits=rows.splits[H], k_scale=spec.k_scale)
         return out.reshape(T, H * Dv)
 
     # ------------------------------------------------------------------ CUDA graphs
