@@ -92,23 +92,17 @@ class TritonAttnBackend(AttentionBackend):
         if state.decode and spec.kv_latent:
             # the kernel's programs are (request, block of 16 heads, split)
             splits = self._splits(state, batch, mla_head_blocks(H))
-            key = (H, Dv, splits)
-            if key not in state.scratch:
-                state.scratch[key] = decode_scratch(T, H, splits, Dv, q.device)
             mla_decode_attention(q, k_buf, out, batch.req_to_token, rpi, seq_lens,
                                  kv_lora_rank=Dv, sm_scale=spec.scaling,
                                  num_splits=splits, k_scale=spec.k_scale,
-                                 mid=state.scratch[key])
+                                 mid=self._scratch(state, T, H, splits, Dv, q.device))
         elif state.decode:
             splits = self._splits(state, batch, Hkv)
-            key = (H, Dv, splits)
-            if key not in state.scratch:
-                state.scratch[key] = decode_scratch(T, H, splits, Dv, q.device)
             decode_attention(q, k_buf, v_buf, out, batch.req_to_token, rpi, seq_lens,
                              sm_scale=spec.scaling, num_splits=splits,
                              sliding_window=window, logit_cap=spec.logit_cap,
                              k_scale=spec.k_scale, v_scale=spec.v_scale,
-                             mid=state.scratch[key])
+                             mid=self._scratch(state, T, H, splits, Dv, q.device))
         else:
             tok_m = tokens_per_block(D, Dv, H // Hkv, q.dtype)
             if tok_m not in state.schedules:
@@ -151,6 +145,21 @@ class TritonAttnBackend(AttentionBackend):
                              num_splits=rows.splits[H], k_scale=spec.k_scale)
         return out.reshape(T, H * Dv)
 
+    def _scratch(self, state: _TritonState, T: int, H: int, splits: int, Dv: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode stage 1's float32 scratch, shared by the step's layers. Graphed steps
+        slice one buffer sized for the largest graph (allocated in its warm-up, before any
+        capture) so that the captured graphs do not each keep their own."""
+        key = (H, Dv, splits)
+        if state.graph is not None:
+            if key not in self._g_scratch:
+                self._g_scratch[key] = decode_scratch(self._g_max_bs, H, splits, Dv, device)
+            mid_o, mid_l = self._g_scratch[key]
+            return mid_o[:T], mid_l[:T]
+        if key not in state.scratch:
+            state.scratch[key] = decode_scratch(T, H, splits, Dv, device)
+        return state.scratch[key]
+
     # ------------------------------------------------------------------ CUDA graphs
     def enable_decode_graphs(self, num_splits: int = 16) -> None:
         """Let the graph runner capture decode batches; graphed steps use `num_splits` KV
@@ -165,6 +174,7 @@ class TritonAttnBackend(AttentionBackend):
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device())
         max_bs = max(bs for bs, _ in shapes)
+        self._g_max_bs, self._g_scratch = max_bs, {}
         self._g_seq_lens = torch.ones(max_bs, dtype=torch.int64, device=device)
         self._g_rpi = torch.zeros(max_bs, dtype=torch.int64, device=device)
 
