@@ -98,7 +98,8 @@ def test_mla_family_matches_hf_through_engine(family, backend, tmp_path, caplog)
         runner = llm.engine.runner
         _check_every_tensor_consumed(type(runner.model), hf.config, tmp_path, names)
         assert type(runner.kv_pool).__name__ == "LatentKVPool"
-        assert runner.kv_pool.get_latent(0).shape[-1] == MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"]
+        latent_dim = MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"]
+        assert runner.kv_pool.get_latent(0).shape[-1] == latent_dim
         # the start-up line states the pool's size as the latent predicts (float32: 4 bytes)
         per_token = MLA["num_hidden_layers"] * (MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"]) * 4
         assert any(f"{per_token} bytes per token (MLA latent" in r.getMessage()

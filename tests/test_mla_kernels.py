@@ -171,7 +171,8 @@ def test_latent_attention_matches_mla_equations(plan, backend, expanded, expand_
         pytest.skip("FlashInfer's MLA kernels: CUDA, fp16/bf16")
     if plan is DECODE and expand_min not in (0, 4):
         pytest.skip("decode batches take the absorbed path whatever the split")
-    if backend == "triton" and not expanded and plan is MIXED and not ON_GPU and dtype != torch.float32:
+    if (backend == "triton" and not expanded and plan is MIXED and not ON_GPU
+            and dtype != torch.float32):
         pytest.skip("absorbed extend under the interpreter: the float32 case covers it")
     gen = torch.Generator().manual_seed(11)
     dims = DEEPSEEK_DIMS if backend == "flashinfer_mla" else DIMS

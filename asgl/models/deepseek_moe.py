@@ -42,9 +42,9 @@ def deepseek_router(config: Any) -> RouterConfig:
                             routed_scaling_factor=float(config.routed_scaling_factor),
                             **grouped)
     renorm = bool(getattr(config, "norm_topk_prob", False)) and top_k > 1
+    scale = 1.0 if renorm else float(config.routed_scaling_factor)
     return RouterConfig(top_k=top_k, renormalize=renorm, group_score="max",
-                        routed_scaling_factor=1.0 if renorm else float(config.routed_scaling_factor),
-                        **grouped)
+                        routed_scaling_factor=scale, **grouped)
 
 
 class DeepseekMoE(nn.Module):

@@ -92,7 +92,8 @@ class DeepseekV2Attention(nn.Module):
         self.attn = LatentAttention(self.num_heads, self.nope, self.rope, self.v_dim,
                                     self.kv_lora_rank, mla_softmax_scale(config), layer_id)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor,
+                batch: ForwardBatch) -> torch.Tensor:
         T, H = x.shape[0], self.num_heads
         if self.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
