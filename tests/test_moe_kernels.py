@@ -129,3 +129,25 @@ def test_align_paths_agree_with_expert_map(T, E, k, block):
     big = fused_moe._align_torch(ids, block, local, emap)
     for a, b in zip(small, big):
         assert torch.equal(a.long().cpu(), b.long().cpu())
+
+
+TOPK = [(1, 8, 2, {}), (33, 128, 8, {}), (5, 60, 4, dict(renormalize=False)),
+        (9, 64, 6, dict(scoring="sigmoid", use_correction_bias=True, routed_scaling_factor=2.5)),
+        (4, 256, 8, dict(scoring="sigmoid", renormalize=False)), (3, 7, 1, {})]
+
+
+@pytest.mark.parametrize("T,E,k,kw", TOPK, ids=[f"T{c[0]}-E{c[1]}-k{c[2]}" for c in TOPK])
+def test_fused_topk_matches_select_experts(T, E, k, kw):
+    from asgl.kernels.triton.moe_topk import fused_topk
+
+    gen = torch.Generator().manual_seed(E + k)
+    logits = torch.randn(T, E, generator=gen).to(DEV)
+    bias = (torch.randn(E, generator=gen) * 0.2).to(DEV) if kw.get("use_correction_bias") else None
+    router = RouterConfig(top_k=k, **kw)
+    ref_w, ref_ids = select_experts(logits, router, bias)
+    w, ids = fused_topk(logits, k, sigmoid=router.scoring == "sigmoid",
+                        renormalize=router.renormalize, scale=router.routed_scaling_factor,
+                        correction_bias=bias)
+    order, ref_order = ids.long().sort(-1), ref_ids.long().sort(-1)
+    assert torch.equal(order.values, ref_order.values)
+    torch.testing.assert_close(w.gather(1, order.indices), ref_w.gather(1, ref_order.indices))

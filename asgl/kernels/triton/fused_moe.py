@@ -11,8 +11,8 @@ SGLang / vLLM, written here from the equations of `asgl/kernels/moe_torch.py`).
    tile of both the gate and the up half (two accumulators over the same A rows) and
    writes act(gate) * up, [T*k, I].
 3. down GEMM: [T*k, I] x w2[e]^T, each row scaled by its routing weight in float32
-   before it is rounded, [T*k, H]; then the k rows of a token are summed (float32
-   accumulation, rounded once).
+   before it is rounded, [T*k, H]; then the k rows of a token are summed (torch's sum:
+   float32 accumulation, rounded once).
 
 Tensor parallelism needs nothing here (the layer passes this rank's intermediate slice);
 expert parallelism passes `expert_map` (global id -> local id or -1): pairs routed to
@@ -45,8 +45,9 @@ def padded_size(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 # Up to this many (token, slot) pairs the sort/align runs as one Triton program (decode:
-# one launch instead of ~15 small torch ops); beyond, torch's device sort.
-SMALL_ALIGN_PAIRS = 256
+# one launch instead of ~15 small torch ops, a few us for 1,024 pairs over 128 experts);
+# beyond, torch's device sort.
+SMALL_ALIGN_PAIRS = 1024
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
@@ -141,7 +142,8 @@ def _align_small(topk_ids, block_m, num_experts, expert_map):
     _align_small_kernel[(1,)](
         ids, expert_map if expert_map is not None else ids, sorted_ids, block_expert,
         num_padded, n, num_experts, P, HAS_MAP=expert_map is not None, BLOCK_M=block_m,
-        E_POW2=e_pow2, CHUNK=max(16, min(64, 8192 // e_pow2)), num_warps=4)
+        E_POW2=e_pow2, CHUNK=max(16, min(64, 8192 // e_pow2)),
+        num_warps=8 if e_pow2 >= 128 else 4)
     return sorted_ids, block_expert, num_padded
 
 
@@ -254,4 +256,7 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
           top_k=k, per_token=True, gated=True, act=_ACT[activation], cfg=cfg)
     _gemm(inter, w2, out_pairs, weights, sorted_ids, block_expert, num_padded, n_out=H,
           num_pairs=n, top_k=k, per_token=False, gated=False, act=0, cfg=cfg)
-    return out_pairs.view(T, k, H).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    if k == 1:
+        return out_pairs
+    # one kernel: torch accumulates half-precision sums in float32 and rounds once
+    return out_pairs.view(T, k, H).sum(dim=1)

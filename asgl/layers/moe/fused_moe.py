@@ -152,7 +152,16 @@ class FusedMoE(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
                 correction_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        weights, ids = select_experts(router_logits, self.router, correction_bias)
+        r = self.router
+        if (use_fused(hidden_states) and r.num_expert_group is None and r.norm_p == 1.0
+                and router_logits.is_cuda):
+            from asgl.kernels.triton.moe_topk import fused_topk  # one launch at decode
+            weights, ids = fused_topk(
+                router_logits.contiguous(), r.top_k, sigmoid=r.scoring == "sigmoid",
+                renormalize=r.renormalize, scale=r.routed_scaling_factor,
+                correction_bias=correction_bias if r.use_correction_bias else None)
+        else:
+            weights, ids = select_experts(router_logits, r, correction_bias)
         return self.run_experts(hidden_states, weights, ids)
 
     def run_experts(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
