@@ -9,8 +9,8 @@ check: `fused_experts` (bf16) against `fused_experts_ref` (float32, same rounded
 over tokens 1..8192, experts 8..256, top-k 1..8 and the served shapes; PASS when
 ||out - ref|| / ||ref|| < 1e-2 and no NaN.
 
-bench: the layer (router top-k + sort/align + both GEMMs + the sum over slots) with
-random routing, per shape:
+bench: the `FusedMoE` layer (router top-k + sort/align + both GEMMs + the sum over
+slots; not the gate's matmul) with random routing, per shape:
 - decode batches 1..64: bytes of the expert weights the batch touches (distinct experts
   x 3 x H x I x 2 bytes) / time, against the device copy bandwidth measured in the same
   run (bar: >= 70%). Timed as CUDA-graph replays over weight copies that together exceed
@@ -43,7 +43,7 @@ from triton.testing import do_bench  # noqa: E402
 from asgl.kernels.moe_torch import fused_experts_ref  # noqa: E402
 from asgl.kernels.triton import moe_config  # noqa: E402
 from asgl.kernels.triton.fused_moe import fused_experts  # noqa: E402
-from asgl.layers.moe.router import RouterConfig, select_experts  # noqa: E402
+from asgl.layers.moe import FusedMoE, RouterConfig, select_experts  # noqa: E402
 
 DEV = torch.device("cuda")
 DT = torch.bfloat16
@@ -119,19 +119,19 @@ def check(args) -> int:
 
 # ------------------------------------------------------------------------------ bench
 def _layer_calls(E, H, I, k, T, copies, gen):
-    """One call per weight copy: route fresh random logits, run the experts."""
-    router = RouterConfig(top_k=k)
+    """One call per weight copy: the FusedMoE layer (router kernel, align, both GEMMs, the
+    sum) on fresh random router logits."""
     calls, touched = [], []
     x = torch.randn(T, H, device=DEV, dtype=DT, generator=gen)
     for w13, w2 in copies:
-        logits = torch.randn(T, E, device=DEV, generator=gen)
-        _, ids = select_experts(logits, router)
+        with torch.device("meta"):
+            layer = FusedMoE(E, H, I, RouterConfig(top_k=k), params_dtype=DT)
+        layer.w13_weight = torch.nn.Parameter(w13, requires_grad=False)
+        layer.w2_weight = torch.nn.Parameter(w2, requires_grad=False)
+        logits = torch.randn(T, E, device=DEV, dtype=DT, generator=gen)
+        _, ids = select_experts(logits, layer.router)
         touched.append(int(ids.unique().numel()))
-
-        def call(w13=w13, w2=w2, logits=logits):
-            w, i = select_experts(logits, router)
-            return fused_experts(x, w13, w2, w, i)
-        calls.append(call)
+        calls.append(lambda layer=layer, logits=logits: layer(x, logits))
     return calls, touched
 
 
