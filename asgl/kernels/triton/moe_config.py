@@ -35,6 +35,8 @@ def default_config(M: int, E: int, N: int, K: int, top_k: int, dtype: torch.dtyp
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     if rows_per_expert <= 64:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    # the gate-up kernel keeps two [BLOCK_M, BLOCK_N] float32 accumulators: 64 x 128 leaves
+    # registers for the operands at 8 warps
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
