@@ -151,3 +151,14 @@ def test_fused_topk_matches_select_experts(T, E, k, kw):
     order, ref_order = ids.long().sort(-1), ref_ids.long().sort(-1)
     assert torch.equal(order.values, ref_order.values)
     torch.testing.assert_close(w.gather(1, order.indices), ref_w.gather(1, ref_order.indices))
+
+
+def test_fused_topk_nan_row_stays_in_range():
+    """A NaN row (a diverged or padding row) must not yield an expert id past the end,
+    which the sort/align would index with."""
+    from asgl.kernels.triton.moe_topk import fused_topk
+
+    logits = torch.randn(3, 16).to(DEV)
+    logits[1] = float("nan")
+    _, ids = fused_topk(logits, 4)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 16

@@ -68,7 +68,8 @@ def _align_torch(topk_ids, block_m, num_experts, expert_map):
     if expert_map is not None:
         flat = expert_map.long()[flat]
     n, E, dev = flat.numel(), num_experts, flat.device
-    flat = torch.where(flat < 0, E, flat)  # other ranks' experts: a bucket of their own
+    # other ranks' experts (and any id out of range): a bucket of their own, skipped
+    flat = torch.where((flat < 0) | (flat >= E), E, flat)
     counts = torch.zeros(E + 1, dtype=torch.int64, device=dev)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts[:E] + block_m - 1) // block_m * block_m

@@ -37,7 +37,8 @@ def _topk_kernel(L, BIAS, W, IDS, E, stride_l, scale,
     ids = tl.zeros([K_POW2], dtype=tl.int32)
     for j in tl.static_range(K):
         best = tl.max(choice, axis=0)
-        idx = tl.min(tl.where(choice == best, offs, E_POW2), axis=0)
+        # a NaN row matches nothing: clamp, so that no id past the experts escapes
+        idx = tl.minimum(tl.min(tl.where(choice == best, offs, E_POW2), axis=0), E - 1)
         w = tl.sum(tl.where(offs == idx, s, 0.0), axis=0)
         weights = tl.where(slots == j, w, weights)
         ids = tl.where(slots == j, idx, ids)
