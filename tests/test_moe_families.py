@@ -236,3 +236,106 @@ def test_gpu_triton_experts_match_torch_experts(tmp_path, monkeypatch):
     same = sum(a.output_ids == b.output_ids
                for a, b in zip(g_batch + g_outs, ref_batch + ref_outs))
     assert same >= 2 * len(prompts) - 2, same  # bf16 near-ties may flip a late token
+
+
+# ---------------------------------------------------------------------------- GGUF
+# A tiny Qwen2-MoE / Qwen3-MoE GGUF written the way llama.cpp's converter writes one (each
+# layer's experts stacked per projection, `ffn_{gate,up,down}_exps`, the router
+# `ffn_gate_inp`, Qwen2-MoE's shared expert `*_shexp` with its gate squeezed to [H], the
+# expert sizes in `expert_*` keys); transformers' own GGUF reader finds the model's
+# tensors in it, and the engine serving the file matches the HF model it came from.
+GGUF_MOE = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+_GGUF_DENSE = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+               "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "mlp.gate": "ffn_gate_inp", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+               "mlp.shared_expert.up_proj": "ffn_up_shexp",
+               "mlp.shared_expert.down_proj": "ffn_down_shexp",
+               "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
+
+
+def _write_moe_gguf(hf, arch: str, path) -> None:
+    import gguf
+
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), arch)
+    U32, F32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
+    ints = [("vocab_size", c.vocab_size), ("context_length", c.max_position_embeddings),
+            ("embedding_length", c.hidden_size), ("block_count", c.num_hidden_layers),
+            ("feed_forward_length", c.intermediate_size),
+            ("attention.head_count", c.num_attention_heads),
+            ("attention.head_count_kv", c.num_key_value_heads),
+            ("attention.key_length", c.head_dim), ("attention.value_length", c.head_dim),
+            ("expert_count", c.num_experts), ("expert_used_count", c.num_experts_per_tok),
+            ("expert_feed_forward_length", c.moe_intermediate_size)]
+    if arch == "qwen2moe":
+        ints.append(("expert_shared_feed_forward_length", c.shared_expert_intermediate_size))
+    for key, value in ints:
+        w.add_key_value(f"{arch}.{key}", value, U32)
+    w.add_key_value(f"{arch}.rope.freq_base", float(c.rope_parameters["rope_theta"]), F32)
+    w.add_key_value(f"{arch}.attention.layer_norm_rms_epsilon", float(c.rms_norm_eps), F32)
+    for key, value in [("bos_token_id", 1), ("eos_token_id", EOS), ("padding_token_id", 0)]:
+        w.add_key_value(f"tokenizer.ggml.{key}", value, U32)
+    globals_ = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
+                "lm_head": "output"}
+    I = c.moe_intermediate_size
+    for name, tensor in hf.state_dict().items():
+        data = tensor.float()
+        if name.endswith("experts.gate_up_proj"):  # HF stacks gate and up: llama.cpp doesn't
+            blk = name.split(".")[2]
+            w.add_tensor(f"blk.{blk}.ffn_gate_exps.weight", data[:, :I].contiguous().numpy())
+            w.add_tensor(f"blk.{blk}.ffn_up_exps.weight", data[:, I:].contiguous().numpy())
+            continue
+        if name.endswith("experts.down_proj"):
+            w.add_tensor(f"blk.{name.split('.')[2]}.ffn_down_exps.weight", data.numpy())
+            continue
+        base, _, suffix = name.rpartition(".")
+        if base in globals_:
+            gg = f"{globals_[base]}.{suffix}"
+        else:
+            layer, part = base.removeprefix("model.layers.").split(".", 1)
+            gg = f"blk.{layer}.{_GGUF_DENSE[part]}.{suffix}"
+        if gg.endswith("ffn_gate_inp_shexp.weight"):
+            data = data.reshape(-1)  # llama.cpp stores the [1, H] gate as [H]
+        w.add_tensor(gg, data.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", list(GGUF_MOE))
+def test_gguf_moe_matches_hf(arch, tmp_path, monkeypatch):
+    from asgl.models import gguf_loader
+    from tests.test_model_families import _check_cold_prompt
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    family = GGUF_MOE[arch]
+    extra = dict(MOE[family][1], mlp_only_layers=[])  # llama.cpp makes every layer sparse
+    extra["norm_topk_prob"] = arch == "qwen3moe"  # llama.cpp's fixed choice per arch
+    MOE[f"gguf-{arch}"] = (MOE[family][0], extra)
+    try:
+        hf = _hf_moe(f"gguf-{arch}")
+    finally:
+        del MOE[f"gguf-{arch}"]
+    path = tmp_path / f"tiny-{arch}.gguf"
+    _write_moe_gguf(hf, arch, path)
+
+    empty = transformers.AutoModelForCausalLM.from_config(hf.config)
+    theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=empty)["tensors"]
+    ours = {k: v for k, v in hf.state_dict().items() if "rotary" not in k}
+    assert set(ours) <= set(theirs), sorted(set(ours) - set(theirs))
+    for name, tensor in ours.items():
+        torch.testing.assert_close(torch.as_tensor(theirs[name]).float(), tensor, msg=name)
+
+    monkeypatch.setattr(gguf_loader, "_save_tokenizer", lambda *a, **k: None)
+    monkeypatch.setenv("ASGL_CACHE_DIR", str(tmp_path / "cache"))
+    prompt = torch.randint(2, VOCAB - 1, (21,), generator=torch.Generator().manual_seed(9)).tolist()
+    llm = make_llm(model_path=str(path), dtype="float32", device="cpu", chunked_prefill_size=CHUNK,
+                   skip_tokenizer_init=True, max_total_tokens=1024, disable_overlap_schedule=True)
+    try:
+        assert any(type(m).__name__ == "FusedMoE" for m in llm.engine.runner.model.modules())
+        _check_cold_prompt(llm, hf, prompt, f"gguf {arch}")
+    finally:
+        llm.shutdown()

@@ -156,7 +156,7 @@ def _convert_into(path: str, out: Path) -> None:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    if meta.get(f"{arch}.expert_count", 0):
+    if meta.get(f"{arch}.expert_count", 0) and arch not in gguf_arch.MOE_ARCHITECTURES:
         raise ModelLoadError(f"{path}: mixture-of-experts {arch} GGUFs (Mixtral) are not supported")
 
     tensors = {t.name: t for t in reader.tensors}

@@ -200,7 +200,9 @@ def map_expert_weight(name: str, gate: str = "gate_proj", up: str = "up_proj",
 
     `model.layers.0.mlp.experts.3.gate_proj.weight` -> (`model.layers.0.mlp.experts.w13_weight`,
     (3, "gate")); `...experts.gate_up_proj` / `...experts.down_proj` (transformers 5's
-    stacked tensors) -> (`...w13_weight` / `...w2_weight`, None)."""
+    stacked tensors) -> (`...w13_weight` / `...w2_weight`, None); `...experts.up_proj.weight`
+    (one projection of all experts, [E, I, H], as GGUF conversions write it) ->
+    (`...w13_weight`, (None, "up"))."""
     match = re.search(rf"\.{experts}\.(\d+)\.({gate}|{up}|{down})\.weight$", name)
     base = name[:match.start()] if match else None
     if match:
@@ -210,4 +212,9 @@ def map_expert_weight(name: str, gate: str = "gate_proj", up: str = "up_proj",
     for stacked, param in (("gate_up_proj", "w13_weight"), ("down_proj", "w2_weight")):
         if name.endswith(f".{experts}.{stacked}"):
             return f"{name[:-len(stacked)]}{param}", None
+    match = re.search(rf"\.{experts}\.({gate}|{up}|{down})\.weight$", name)
+    if match:  # one projection of every expert, stacked (GGUF conversions)
+        piece = {gate: "gate", up: "up", down: "down"}[match.group(1)]
+        param = "w2_weight" if piece == "down" else "w13_weight"
+        return f"{name[:match.start()]}.{experts}.{param}", (None, piece)
     return None
