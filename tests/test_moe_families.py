@@ -244,7 +244,7 @@ def test_gpu_triton_experts_match_torch_experts(tmp_path, monkeypatch):
 # `ffn_gate_inp`, Qwen2-MoE's shared expert `*_shexp` with its gate squeezed to [H], the
 # expert sizes in `expert_*` keys); transformers' own GGUF reader finds the model's
 # tensors in it, and the engine serving the file matches the HF model it came from.
-GGUF_MOE = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+GGUF_MOE = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral"}
 _GGUF_DENSE = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
                "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
@@ -255,20 +255,31 @@ _GGUF_DENSE = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "mlp.shared_expert_gate": "ffn_gate_inp_shexp"}
 
 
+def _llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute) interleaves the
+    two rotary halves of each q/k head for its RoPE kernel."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2) \
+        .reshape(w.shape)
+
+
 def _write_moe_gguf(hf, arch: str, path) -> None:
     import gguf
 
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
     U32, F32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
+    mixtral = arch == "llama"
+    moe_inter = c.intermediate_size if mixtral else c.moe_intermediate_size
     ints = [("vocab_size", c.vocab_size), ("context_length", c.max_position_embeddings),
             ("embedding_length", c.hidden_size), ("block_count", c.num_hidden_layers),
             ("feed_forward_length", c.intermediate_size),
             ("attention.head_count", c.num_attention_heads),
             ("attention.head_count_kv", c.num_key_value_heads),
             ("attention.key_length", c.head_dim), ("attention.value_length", c.head_dim),
-            ("expert_count", c.num_experts), ("expert_used_count", c.num_experts_per_tok),
-            ("expert_feed_forward_length", c.moe_intermediate_size)]
+            ("expert_count", c.num_local_experts if mixtral else c.num_experts),
+            ("expert_used_count", c.num_experts_per_tok)]
+    if not mixtral:
+        ints.append(("expert_feed_forward_length", moe_inter))
     if arch == "qwen2moe":
         ints.append(("expert_shared_feed_forward_length", c.shared_expert_intermediate_size))
     for key, value in ints:
@@ -279,9 +290,13 @@ def _write_moe_gguf(hf, arch: str, path) -> None:
         w.add_key_value(f"tokenizer.ggml.{key}", value, U32)
     globals_ = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
                 "lm_head": "output"}
-    I = c.moe_intermediate_size
+    I = moe_inter
     for name, tensor in hf.state_dict().items():
         data = tensor.float()
+        if mixtral and name.endswith("q_proj.weight"):
+            data = _llama_cpp_permute(data, c.num_attention_heads)
+        elif mixtral and name.endswith("k_proj.weight"):
+            data = _llama_cpp_permute(data, c.num_key_value_heads)
         if name.endswith("experts.gate_up_proj"):  # HF stacks gate and up: llama.cpp doesn't
             blk = name.split(".")[2]
             w.add_tensor(f"blk.{blk}.ffn_gate_exps.weight", data[:, :I].contiguous().numpy())
@@ -312,8 +327,10 @@ def test_gguf_moe_matches_hf(arch, tmp_path, monkeypatch):
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     family = GGUF_MOE[arch]
-    extra = dict(MOE[family][1], mlp_only_layers=[])  # llama.cpp makes every layer sparse
-    extra["norm_topk_prob"] = arch == "qwen3moe"  # llama.cpp's fixed choice per arch
+    extra = dict(MOE[family][1])
+    if arch != "llama":
+        extra["mlp_only_layers"] = []  # llama.cpp makes every layer sparse
+        extra["norm_topk_prob"] = arch == "qwen3moe"  # llama.cpp's fixed choice per arch
     MOE[f"gguf-{arch}"] = (MOE[family][0], extra)
     try:
         hf = _hf_moe(f"gguf-{arch}")
@@ -322,12 +339,14 @@ def test_gguf_moe_matches_hf(arch, tmp_path, monkeypatch):
     path = tmp_path / f"tiny-{arch}.gguf"
     _write_moe_gguf(hf, arch, path)
 
-    empty = transformers.AutoModelForCausalLM.from_config(hf.config)
-    theirs = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=empty)["tensors"]
-    ours = {k: v for k, v in hf.state_dict().items() if "rotary" not in k}
-    assert set(ours) <= set(theirs), sorted(set(ours) - set(theirs))
-    for name, tensor in ours.items():
-        torch.testing.assert_close(torch.as_tensor(theirs[name]).float(), tensor, msg=name)
+    if arch != "llama":  # transformers reads MoE GGUFs of these (not Mixtral's)
+        empty = transformers.AutoModelForCausalLM.from_config(hf.config)
+        theirs = load_gguf_checkpoint(str(path), return_tensors=True,
+                                      model_to_load=empty)["tensors"]
+        ours = {k: v for k, v in hf.state_dict().items() if "rotary" not in k}
+        assert set(ours) <= set(theirs), sorted(set(ours) - set(theirs))
+        for name, tensor in ours.items():
+            torch.testing.assert_close(torch.as_tensor(theirs[name]).float(), tensor, msg=name)
 
     monkeypatch.setattr(gguf_loader, "_save_tokenizer", lambda *a, **k: None)
     monkeypatch.setenv("ASGL_CACHE_DIR", str(tmp_path / "cache"))
