@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama",) + gguf_arch.ARCHITECTURES  # the others: gguf_arch.py
 # Bump when the conversion's output changes, so old cache entries are not reused.
-CONVERTER_VERSION = 2  # 2: architectures beyond llama, end-of-turn eos ids (MoE: new files only)
+CONVERTER_VERSION = 2  # 2: architectures beyond llama, end-of-turn eos ids
 _SHARD_BYTES = 4 << 30
 
 # llama.cpp tensor name (after "blk.N.") -> HF name (after "model.layers.N.")
