@@ -128,7 +128,7 @@ def _align_small_kernel(ids_ptr, map_ptr, sorted_ptr, block_expert_ptr, num_padd
         onehot = (e[:, None] == experts[None, :]).to(tl.int32)
         before = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of this chunk, same expert
         slot = tl.sum(onehot * (before + starts[None, :] + seen[None, :]), axis=1)
-        tl.store(sorted_ptr + slot, idx.to(tl.int32), mask=(idx < n) & (e >= 0))
+        tl.store(sorted_ptr + slot, idx.to(tl.int32), mask=(idx < n) & (e >= 0) & (e < E))
         seen += tl.sum(onehot, axis=0)
 
 
@@ -223,7 +223,7 @@ def _gemm(a, b, c, weights, sorted_ids, block_expert, num_padded, *, n_out: int,
     m_blocks = P // cfg["BLOCK_M"]
     grid = (m_blocks * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     _moe_gemm_kernel[grid](
-        a, b, c, weights, sorted_ids, block_expert, num_padded,
+        a, b, c, weights if weights is not None else sorted_ids, sorted_ids, block_expert, num_padded,
         n_out, K, num_pairs, top_k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         c.stride(0), c.stride(1), m_blocks,
