@@ -19,7 +19,8 @@ slots; not the gate's matmul) with random routing, per shape:
   bf16 matmul rate (8192^3; bar: >= 50%). Eager.
 
 tune: for each token count, times every block configuration of a pruned grid on the
-shape and writes the fastest per token count to
+shape (both GEMMs sharing it), then the down GEMM's own tiles with the best BLOCK_M, and
+writes the fastest per token count to
 asgl/kernels/triton/moe_configs/E=..,N=..,K=..,dtype=bf16,device=<GPU>.json (picked up
 by `moe_config.get_config`), and a copy to --out-dir.
 """
@@ -205,6 +206,13 @@ def _candidates(T: int, E: int, k: int) -> list[dict]:
     return out
 
 
+def _down_candidates() -> list[dict]:
+    return [dict(BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1, num_warps=warps, num_stages=stages)
+            for bn, bk, warps, stages in itertools.product([32, 64, 128, 256], [64, 128, 256],
+                                                           [4, 8], [3, 4, 5])
+            if bn * bk <= 256 * 128]
+
+
 def tune(args) -> int:
     E, H, I, k = SHAPES[args.shape[0]]
     I //= args.tp
@@ -230,6 +238,18 @@ def tune(args) -> int:
             break
         ms, cfg = min(results, key=lambda r: r[0])
         base = results[0][0] if results[0][1] is default else float("nan")
+        # then the down GEMM's own tiles, with the rows' BLOCK_M fixed
+        for down in _down_candidates():
+            if time.monotonic() > deadline:
+                break
+            trial = {**cfg, "down": down}
+            try:
+                t = _bench(lambda: fused_experts(x, w13, w2, w, ids, config=trial))
+            except Exception as exc:
+                print(f"[tune] T={T} skip down {down}: {type(exc).__name__}")
+                continue
+            if t < ms:
+                ms, cfg = t, trial
         best[str(T)] = cfg
         print(f"[tune] {args.shape[0]} T={T}: best {ms * 1e3:.1f} us (default {base * 1e3:.1f})"
               f" {cfg} ({len(results)} tried)")

@@ -163,3 +163,14 @@ def test_fused_topk_nan_row_stays_in_range():
     logits[1] = float("nan")
     _, ids = fused_topk(logits, 4)
     assert int(ids.min()) >= 0 and int(ids.max()) < 16
+
+
+def test_down_gemm_takes_its_own_tiles():
+    """A table entry's "down" tiles (another BLOCK_N / BLOCK_K / GROUP_M) give the same
+    result; BLOCK_M stays the rows' one even if "down" names another."""
+    x, w13, w2, weights, ids = _inputs(21, 8, 2, 64, 48, torch.float32, seed=8)
+    base = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2)
+    down = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=2)
+    out = fused_experts(x, w13, w2, weights, ids, config={**base, "down": down})
+    ref = fused_experts_ref(x, w13, w2, weights, ids)
+    assert rel_err(out, ref) < 1e-4

@@ -256,7 +256,8 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     _gemm(x, w13, inter, None, sorted_ids, block_expert, num_padded, n_out=I, num_pairs=n,
           top_k=k, per_token=True, gated=True, act=_ACT[activation], cfg=cfg)
     _gemm(inter, w2, out_pairs, weights, sorted_ids, block_expert, num_padded, n_out=H,
-          num_pairs=n, top_k=k, per_token=False, gated=False, act=0, cfg=cfg)
+          num_pairs=n, top_k=k, per_token=False, gated=False, act=0,
+          cfg={**cfg, **cfg.get("down", {}), "BLOCK_M": cfg["BLOCK_M"]})
     if k == 1:
         return out_pairs
     # one kernel: torch accumulates half-precision sums in float32 and rounds once
