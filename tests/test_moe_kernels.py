@@ -174,3 +174,26 @@ def test_down_gemm_takes_its_own_tiles():
     out = fused_experts(x, w13, w2, weights, ids, config={**base, "down": down})
     ref = fused_experts_ref(x, w13, w2, weights, ids)
     assert rel_err(out, ref) < 1e-4
+
+
+def test_tuned_table_lookup(tmp_path, monkeypatch):
+    """A tuned table's nearest entry within a factor 2 of the token count; the defaults
+    outside what it covers (a partial tuning run)."""
+    import json
+
+    from asgl.kernels.triton import moe_config
+
+    monkeypatch.setattr(moe_config, "CONFIG_DIR", str(tmp_path))
+    monkeypatch.setattr(moe_config, "_device_name", lambda: "Test GPU")
+    moe_config._tuned_table.cache_clear()
+    name = moe_config.config_file_name(8, 64, 32, torch.bfloat16, "Test GPU")
+    small, mid = dict(BLOCK_M=16, tag=1), dict(BLOCK_M=32, tag=2)
+    (tmp_path / name).write_text(json.dumps({"1": small, "64": mid}))
+    try:
+        got = {M: moe_config.get_config(M, 8, 64, 32, 2, torch.bfloat16) for M in
+               (1, 2, 3, 40, 128, 129, 8192)}
+    finally:
+        moe_config._tuned_table.cache_clear()
+    assert got[1] == got[2] == small and got[40] == got[128] == mid
+    for M in (3, 129, 8192):
+        assert "tag" not in got[M]

@@ -4,7 +4,7 @@ A tuned table is a JSON file in `moe_configs/`, named after the device and the s
 `E=<experts>,N=<intermediate per rank>,K=<hidden>,dtype=<bf16|fp16>,device=<name>.json`,
 holding {"<tokens>": {"BLOCK_M": .., "BLOCK_N": .., "BLOCK_K": .., "GROUP_M": ..,
 "num_warps": .., "num_stages": .., "down": {...}}, ...}; the entry of the nearest token
-count is used. "down" (optional) overrides BLOCK_N / BLOCK_K / GROUP_M / warps / stages for
+count (on a log scale, within a factor 2; else the default) is used. "down" (optional) overrides BLOCK_N / BLOCK_K / GROUP_M / warps / stages for
 the down GEMM, whose shape differs (N = hidden, K = intermediate); BLOCK_M is shared, as
 both GEMMs walk the same expert-aligned row blocks.
 `bench/gpu_moe.py tune` writes such files. Without one, `default_config` picks blocks
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from typing import Optional
 
@@ -47,8 +48,10 @@ def get_config(M: int, E: int, N: int, K: int, top_k: int, dtype: torch.dtype) -
     """Block sizes for M tokens through E experts of [N, K] (gate-up: N = intermediate)."""
     table = _tuned_table(E, N, K, dtype, _device_name())
     if table:
-        nearest = min(table, key=lambda m: abs(m - M))
-        return table[nearest]
+        nearest = min(table, key=lambda m: abs(math.log2(m) - math.log2(max(M, 1))))
+        # a table tuned for other batch sizes only (a partial tuning run) says nothing here
+        if abs(math.log2(nearest) - math.log2(max(M, 1))) <= 1:
+            return table[nearest]
     return default_config(M, E, N, K, top_k, dtype)
 
 
