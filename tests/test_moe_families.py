@@ -190,11 +190,12 @@ def test_tensor_parallel_2_ranks_match_hf(tmp_path):
 
 # ---------------------------------------------------------------------------- CUDA
 # The Triton experts in bf16 with CUDA graphs (decode) and chunked prefill against the
-# torch experts on the same GPU (bf16 too), on a Qwen3-MoE shape with 64 experts, top-8.
+# torch experts on the same GPU (bf16 too), on a Qwen3-MoE shape with 64 experts, top-8
+# (head dim 128: the FlashInfer module bench/gpu_suite.sh carries prebuilt).
 GPU_QWEN3_MOE = dict(vocab_size=VOCAB, hidden_size=512, intermediate_size=1024,
                      moe_intermediate_size=256, num_experts=64, num_experts_per_tok=8,
                      norm_topk_prob=True, num_hidden_layers=4, num_attention_heads=8,
-                     num_key_value_heads=4, head_dim=64, max_position_embeddings=1024,
+                     num_key_value_heads=2, head_dim=128, max_position_embeddings=1024,
                      initializer_range=0.05, rms_norm_eps=1e-6, bos_token_id=1,
                      eos_token_id=EOS, pad_token_id=0)
 
