@@ -74,10 +74,12 @@ def _bench(fn: Callable[[], object]) -> float:
 
 def measure_ceilings() -> tuple[float, float]:
     """(GB/s of a 1 GiB device copy counting read + write, bf16 TFLOP/s of 8192^3)."""
-    src = torch.randn(2**29, device=DEV, dtype=DT)
-    dst = torch.empty_like(src)
-    gbs = 2 * src.numel() * 2 / _bench(lambda: dst.copy_(src)) / 1e6
-    del src, dst
+    def copy_gbs() -> float:
+        src = torch.randn(2**29, device=DEV, dtype=DT)
+        dst = torch.empty_like(src)
+        return 2 * src.numel() * 2 / _bench(lambda: dst.copy_(src)) / 1e6
+
+    gbs = copy_gbs()
     n = 8192
     x, y = (torch.randn(n, n, device=DEV, dtype=DT) for _ in range(2))
     return gbs, 2 * n**3 / _bench(lambda: x @ y) / 1e9

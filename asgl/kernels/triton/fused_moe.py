@@ -223,7 +223,8 @@ def _gemm(a, b, c, weights, sorted_ids, block_expert, num_padded, *, n_out: int,
     m_blocks = P // cfg["BLOCK_M"]
     grid = (m_blocks * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     _moe_gemm_kernel[grid](
-        a, b, c, weights if weights is not None else sorted_ids, sorted_ids, block_expert, num_padded,
+        a, b, c, weights if weights is not None else sorted_ids,  # unread unless MUL_WEIGHT
+        sorted_ids, block_expert, num_padded,
         n_out, K, num_pairs, top_k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         c.stride(0), c.stride(1), m_blocks,

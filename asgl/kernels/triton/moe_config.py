@@ -4,9 +4,10 @@ A tuned table is a JSON file in `moe_configs/`, named after the device and the s
 `E=<experts>,N=<intermediate per rank>,K=<hidden>,dtype=<bf16|fp16>,device=<name>.json`,
 holding {"<tokens>": {"BLOCK_M": .., "BLOCK_N": .., "BLOCK_K": .., "GROUP_M": ..,
 "num_warps": .., "num_stages": .., "down": {...}}, ...}; the entry of the nearest token
-count (on a log scale, within a factor 2; else the default) is used. "down" (optional) overrides BLOCK_N / BLOCK_K / GROUP_M / warps / stages for
-the down GEMM, whose shape differs (N = hidden, K = intermediate); BLOCK_M is shared, as
-both GEMMs walk the same expert-aligned row blocks.
+count (on a log scale, within a factor 2; else the default) is used. "down" (optional)
+overrides BLOCK_N / BLOCK_K / GROUP_M / warps / stages for the down GEMM, whose shape differs
+(N = hidden, K = intermediate); BLOCK_M is shared, as both GEMMs walk the same
+expert-aligned row blocks.
 `bench/gpu_moe.py tune` writes such files. Without one, `default_config` picks blocks
 by how many rows each expert gets (decode: few, so small BLOCK_M and wide K tiles that
 stream the weights; prefill: large square tiles).
