@@ -110,8 +110,9 @@ def _align_small_kernel(ids_ptr, map_ptr, sorted_ptr, block_expert_ptr, num_padd
     starts = ends - padded
     total = tl.sum(padded, axis=0)
     tl.store(num_padded_ptr, total)
-    for p0 in range(0, P, CHUNK):  # padding everywhere first
-        tl.store(sorted_ptr + p0 + rows, tl.zeros([CHUNK], tl.int32) + n, mask=p0 + rows < P)
+    fill = tl.arange(0, 1024)
+    for p0 in range(0, P, 1024):  # padding everywhere first (wide stores: P >> pairs)
+        tl.store(sorted_ptr + p0 + fill, tl.zeros([1024], tl.int32) + n, mask=p0 + fill < P)
     for b0 in range(0, P // BLOCK_M, CHUNK):  # each row block's expert; -1 past the end
         first_row = (b0 + rows) * BLOCK_M
         ends_valid = tl.where(experts < E, ends, 2147483647)
