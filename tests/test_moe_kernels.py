@@ -129,3 +129,71 @@ def test_align_paths_agree_with_expert_map(T, E, k, block):
     big = fused_moe._align_torch(ids, block, local, emap)
     for a, b in zip(small, big):
         assert torch.equal(a.long().cpu(), b.long().cpu())
+
+
+TOPK = [(1, 8, 2, {}), (33, 128, 8, {}), (5, 60, 4, dict(renormalize=False)),
+        (9, 64, 6, dict(scoring="sigmoid", use_correction_bias=True, routed_scaling_factor=2.5)),
+        (4, 256, 8, dict(scoring="sigmoid", renormalize=False)), (3, 7, 1, {})]
+
+
+@pytest.mark.parametrize("T,E,k,kw", TOPK, ids=[f"T{c[0]}-E{c[1]}-k{c[2]}" for c in TOPK])
+def test_fused_topk_matches_select_experts(T, E, k, kw):
+    from asgl.kernels.triton.moe_topk import fused_topk
+
+    gen = torch.Generator().manual_seed(E + k)
+    logits = torch.randn(T, E, generator=gen).to(DEV)
+    bias = (torch.randn(E, generator=gen) * 0.2).to(DEV) if kw.get("use_correction_bias") else None
+    router = RouterConfig(top_k=k, **kw)
+    ref_w, ref_ids = select_experts(logits, router, bias)
+    w, ids = fused_topk(logits, k, sigmoid=router.scoring == "sigmoid",
+                        renormalize=router.renormalize, scale=router.routed_scaling_factor,
+                        correction_bias=bias)
+    order, ref_order = ids.long().sort(-1), ref_ids.long().sort(-1)
+    assert torch.equal(order.values, ref_order.values)
+    torch.testing.assert_close(w.gather(1, order.indices), ref_w.gather(1, ref_order.indices))
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")
+def test_fused_topk_nan_row_stays_in_range():
+    """A NaN row (a diverged or padding row) must not yield an expert id past the end,
+    which the sort/align would index with."""
+    from asgl.kernels.triton.moe_topk import fused_topk
+
+    logits = torch.randn(3, 16).to(DEV)
+    logits[1] = float("nan")
+    _, ids = fused_topk(logits, 4)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 16
+
+
+def test_down_gemm_takes_its_own_tiles():
+    """A table entry's "down" tiles (another BLOCK_N / BLOCK_K / GROUP_M) give the same
+    result; BLOCK_M stays the rows' one even if "down" names another."""
+    x, w13, w2, weights, ids = _inputs(21, 8, 2, 64, 48, torch.float32, seed=8)
+    base = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=1, num_warps=4, num_stages=2)
+    down = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=16, GROUP_M=4, num_warps=4, num_stages=2)
+    out = fused_experts(x, w13, w2, weights, ids, config={**base, "down": down})
+    ref = fused_experts_ref(x, w13, w2, weights, ids)
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_tuned_table_lookup(tmp_path, monkeypatch):
+    """A tuned table's nearest entry within a factor 2 of the token count; the defaults
+    outside what it covers (a partial tuning run)."""
+    import json
+
+    from asgl.kernels.triton import moe_config
+
+    monkeypatch.setattr(moe_config, "CONFIG_DIR", str(tmp_path))
+    monkeypatch.setattr(moe_config, "_device_name", lambda: "Test GPU")
+    moe_config._tuned_table.cache_clear()
+    name = moe_config.config_file_name(8, 64, 32, torch.bfloat16, "Test GPU")
+    small, mid = dict(BLOCK_M=16, tag=1), dict(BLOCK_M=32, tag=2)
+    (tmp_path / name).write_text(json.dumps({"1": small, "64": mid}))
+    try:
+        got = {M: moe_config.get_config(M, 8, 64, 32, 2, torch.bfloat16) for M in
+               (1, 2, 3, 40, 128, 129, 8192)}
+    finally:
+        moe_config._tuned_table.cache_clear()
+    assert got[1] == got[2] == small and got[40] == got[128] == mid
+    for M in (3, 129, 8192):
+        assert "tag" not in got[M]

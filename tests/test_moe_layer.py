@@ -215,3 +215,21 @@ def test_bad_shapes_and_names_are_refused():
     assert map_expert_weight("model.layers.1.mlp.experts.down_proj") == (
         "model.layers.1.mlp.experts.w2_weight", None)
     assert map_expert_weight("model.layers.1.mlp.shared_expert.up_proj.weight") is None
+
+
+def test_dense_reference_equals_sparse_reference(monkeypatch):
+    """The capture-safe form of the torch experts (every expert on every token, zero
+    weights where unchosen) gives the sparse reference's result, EP map included."""
+    from asgl.kernels import moe_torch
+
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(T, H, generator=gen)
+    w13, w2 = torch.randn(E, 2 * I, H, generator=gen), torch.randn(E, H, I, generator=gen)
+    weights, ids = select_experts(torch.randn(T, E, generator=gen), RouterConfig(top_k=3))
+    emap = torch.full((E,), -1, dtype=torch.int32)
+    emap[4:12] = torch.arange(8, dtype=torch.int32)
+    for kw, (a, b) in [({}, (w13, w2)), ({"expert_map": emap}, (w13[4:12], w2[4:12]))]:
+        sparse = moe_torch.fused_experts_ref(x, a, b, weights, ids, **kw)
+        mapped = ids.long() if not kw else emap.long()[ids.long()]
+        dense = moe_torch._dense_experts(x, a, b, weights, mapped, "silu")
+        assert rel_err(dense, sparse) < 1e-5

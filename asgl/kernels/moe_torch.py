@@ -5,7 +5,9 @@ reference the Triton grouped GEMM (`kernels/triton/fused_moe.py`) is tested agai
 
 with `w13` [E, 2I, H] (gate rows, then up rows) and `w2` [E, H, I]. Sums are taken in
 float32 and rounded once to x's dtype. Experts are visited one by one (the hit list is
-read on the host: fine on the CPU, not a GPU fast path).
+read on the host: fine on the CPU, not a GPU fast path). While a CUDA graph is being
+captured (`ASGL_TORCH_LAYERS=1` on a GPU) the host cannot read it: every expert then runs
+on every token, weighted by zero where it was not chosen (same result, E times the work).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     ids = topk_ids.reshape(-1).long()
     if expert_map is not None:
         ids = expert_map.long()[ids]
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _dense_experts(x, w13, w2, topk_weights, ids.view(T, k), activation)
     weights = topk_weights.reshape(-1).float()
     tokens = torch.arange(T * k, device=x.device) // k
     out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
@@ -52,4 +56,16 @@ def fused_experts_ref(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         y = F.linear(h, w2[expert]).float() * weights[start:start + n, None]
         out.index_add_(0, rows, y)
         start += n
+    return out.to(x.dtype)
+
+
+def _dense_experts(x, w13, w2, topk_weights, ids, activation):
+    """Every local expert on every token, each token's output weighted by the routing
+    weights of the slots that chose that expert (zero otherwise): no host reads."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    weights = topk_weights.float()
+    for expert in range(w13.shape[0]):
+        w = (weights * (ids == expert)).sum(dim=1, keepdim=True)
+        h = activation_and_mul(F.linear(x, w13[expert]), activation)
+        out += F.linear(h, w2[expert]).float() * w
     return out.to(x.dtype)

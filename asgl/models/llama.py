@@ -49,6 +49,7 @@ class DecoderArch:
     # (config, layer_id, quant_config, prefix) -> the layer's MLP (MoE families, models/moe.py);
     # None: LlamaMLP
     mlp_factory: Optional[Callable[..., nn.Module]] = None
+    clip_qkv: Optional[float] = None  # q/k/v clamped to [-c, c] after the projection (DBRX)
 
 
 def _head_dim(config: Any) -> int:
@@ -104,6 +105,7 @@ class LlamaAttention(nn.Module):
                                         o_bias, quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.rotary_emb = rotary_emb  # shared by every layer (of its layer type); None: NoPE
+        self.clip_qkv = arch.clip_qkv
         self.qk_norm = arch.qk_norm
         eps = getattr(config, arch.norm_eps_attr)
         if arch.qk_norm == "head":
@@ -129,7 +131,10 @@ class LlamaAttention(nn.Module):
                               logit_cap=arch.attn_logit_cap)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "head":  # RMSNorm over the last dim: view the heads as rows
             T = q.shape[0]
             q = self.q_norm(q.reshape(T, -1, self.head_dim)).view(T, -1)

@@ -22,7 +22,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     **{name: ("asgl.models.deepseek_v2", name) for name in (
         "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "MiniCPM3ForCausalLM")},
     **{name: ("asgl.models.moe", name) for name in (
-        "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")},
+        "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
+        "DbrxForCausalLM")},
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")

@@ -11,8 +11,8 @@ SGLang / vLLM, written here from the equations of `asgl/kernels/moe_torch.py`).
    tile of both the gate and the up half (two accumulators over the same A rows) and
    writes act(gate) * up, [T*k, I].
 3. down GEMM: [T*k, I] x w2[e]^T, each row scaled by its routing weight in float32
-   before it is rounded, [T*k, H]; then the k rows of a token are summed (float32
-   accumulation, rounded once).
+   before it is rounded, [T*k, H]; then the k rows of a token are summed (torch's sum:
+   float32 accumulation, rounded once).
 
 Tensor parallelism needs nothing here (the layer passes this rank's intermediate slice);
 expert parallelism passes `expert_map` (global id -> local id or -1): pairs routed to
@@ -45,8 +45,9 @@ def padded_size(num_pairs: int, num_experts: int, block_m: int) -> int:
 
 
 # Up to this many (token, slot) pairs the sort/align runs as one Triton program (decode:
-# one launch instead of ~15 small torch ops); beyond, torch's device sort.
-SMALL_ALIGN_PAIRS = 256
+# one launch instead of ~15 small torch ops, a few us for 1,024 pairs over 128 experts);
+# beyond, torch's device sort.
+SMALL_ALIGN_PAIRS = 1024
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int,
@@ -67,7 +68,8 @@ def _align_torch(topk_ids, block_m, num_experts, expert_map):
     if expert_map is not None:
         flat = expert_map.long()[flat]
     n, E, dev = flat.numel(), num_experts, flat.device
-    flat = torch.where(flat < 0, E, flat)  # other ranks' experts: a bucket of their own
+    # other ranks' experts (and any id out of range): a bucket of their own, skipped
+    flat = torch.where((flat < 0) | (flat >= E), E, flat)
     counts = torch.zeros(E + 1, dtype=torch.int64, device=dev)
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts[:E] + block_m - 1) // block_m * block_m
@@ -108,8 +110,9 @@ def _align_small_kernel(ids_ptr, map_ptr, sorted_ptr, block_expert_ptr, num_padd
     starts = ends - padded
     total = tl.sum(padded, axis=0)
     tl.store(num_padded_ptr, total)
-    for p0 in range(0, P, CHUNK):  # padding everywhere first
-        tl.store(sorted_ptr + p0 + rows, tl.zeros([CHUNK], tl.int32) + n, mask=p0 + rows < P)
+    fill = tl.arange(0, 1024)
+    for p0 in range(0, P, 1024):  # padding everywhere first (wide stores: P >> pairs)
+        tl.store(sorted_ptr + p0 + fill, tl.zeros([1024], tl.int32) + n, mask=p0 + fill < P)
     for b0 in range(0, P // BLOCK_M, CHUNK):  # each row block's expert; -1 past the end
         first_row = (b0 + rows) * BLOCK_M
         ends_valid = tl.where(experts < E, ends, 2147483647)
@@ -126,7 +129,7 @@ def _align_small_kernel(ids_ptr, map_ptr, sorted_ptr, block_expert_ptr, num_padd
         onehot = (e[:, None] == experts[None, :]).to(tl.int32)
         before = tl.cumsum(onehot, axis=0) - onehot  # earlier pairs of this chunk, same expert
         slot = tl.sum(onehot * (before + starts[None, :] + seen[None, :]), axis=1)
-        tl.store(sorted_ptr + slot, idx.to(tl.int32), mask=(idx < n) & (e >= 0))
+        tl.store(sorted_ptr + slot, idx.to(tl.int32), mask=(idx < n) & (e >= 0) & (e < E))
         seen += tl.sum(onehot, axis=0)
 
 
@@ -141,7 +144,8 @@ def _align_small(topk_ids, block_m, num_experts, expert_map):
     _align_small_kernel[(1,)](
         ids, expert_map if expert_map is not None else ids, sorted_ids, block_expert,
         num_padded, n, num_experts, P, HAS_MAP=expert_map is not None, BLOCK_M=block_m,
-        E_POW2=e_pow2, CHUNK=max(16, min(64, 8192 // e_pow2)), num_warps=4)
+        E_POW2=e_pow2, CHUNK=max(16, min(64, 8192 // e_pow2)),
+        num_warps=8 if e_pow2 >= 128 else 4)
     return sorted_ids, block_expert, num_padded
 
 
@@ -220,7 +224,8 @@ def _gemm(a, b, c, weights, sorted_ids, block_expert, num_padded, *, n_out: int,
     m_blocks = P // cfg["BLOCK_M"]
     grid = (m_blocks * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     _moe_gemm_kernel[grid](
-        a, b, c, weights, sorted_ids, block_expert, num_padded,
+        a, b, c, weights if weights is not None else sorted_ids,  # unread unless MUL_WEIGHT
+        sorted_ids, block_expert, num_padded,
         n_out, K, num_pairs, top_k,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         c.stride(0), c.stride(1), m_blocks,
@@ -253,5 +258,9 @@ def fused_experts(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     _gemm(x, w13, inter, None, sorted_ids, block_expert, num_padded, n_out=I, num_pairs=n,
           top_k=k, per_token=True, gated=True, act=_ACT[activation], cfg=cfg)
     _gemm(inter, w2, out_pairs, weights, sorted_ids, block_expert, num_padded, n_out=H,
-          num_pairs=n, top_k=k, per_token=False, gated=False, act=0, cfg=cfg)
-    return out_pairs.view(T, k, H).sum(dim=1, dtype=torch.float32).to(x.dtype)
+          num_pairs=n, top_k=k, per_token=False, gated=False, act=0,
+          cfg={**cfg, **cfg.get("down", {}), "BLOCK_M": cfg["BLOCK_M"]})
+    if k == 1:
+        return out_pairs
+    # one kernel: torch accumulates half-precision sums in float32 and rounds once
+    return out_pairs.view(T, k, H).sum(dim=1)

@@ -3,7 +3,11 @@
 A tuned table is a JSON file in `moe_configs/`, named after the device and the shape:
 `E=<experts>,N=<intermediate per rank>,K=<hidden>,dtype=<bf16|fp16>,device=<name>.json`,
 holding {"<tokens>": {"BLOCK_M": .., "BLOCK_N": .., "BLOCK_K": .., "GROUP_M": ..,
-"num_warps": .., "num_stages": ..}, ...}; the entry of the nearest token count is used.
+"num_warps": .., "num_stages": .., "down": {...}}, ...}; the entry of the nearest token
+count (on a log scale, within a factor 2; else the default) is used. "down" (optional)
+overrides BLOCK_N / BLOCK_K / GROUP_M / warps / stages for the down GEMM, whose shape differs
+(N = hidden, K = intermediate); BLOCK_M is shared, as both GEMMs walk the same
+expert-aligned row blocks.
 `bench/gpu_moe.py tune` writes such files. Without one, `default_config` picks blocks
 by how many rows each expert gets (decode: few, so small BLOCK_M and wide K tiles that
 stream the weights; prefill: large square tiles).
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from typing import Optional
 
@@ -35,6 +40,8 @@ def default_config(M: int, E: int, N: int, K: int, top_k: int, dtype: torch.dtyp
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4)
     if rows_per_expert <= 64:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    # the gate-up kernel keeps two [BLOCK_M, BLOCK_N] float32 accumulators: 64 x 128 leaves
+    # registers for the operands at 8 warps
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
@@ -42,8 +49,10 @@ def get_config(M: int, E: int, N: int, K: int, top_k: int, dtype: torch.dtype) -
     """Block sizes for M tokens through E experts of [N, K] (gate-up: N = intermediate)."""
     table = _tuned_table(E, N, K, dtype, _device_name())
     if table:
-        nearest = min(table, key=lambda m: abs(m - M))
-        return table[nearest]
+        nearest = min(table, key=lambda m: abs(math.log2(m) - math.log2(max(M, 1))))
+        # a table tuned for other batch sizes only (a partial tuning run) says nothing here
+        if abs(math.log2(nearest) - math.log2(max(M, 1))) <= 1:
+            return table[nearest]
     return default_config(M, E, N, K, top_k, dtype)
 
 

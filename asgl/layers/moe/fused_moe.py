@@ -152,7 +152,16 @@ class FusedMoE(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor,
                 correction_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        weights, ids = select_experts(router_logits, self.router, correction_bias)
+        r = self.router
+        if (use_fused(hidden_states) and r.num_expert_group is None and r.norm_p == 1.0
+                and router_logits.is_cuda):
+            from asgl.kernels.triton.moe_topk import fused_topk  # one launch at decode
+            weights, ids = fused_topk(
+                router_logits.contiguous(), r.top_k, sigmoid=r.scoring == "sigmoid",
+                renormalize=r.renormalize, scale=r.routed_scaling_factor,
+                correction_bias=correction_bias if r.use_correction_bias else None)
+        else:
+            weights, ids = select_experts(router_logits, r, correction_bias)
         return self.run_experts(hidden_states, weights, ids)
 
     def run_experts(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor,
@@ -191,7 +200,9 @@ def map_expert_weight(name: str, gate: str = "gate_proj", up: str = "up_proj",
 
     `model.layers.0.mlp.experts.3.gate_proj.weight` -> (`model.layers.0.mlp.experts.w13_weight`,
     (3, "gate")); `...experts.gate_up_proj` / `...experts.down_proj` (transformers 5's
-    stacked tensors) -> (`...w13_weight` / `...w2_weight`, None)."""
+    stacked tensors) -> (`...w13_weight` / `...w2_weight`, None); `...experts.up_proj.weight`
+    (one projection of all experts, [E, I, H], as GGUF conversions write it) ->
+    (`...w13_weight`, (None, "up"))."""
     match = re.search(rf"\.{experts}\.(\d+)\.({gate}|{up}|{down})\.weight$", name)
     base = name[:match.start()] if match else None
     if match:
@@ -201,4 +212,9 @@ def map_expert_weight(name: str, gate: str = "gate_proj", up: str = "up_proj",
     for stacked, param in (("gate_up_proj", "w13_weight"), ("down_proj", "w2_weight")):
         if name.endswith(f".{experts}.{stacked}"):
             return f"{name[:-len(stacked)]}{param}", None
+    match = re.search(rf"\.{experts}\.({gate}|{up}|{down})\.weight$", name)
+    if match:  # one projection of every expert, stacked (GGUF conversions)
+        piece = {gate: "gate", up: "up", down: "down"}[match.group(1)]
+        param = "w2_weight" if piece == "down" else "w13_weight"
+        return f"{name[:match.start()]}.{experts}.{param}", (None, piece)
     return None

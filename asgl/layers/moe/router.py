@@ -2,13 +2,13 @@
 
 Covers the routers of the MoE families we serve:
 
-| family | scoring | top-k over | renormalize | groups | scale | correction bias |
-| --- | --- | --- | --- | --- | --- | --- |
-| Mixtral, Qwen3-MoE, Qwen2-MoE (`norm_topk_prob`) | softmax | scores | yes / per config | - | 1 | - |
-| OLMoE, Qwen1.5-MoE | softmax | scores | no | - | 1 | - |
-| DBRX | softmax | scores | p-norm (`moe_normalize_expert_weights`) | - | 1 | - |
-| DeepSeek V2 (`group_limited_greedy`) | softmax | scores | per config | max of each group | `routed_scaling_factor` | - |
-| DeepSeek V3 (`noaux_tc`) | sigmoid | scores + bias | yes | sum of a group's top 2 | `routed_scaling_factor` | `e_score_correction_bias` |
+- Mixtral, Qwen3-MoE, Qwen2-MoE (`norm_topk_prob`): softmax, top-k, renormalized (Qwen2 per
+  config); OLMoE, Qwen1.5-MoE: softmax, top-k, not renormalized;
+- DBRX: softmax, top-k, divided by their p-norm (`moe_normalize_expert_weights`);
+- DeepSeek V2 (`group_limited_greedy`): softmax, the best groups by their max, top-k, times
+  `routed_scaling_factor`;
+- DeepSeek V3 (`noaux_tc`): sigmoid, scores + `e_score_correction_bias` for the choice only,
+  the best groups by the sum of their top 2, top-k, renormalized, times the scaling factor.
 
 Everything is computed in float32 whatever the logits' dtype; the weights come back in
 float32, the ids as int32. No host synchronization: it is a handful of torch ops that
