@@ -22,7 +22,6 @@ from safetensors import safe_open
 from helpers import rel_err
 from tests.conftest import make_llm, reference_threads
 from tests.test_model_families import _check_greedy, _hf_greedy, _hf_logits, _LogitsTap
-from tests.test_moe_families import _check_every_tensor_consumed
 
 VOCAB = 160
 EOS = VOCAB - 1
@@ -72,6 +71,29 @@ def _hf_model(family: str):
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.randn_like(b) * 0.3)
     return model.float().eval()
+
+
+def _check_every_tensor_consumed(cls, config, path, names: list[str]) -> None:
+    """Loading the checkpoint into a fresh model maps every stored tensor to a parameter
+    (`assign_weights` raises on a tensor without one and on a parameter left unfilled;
+    `FusedMoE` on an expert left half loaded), and the expert tensors fill the stacked
+    expert weights exactly."""
+    model = cls(config)
+    seen: list[str] = []
+    inner = model._map_weights
+
+    def spy(weights):
+        for item in inner(weights):
+            seen.append(item[0])
+            yield item
+    model._map_weights = spy
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        tensors = {n: f.get_tensor(n) for n in names}
+    model.load_weights(tensors.items())
+    assert sorted(seen) == sorted(names)
+    stored = sum(t.numel() for n, t in tensors.items() if ".experts." in n)
+    ours = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert ours == stored
 
 
 CASES = [(f, "torch") for f in FAMILIES] + [("deepseek_v2_yarn", "triton")]
