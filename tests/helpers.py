@@ -97,6 +97,10 @@ def run_steps(model, plans: list[list[int]], seqs_ids: list[list[int]],
     (0: absent that step); returns each request's logits for all its tokens, in order."""
     pools = Pools(model.num_layers, model.num_kv_heads, model.head_dim,
                   shuffle=torch.Generator().manual_seed(shuffle_seed))
+    if getattr(model, "kv_latent_dims", None):  # MLA: the pool stores latents
+        from asgl.engine.worker.latent_kv_cache import LatentKVPool
+        pools.kv = LatentKVPool(pools.kv.num_tokens, model.num_layers, *model.kv_latent_dims,
+                                pools.kv.dtype, "cpu")
     seqs = [pools.new_seq() for _ in plans]
     got: list[list[torch.Tensor]] = [[] for _ in plans]
     for step in range(len(plans[0])):

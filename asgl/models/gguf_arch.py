@@ -2,7 +2,8 @@
 `llama`: the transformers config from the file's metadata, llama.cpp's tensor names, and the
 changes llama.cpp's converter made to the tensors that must be undone.
 
-Architectures: qwen2, qwen3, gemma, gemma2, gemma3, phi3, stablelm, command-r (Cohere).
+Architectures: qwen2, qwen3, gemma, gemma2, gemma3, phi3, stablelm, command-r (Cohere),
+qwen2moe, qwen3moe (experts stacked as llama.cpp stores them).
 What llama.cpp's converter did to them, undone here:
 - Gemma 1/2/3 store every norm weight as 1 + w (llama.cpp's RMSNorm multiplies by the
   weight as is; HF Gemma stores the offset): we subtract 1.
@@ -23,7 +24,11 @@ import numpy as np
 import torch
 
 ARCHITECTURES = ("qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "stablelm",
-                 "command-r")
+                 "command-r", "qwen2moe", "qwen3moe")
+# Mixture-of-experts architectures: llama.cpp stacks each layer's experts into one tensor
+# per projection (ffn_gate_exps [E, I, H], ...), kept stacked under
+# `mlp.experts.{gate,up,down}_proj.weight`, names FusedMoE's loader takes whole.
+MOE_ARCHITECTURES = ("qwen2moe", "qwen3moe")
 
 _COMMON = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -47,6 +52,14 @@ LAYER_NAMES: dict[str, dict[str, str]] = {
     "stablelm": _COMMON,
     "command-r": {**_COMMON, **_QK_NORM},
 }
+_MOE = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj",
+        "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj",
+        "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+        "ffn_up_shexp": "mlp.shared_expert.up_proj",
+        "ffn_down_shexp": "mlp.shared_expert.down_proj",
+        "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
+LAYER_NAMES["qwen2moe"] = {**_COMMON, **_MOE}
+LAYER_NAMES["qwen3moe"] = {**_COMMON, **_QK_NORM, **_MOE}
 # Tensors folded into the config instead of a parameter.
 CONFIG_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
@@ -111,6 +124,24 @@ def config_fields(meta: Any, arch: str, tensors: dict[str, Any],
     if arch in ("qwen2", "qwen3"):
         fields.update(model_type=arch, architectures=[f"Qwen{arch[-1]}ForCausalLM"],
                       attention_bias="blk.0.attn_q.bias" in tensors, use_sliding_window=False)
+    elif arch in MOE_ARCHITECTURES:
+        # llama.cpp makes every layer sparse; it renormalizes Qwen3-MoE's top-k, not
+        # Qwen2-MoE's (neither flag is stored)
+        version = arch[4]
+        fields.update(model_type=f"qwen{version}_moe",
+                      architectures=[f"Qwen{version}MoeForCausalLM"],
+                      num_experts=meta.require(f"{arch}.expert_count"),
+                      num_experts_per_tok=meta.require(f"{arch}.expert_used_count"),
+                      moe_intermediate_size=g("expert_feed_forward_length",
+                                              fields["intermediate_size"]),
+                      norm_topk_prob=arch == "qwen3moe", decoder_sparse_step=1,
+                      mlp_only_layers=[], use_sliding_window=False)
+        if arch == "qwen2moe":
+            fields.update(qkv_bias="blk.0.attn_q.bias" in tensors,
+                          shared_expert_intermediate_size=g(
+                              "expert_shared_feed_forward_length", fields["intermediate_size"]))
+        else:
+            fields["attention_bias"] = "blk.0.attn_q.bias" in tensors
     elif arch.startswith("gemma"):
         fields.update(hidden_activation="gelu_pytorch_tanh", hidden_act="gelu_pytorch_tanh",
                       tie_word_embeddings=True)
@@ -185,4 +216,6 @@ def fix_tensor(arch: str, hf_name: str, w: torch.Tensor) -> torch.Tensor:
     """Undo what llama.cpp's converter changed in the tensor (see the module docstring)."""
     if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
         return w - 1.0
+    if hf_name.endswith("shared_expert_gate.weight") and w.dim() == 1:
+        return w[None]  # llama.cpp stores Qwen2-MoE's [1, H] gate as [H]
     return w

@@ -50,6 +50,9 @@ _LAYER_NAMES = {
     "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    # Mixtral (llama with experts): each projection of all experts stacked, [E, I, H]
+    "ffn_gate_inp": "block_sparse_moe.gate", "ffn_gate_exps": "block_sparse_moe.experts.w1",
+    "ffn_up_exps": "block_sparse_moe.experts.w3", "ffn_down_exps": "block_sparse_moe.experts.w2",
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
@@ -156,8 +159,9 @@ def _convert_into(path: str, out: Path) -> None:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported "
                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    if meta.get(f"{arch}.expert_count", 0):
-        raise ModelLoadError(f"{path}: mixture-of-experts {arch} GGUFs (Mixtral) are not supported")
+    if meta.get(f"{arch}.expert_count", 0) and arch not in gguf_arch.MOE_ARCHITECTURES \
+            and arch != "llama":  # llama with experts: Mixtral
+        raise ModelLoadError(f"{path}: mixture-of-experts {arch} GGUFs are not supported")
 
     tensors = {t.name: t for t in reader.tensors}
     if arch == "llama":
@@ -210,6 +214,14 @@ def _llama_config(meta: "_Metadata", arch: str, tensors: dict[str, Any]) -> Llam
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
     }
+    if meta.get(f"{arch}.expert_count", 0):  # Mixtral
+        from transformers import MixtralConfig
+
+        fields.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                      num_local_experts=meta.get(f"{arch}.expert_count"),
+                      num_experts_per_tok=meta.require(f"{arch}.expert_used_count"),
+                      sliding_window=None)
+        return MixtralConfig.from_dict(fields)
     return LlamaConfig.from_dict(fields)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -46,6 +46,10 @@ class DecoderArch:
     rope_sliding_only: bool = False  # global layers use no position encoding (Cohere 2)
     act: Optional[str] = None  # None: config.hidden_act
     norm_eps_attr: str = "rms_norm_eps"
+    # (config, layer_id, quant_config, prefix) -> the layer's MLP (MoE families, models/moe.py);
+    # None: LlamaMLP
+    mlp_factory: Optional[Callable[..., nn.Module]] = None
+    clip_qkv: Optional[float] = None  # q/k/v clamped to [-c, c] after the projection (DBRX)
 
 
 def _head_dim(config: Any) -> int:
@@ -101,6 +105,7 @@ class LlamaAttention(nn.Module):
                                         o_bias, quant_config=quant_config, prefix=f"{prefix}.o_proj")
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.rotary_emb = rotary_emb  # shared by every layer (of its layer type); None: NoPE
+        self.clip_qkv = arch.clip_qkv
         self.qk_norm = arch.qk_norm
         eps = getattr(config, arch.norm_eps_attr)
         if arch.qk_norm == "head":
@@ -126,7 +131,10 @@ class LlamaAttention(nn.Module):
                               logit_cap=arch.attn_logit_cap)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "head":  # RMSNorm over the last dim: view the heads as rows
             T = q.shape[0]
             q = self.q_norm(q.reshape(T, -1, self.head_dim)).view(T, -1)
@@ -154,7 +162,10 @@ class LlamaDecoderLayer(nn.Module):
         self.style, self.residual_scale = arch.style, arch.residual_scale
         self.self_attn = LlamaAttention(config, layer_id, rotary_emb, qkv_bias, o_bias,
                                         quant_config, f"{prefix}.self_attn", arch)
-        self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", arch.act)
+        if arch.mlp_factory is not None:
+            self.mlp = arch.mlp_factory(config, layer_id, quant_config, f"{prefix}.mlp")
+        else:
+            self.mlp = LlamaMLP(config, quant_config, f"{prefix}.mlp", arch.act)
         h, eps = config.hidden_size, getattr(config, arch.norm_eps_attr)
         if arch.style != "post":
             self.input_layernorm = make_norm(arch, h, eps)

@@ -93,6 +93,24 @@ _QWEN3_8B = {
     "vocab_size": 151936,
 }
 
+_DEEPSEEK_V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+    "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 100000,
+    "eos_token_id": 100001, "first_k_dense_replace": 1, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 1408,
+    "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2,
+    "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6,
+    "num_hidden_layers": 27, "num_key_value_heads": 16, "q_lora_rank": None,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+                     "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
+                     "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax",
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy",
+    "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 102400,
+}
+
 _PRESETS: list[Preset] = [
     Preset("meta-llama/Llama-3.1-8B", _LLAMA_3_1_8B, ("llama-3.1-8b", "llama3.1-8b")),
     Preset("meta-llama/Llama-3.1-8B-Instruct",
@@ -215,6 +233,51 @@ _PRESETS: list[Preset] = [
         "rope_theta": 8000000.0, "tie_word_embeddings": True, "torch_dtype": "float16",
         "use_qk_norm": False, "vocab_size": 256000,
     }, ("command-r", "c4ai-command-r-v01")),
+    Preset("mistralai/Mixtral-8x7B-v0.1", {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+        "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "num_attention_heads": 32, "num_experts_per_tok": 2,
+        "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.02, "sliding_window": None, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 32000,
+    }, ("mixtral-8x7b", "mixtral-8x7b-v0.1")),
+    Preset("Qwen/Qwen3-30B-A3B", {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+        "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+        "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu",
+        "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144,
+        "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [],
+        "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32,
+        "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+        "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06,
+        "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+    }, ("qwen3-30b-a3b",)),
+    # MLA (latent KV: 512 + 64 values per token per layer) + MoE (64 routed experts, top-6,
+    # 2 shared; layer 0 dense): 15.7B parameters, 2.4B active per token
+    Preset("deepseek-ai/DeepSeek-V2-Lite", _DEEPSEEK_V2_LITE, ("deepseek-v2-lite",)),
+    Preset("deepseek-ai/DeepSeek-V2-Lite-Chat", _DEEPSEEK_V2_LITE, ("deepseek-v2-lite-chat",)),
+    # 671B (without the multi-token-prediction layer, which is not served): shapes only
+    Preset("deepseek-ai/DeepSeek-V3", {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 1,
+        "first_k_dense_replace": 3, "hidden_act": "silu", "hidden_size": 7168,
+        "initializer_range": 0.02, "intermediate_size": 18432, "kv_lora_rank": 512,
+        "max_position_embeddings": 163840, "moe_intermediate_size": 2048, "moe_layer_freq": 1,
+        "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True,
+        "num_attention_heads": 128, "num_experts_per_tok": 8, "num_hidden_layers": 61,
+        "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "q_lora_rank": 1536,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                         "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                         "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+        "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 129280,
+    }, ("deepseek-v3",)),
     # For tests: tiny, but with the embedded SmolLM2 tokenizer's vocabulary and special ids,
     # so generated ids decode to real text.
     Preset("asgl/tiny-llama", {

@@ -19,6 +19,11 @@ _MODELS: dict[str, tuple[str, str]] = {
         "Qwen3ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM", "GemmaForCausalLM",
         "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "StableLmForCausalLM",
         "CohereForCausalLM", "Cohere2ForCausalLM")},
+    **{name: ("asgl.models.deepseek_v2", name) for name in (
+        "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "MiniCPM3ForCausalLM")},
+    **{name: ("asgl.models.moe", name) for name in (
+        "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
+        "DbrxForCausalLM")},
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")

@@ -38,3 +38,13 @@ def assign_weights(model: nn.Module,
         method = getattr(module, "quant_method", None)
         if method is not None:
             method.process_weights_after_loading(module)
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model.to(dtype)`, except parameters marked `keep_float32` (DeepSeek's router weight
+    and expert correction bias: bf16 would change which experts are chosen)."""
+    keep = [(p, p.data) for p in model.parameters() if getattr(p, "keep_float32", False)]
+    model.to(dtype)
+    for p, data in keep:
+        p.data = data
+    return model

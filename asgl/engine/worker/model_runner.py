@@ -33,6 +33,8 @@ from asgl.engine.contracts.forward_batch import ForwardBatch
 from asgl.engine.contracts.step import StepOutput, StepPlan
 from asgl.engine.worker.isolation import sample_isolated
 from asgl.engine.worker.kv_cache import KVPool
+from asgl.engine.worker.latent_kv_cache import (LatentKVPool, create_kv_pool, describe_layout,
+                                                kv_bytes_per_token)
 from asgl.engine.worker.step_io import GpuStepStats, PendingResults, timing_event, upload
 from asgl.engine.worker.torch_compile import compiled_forward
 from asgl.kernels.attention import AttentionBackend, create_attention_backend
@@ -61,6 +63,7 @@ class ModelRunner:
         from asgl.engine.sampling.sampler import Sampler
         from asgl.models.dummy_weights import init_dummy_weights
         from asgl.models.registry import get_model_class
+        from asgl.models.weights import cast_model
 
         self.cfg = cfg
         self.device = resolve_device(cfg)
@@ -89,7 +92,7 @@ class ModelRunner:
             init_dummy_weights(model, seed=cfg.random_seed or 0)
         else:
             model.load_weights(source.iter_weights(progress=get_tp_rank() == 0))
-        self.model = model.to(self.dtype).eval()
+        self.model = cast_model(model, self.dtype).eval()
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
@@ -100,7 +103,7 @@ class ModelRunner:
         self.vocab_size = int(hf_config.vocab_size)
         self.sampler = Sampler(self._sampling_backend())
         self.attn_backend = self._create_attention_backend()
-        self.kv_pool: Optional[KVPool] = None
+        self.kv_pool: Optional[KVPool | LatentKVPool] = None
         self.req_to_token: Optional[torch.Tensor] = None
         self.last_next_ids: Optional[torch.Tensor] = None
         self.graph_runner = None
@@ -131,7 +134,15 @@ class ModelRunner:
             return create_attention_backend("torch")
         specs = [m.spec for m in self.model.modules() if isinstance(m, Attention)]
         kwargs: dict[str, Any] = {}
-        if name == "flashinfer":  # plans need the model's head shapes and dtypes up front
+        if any(s.kv_latent for s in specs) and self.cfg.attention_backend is None:
+            name = "triton"  # MLA on CUDA: the tested kernels unless flashinfer is asked for
+        if name == "flashinfer" and specs[0].kv_latent:  # MLA: FlashInfer's latent kernels
+            s = specs[0]
+            name = "flashinfer_mla"
+            kwargs = dict(device=self.device, num_heads=s.num_heads, kv_lora_rank=s.v_dim,
+                          rope_dim=s.head_dim - s.v_dim, sm_scale=s.scaling, dtype=self.dtype,
+                          kv_dtype=self.kv_dtype())
+        elif name == "flashinfer":  # plans need the model's head shapes and dtypes up front
             s = specs[0]
             kwargs = dict(device=self.device, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
                           head_dim=s.head_dim, dtype=self.dtype, kv_dtype=self.kv_dtype())
@@ -148,6 +159,8 @@ class ModelRunner:
             fallback = "triton" if self.on_cuda else "torch"
             logger.warning("attention backend %s unavailable (%s): using %s", name, exc, fallback)
             return create_attention_backend(fallback)
+        if name == "triton" and self.on_cuda and any(s.kv_latent for s in specs):
+            backend.enable_decode_graphs()  # MLA: latent decode kernel, graph-safe
         logger.info("attention backend: %s", name)
         return backend
 
@@ -160,7 +173,7 @@ class ModelRunner:
         card is left for activations, the request table, CUDA graphs and workspaces."""
         m = self.model
         kv_dtype = self.kv_dtype()
-        per_token = KVPool.bytes_per_token(m.num_layers, m.num_kv_heads, m.head_dim, kv_dtype)
+        per_token = kv_bytes_per_token(m, kv_dtype)
         if self.cfg.max_total_tokens:
             return self.cfg.max_total_tokens
         if self.on_cuda:
@@ -191,9 +204,11 @@ class ModelRunner:
     def init_memory(self, num_tokens: int, max_reqs: int, context_len: int) -> None:
         """Allocate the KV pool and the device request table, then capture CUDA graphs
         (here, in the worker thread, before the engine serves anything)."""
-        m = self.model
-        self.kv_pool = KVPool(num_tokens, m.num_layers, m.num_kv_heads, m.head_dim,
-                              self.kv_dtype(), self.device)
+        m, kv_dtype = self.model, self.kv_dtype()
+        self.kv_pool = create_kv_pool(m, num_tokens, kv_dtype, self.device)
+        per_token = kv_bytes_per_token(m, kv_dtype)
+        logger.info("KV pool: %d tokens, %d bytes per token (%s) = %d tokens per GiB",
+                    num_tokens, per_token, describe_layout(m, kv_dtype), (1 << 30) // per_token)
         if self.device.type != "cpu":
             self.req_to_token = torch.zeros((max_reqs, context_len), dtype=torch.int64,
                                             device=self.device)
@@ -215,6 +230,8 @@ class ModelRunner:
         max_tokens = self.cfg.cuda_graph_max_tokens
         if max_tokens is None:
             max_tokens = DEFAULT_MAX_EXTEND_TOKENS
+        if not getattr(self.attn_backend, "graph_extend", True):
+            max_tokens = 0  # the backend captures decode batches only
         # an extend graph's padded request may not be longer than a table row: with a context
         # shorter than 1,024 tokens the capture itself indexed past the row (device assert)
         max_tokens = min(max_tokens, self.req_to_token.shape[1])

@@ -44,5 +44,14 @@ def _flashinfer(**kw: Any) -> AttentionBackend:
 register_attention_backend("flashinfer", _flashinfer)
 
 
+def _flashinfer_mla(**kw: Any) -> AttentionBackend:
+    from asgl.kernels.attention.flashinfer_mla_backend import FlashInferMLABackend
+    return FlashInferMLABackend(**kw)
+
+
+# MLA models (latent KV) on `--attention-backend flashinfer` (model_runner picks it)
+register_attention_backend("flashinfer_mla", _flashinfer_mla)
+
+
 __all__ = ["AttentionBackend", "AttentionSpec", "create_attention_backend",
            "register_attention_backend"]

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
-from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec
+from asgl.engine.contracts.attention import (AttentionBackend, AttentionSpec, MLAKVIndex,
+                                             MLALatentRows)
 
 if TYPE_CHECKING:
     from asgl.engine.contracts.forward_batch import ForwardBatch
@@ -38,6 +39,8 @@ class _Plan:
 
 class TorchNativeBackend(AttentionBackend):
     name = "torch"
+    mla_expanded_prefill = True
+    mla_expand_min_tokens = 4  # small: the CPU tests exercise both MLA forms
 
     def prepare(self, batch: "ForwardBatch") -> None:
         """Look up each request's slots once per step rather than once per layer."""
@@ -74,6 +77,29 @@ class TorchNativeBackend(AttentionBackend):
                 ki, vi, q_start = k[rows], v[rows], 0
             out[rows] = _attend(q[rows], ki, vi, q_start, spec)
         return out.reshape(T, spec.num_heads * spec.v_dim)
+
+    def forward_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         index: MLAKVIndex, spec: AttentionSpec,
+                         batch: "ForwardBatch") -> torch.Tensor:
+        out = q.new_empty(q.shape[0], spec.num_heads, spec.v_dim)
+        q_start = 0
+        for pre, ext, seq, s0 in zip(index.prefix_lens_cpu, index.extend_lens_cpu,
+                                     index.seq_lens_cpu, index.kv_start):
+            rows, keys = slice(q_start, q_start + ext), slice(s0, s0 + seq)
+            out[rows] = _attend(q[rows], k[keys], v[keys], pre, spec)
+            q_start += ext
+        return out.reshape(q.shape[0], spec.num_heads * spec.v_dim)
+
+    def forward_latent_rows(self, q: torch.Tensor, rows: MLALatentRows, spec: AttentionSpec,
+                            batch: "ForwardBatch") -> torch.Tensor:
+        buf, _ = batch.kv_pool.get_kv(spec.layer_id)
+        Dv = spec.v_dim
+        out = q.new_empty(q.shape[0], spec.num_heads, Dv)
+        for r, seq in enumerate(rows.seq_lens_cpu):
+            slots = batch.req_to_token[rows.req_pool_indices[r], :seq]
+            lat = _read(buf, slots, spec.k_scale, q.dtype)  # [seq, 1, Dl + Dr]
+            out[r:r + 1] = _attend(q[r:r + 1], lat, lat[..., :Dv], seq - 1, spec)
+        return out.reshape(q.shape[0], spec.num_heads * Dv)
 
 
 def _read(buf: torch.Tensor, slots: torch.Tensor, scale: Optional[float],

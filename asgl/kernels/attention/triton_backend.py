@@ -13,6 +13,13 @@ index buffers themselves are built lazily by the first layer and reused by the o
 Per layer, `forward` writes the new K/V into the pool, then runs decode attention for
 DECODE batches and extend attention for the rest (a decode request in a MIXED batch is an
 extend of one token). Both kernels read K/V through req_to_token: no gather copies.
+
+MLA (asgl/layers/mla.py): decode batches of a latent layer (`spec.kv_latent`) run the MLA
+decode kernel (mla_decode.py) over the latent pool; in extend / mixed batches the requests
+with many new tokens come expanded through `forward_expanded`, which runs the extend kernel
+with the gathered K/V standing in for the pool and `MLAKVIndex.table` for req_to_token,
+and the others through `forward_latent_rows`: the MLA decode kernel with each query row as
+its own request (its key count = its position + 1: causal by construction).
 """
 
 from __future__ import annotations
@@ -22,9 +29,11 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec
+from asgl.engine.contracts.attention import (AttentionBackend, AttentionSpec, MLAKVIndex,
+                                             MLALatentRows)
 from asgl.kernels.triton.decode_attention import decode_attention, decode_scratch, num_kv_splits
 from asgl.kernels.triton.extend_attention import build_schedule, extend_attention, tokens_per_block
+from asgl.kernels.triton.mla_decode import mla_decode_attention, mla_head_blocks
 
 if TYPE_CHECKING:
     from asgl.engine.contracts.forward_batch import ForwardBatch
@@ -37,10 +46,18 @@ class _TritonState:
     schedules: dict = field(default_factory=dict)  # tokens per block -> (block_req, block_start)
     splits: dict = field(default_factory=dict)  # kv heads -> number of KV splits
     scratch: dict = field(default_factory=dict)  # (H, Dv, splits) -> decode stage-1 buffers
+    # CUDA-graph decode: the static (seq_lens, req_pool_indices) the kernels read instead
+    # of the batch's own, rewritten before every replay
+    graph: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class TritonAttnBackend(AttentionBackend):
     name = "triton"
+    mla_expanded_prefill = True
+    # Decode-only CUDA graphs, switched on per model (`enable_decode_graphs`; today MLA
+    # models): extends always run eagerly (graph_extend False: none are captured).
+    supports_cuda_graph = False
+    graph_extend = False
 
     def __init__(self, num_kv_splits: Optional[int] = None, max_kv_splits: int = 64):
         """`num_kv_splits`: a fixed split count for decode (CUDA graphs need one launch
@@ -71,16 +88,21 @@ class TritonAttnBackend(AttentionBackend):
         if pool is not None:
             pool.set_kv(spec.layer_id, batch.out_cache_loc, k, v, spec.k_scale, spec.v_scale)
             k_buf, v_buf = pool.get_kv(spec.layer_id)
-        if state.decode:
+        seq_lens, rpi = state.graph or (batch.seq_lens, batch.req_pool_indices)
+        if state.decode and spec.kv_latent:
+            # the kernel's programs are (request, block of 16 heads, split)
+            splits = self._splits(state, batch, mla_head_blocks(H))
+            mla_decode_attention(q, k_buf, out, batch.req_to_token, rpi, seq_lens,
+                                 kv_lora_rank=Dv, sm_scale=spec.scaling,
+                                 num_splits=splits, k_scale=spec.k_scale,
+                                 mid=self._scratch(state, T, H, splits, Dv, q.device))
+        elif state.decode:
             splits = self._splits(state, batch, Hkv)
-            key = (H, Dv, splits)
-            if key not in state.scratch:
-                state.scratch[key] = decode_scratch(T, H, splits, Dv, q.device)
-            decode_attention(q, k_buf, v_buf, out, batch.req_to_token, batch.req_pool_indices,
-                             batch.seq_lens, sm_scale=spec.scaling, num_splits=splits,
+            decode_attention(q, k_buf, v_buf, out, batch.req_to_token, rpi, seq_lens,
+                             sm_scale=spec.scaling, num_splits=splits,
                              sliding_window=window, logit_cap=spec.logit_cap,
                              k_scale=spec.k_scale, v_scale=spec.v_scale,
-                             mid=state.scratch[key])
+                             mid=self._scratch(state, T, H, splits, Dv, q.device))
         else:
             tok_m = tokens_per_block(D, Dv, H // Hkv, q.dtype)
             if tok_m not in state.schedules:
@@ -96,7 +118,84 @@ class TritonAttnBackend(AttentionBackend):
                              k_scale=spec.k_scale, v_scale=spec.v_scale)
         return out.reshape(T, H * Dv)
 
+    def forward_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         index: MLAKVIndex, spec: AttentionSpec,
+                         batch: "ForwardBatch") -> torch.Tensor:
+        T, H, D, Dv = q.shape[0], spec.num_heads, spec.head_dim, spec.v_dim
+        out = q.new_empty(T, H, Dv)
+        tok_m = tokens_per_block(D, Dv, 1, q.dtype)
+        if tok_m not in index.cache:  # one schedule per step, shared by the layers
+            index.cache[tok_m] = build_schedule(index.extend_lens_cpu, tok_m, q.device)
+        extend_attention(q, k, v, out, index.table, index.rows, index.prefix_lens,
+                         index.extend_lens, index.extend_start_loc, index.cache[tok_m],
+                         sm_scale=spec.scaling, causal=True)
+        return out.reshape(T, H * Dv)
+
+    def forward_latent_rows(self, q: torch.Tensor, rows: MLALatentRows, spec: AttentionSpec,
+                            batch: "ForwardBatch") -> torch.Tensor:
+        T, H, Dv = q.shape[0], spec.num_heads, spec.v_dim
+        out = q.new_empty(T, H, Dv)
+        if H not in rows.splits:
+            rows.splits[H] = num_kv_splits(T, mla_head_blocks(H), max(rows.seq_lens_cpu),
+                                           num_sms=self._sms(batch),
+                                           max_splits=self.max_kv_splits)
+        k_buf, _ = batch.kv_pool.get_kv(spec.layer_id)
+        mla_decode_attention(q, k_buf, out, batch.req_to_token, rows.req_pool_indices,
+                             rows.seq_lens, kv_lora_rank=Dv, sm_scale=spec.scaling,
+                             num_splits=rows.splits[H], k_scale=spec.k_scale)
+        return out.reshape(T, H * Dv)
+
+    def _scratch(self, state: _TritonState, T: int, H: int, splits: int, Dv: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode stage 1's float32 scratch, shared by the step's layers. Graphed steps
+        slice one buffer sized for the largest graph (allocated in its warm-up, before any
+        capture) so that the captured graphs do not each keep their own."""
+        key = (H, Dv, splits)
+        if state.graph is not None:
+            if key not in self._g_scratch:
+                self._g_scratch[key] = decode_scratch(self._g_max_bs, H, splits, Dv, device)
+            mid_o, mid_l = self._g_scratch[key]
+            return mid_o[:T], mid_l[:T]
+        if key not in state.scratch:
+            state.scratch[key] = decode_scratch(T, H, splits, Dv, device)
+        return state.scratch[key]
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def enable_decode_graphs(self, num_splits: int = 16) -> None:
+        """Let the graph runner capture decode batches; graphed steps use `num_splits` KV
+        splits whatever the lengths (one launch shape for every replay)."""
+        self.supports_cuda_graph = True
+        self.graph_splits = num_splits
+
+    def init_cuda_graph_state(self, shapes: list[tuple[int, int]], max_kv_tokens: int,
+                              device: Optional[torch.device] = None) -> None:
+        if any(bs != tokens for bs, tokens in shapes):
+            raise NotImplementedError("triton backend: decode graphs only (graph_extend False)")
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        max_bs = max(bs for bs, _ in shapes)
+        self._g_max_bs, self._g_scratch = max_bs, {}
+        self._g_seq_lens = torch.ones(max_bs, dtype=torch.int64, device=device)
+        self._g_rpi = torch.zeros(max_bs, dtype=torch.int64, device=device)
+
+    def prepare_cuda_graph(self, batch: "ForwardBatch", padded_bs: int,
+                           padded_tokens: Optional[int] = None) -> None:
+        """Point the batch's state at the static lengths / table rows, filled with this
+        batch's and, for the padding rows, one key each (position 0 of table row 0: the
+        padding rows' outputs are discarded)."""
+        if padded_tokens not in (None, padded_bs) or not batch.mode.is_decode:
+            raise NotImplementedError("triton backend: decode graphs only")
+        bs = batch.batch_size
+        seq_lens, rpi = self._g_seq_lens[:padded_bs], self._g_rpi[:padded_bs]
+        seq_lens[:bs].copy_(batch.seq_lens, non_blocking=True)
+        seq_lens[bs:].fill_(1)
+        rpi[:bs].copy_(batch.req_pool_indices, non_blocking=True)
+        rpi[bs:].zero_()
+        batch.attn_state = _TritonState(decode=True, max_seq_len=0, graph=(seq_lens, rpi))
+
     def _splits(self, state: _TritonState, batch: "ForwardBatch", num_kv_heads: int) -> int:
+        if state.graph is not None:
+            return self.graph_splits
         if self.fixed_splits is not None:
             return self.fixed_splits
         if num_kv_heads not in state.splits:

@@ -8,6 +8,9 @@ against (tests/test_triton_kernels.py).
 - `norm`: RMSNorm fused with the residual add before it.
 - `rotary`: rotary embedding applied in place to q and k from a cos/sin cache.
 - `activation`: SiLU(gate) * up.
+- `fused_moe`: routed experts as grouped GEMMs over expert-sorted rows (sort/align on the
+  device, gate-up with the activation fused, down with the routing weights); block sizes
+  from `moe_config` (tables in `moe_configs/`); `moe_topk`: the router's top-k in one launch.
 
 The modules import triton at import time; import them only where triton exists (CUDA
 machines, or the CPU with `TRITON_INTERPRET=1` for tests).
