@@ -60,7 +60,7 @@ class ModelRunner:
     def __init__(self, cfg: EngineConfig, source: Any):
         from asgl.engine.sampling.sampler import Sampler
         from asgl.models.dummy_weights import init_dummy_weights
-        from asgl.models.registry import get_model_class
+        from asgl.models.model_impl import resolve_model_class
 
         self.cfg = cfg
         self.device = resolve_device(cfg)
@@ -74,7 +74,7 @@ class ModelRunner:
         hf_config = source.hf_config
         self.hf_config = hf_config
         arch = list(getattr(hf_config, "architectures", None) or [])
-        model_cls = get_model_class(arch, is_embedding=cfg.is_embedding)
+        model_cls = resolve_model_class(hf_config, cfg.model_impl, is_embedding=cfg.is_embedding)
         t0 = time.perf_counter()
         # Parameters are created directly on the device in the model dtype (torch.empty):
         # dummy weights are then drawn there, which takes well under a second for 8B.
