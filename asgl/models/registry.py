@@ -19,6 +19,17 @@ _MODELS: dict[str, tuple[str, str]] = {
         "Qwen3ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM", "GemmaForCausalLM",
         "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "StableLmForCausalLM",
         "CohereForCausalLM", "Cohere2ForCausalLM")},
+    # families published with their own modelling code (never run): remote_layout.py
+    "InternLM2ForCausalLM": ("asgl.models.internlm2", "InternLM2ForCausalLM"),
+    "ChatGLMModel": ("asgl.models.chatglm", "ChatGLMForCausalLM"),
+    "ChatGLMForConditionalGeneration": ("asgl.models.chatglm", "ChatGLMForCausalLM"),
+    "QWenLMHeadModel": ("asgl.models.qwen", "QWenLMHeadModel"),
+    "BaiChuanForCausalLM": ("asgl.models.baichuan", "BaiChuanForCausalLM"),
+    "BaichuanForCausalLM": ("asgl.models.baichuan", "BaichuanForCausalLM"),
+    "MiniCPMForCausalLM": ("asgl.models.minicpm", "MiniCPMForCausalLM"),
+    "ExaoneForCausalLM": ("asgl.models.exaone", "ExaoneForCausalLM"),
+    "XverseForCausalLM": ("asgl.models.llama_aliases", "XverseForCausalLM"),
+    "YiForCausalLM": ("asgl.models.llama_aliases", "YiForCausalLM"),
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")

@@ -40,6 +40,8 @@ class AttentionSpec:
     logit_cap: float = 0.0  # > 0: scores = cap * tanh(scores / cap) (Gemma 2)
     k_scale: Optional[float] = None  # FP8 KV cache: stored = k / k_scale
     v_scale: Optional[float] = None
+    # ALiBi (BaiChuan 13B): per query head on this rank, scores += slope * (key_pos - q_pos)
+    alibi_slopes: Optional[tuple[float, ...]] = None
 
     @property
     def v_dim(self) -> int:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec
+from asgl.kernels.attention.variants import gpu_backend_gap
 from asgl.kernels.triton.decode_attention import decode_attention, decode_scratch, num_kv_splits
 from asgl.kernels.triton.extend_attention import build_schedule, extend_attention, tokens_per_block
 
@@ -48,6 +49,12 @@ class TritonAttnBackend(AttentionBackend):
         self.fixed_splits = num_kv_splits
         self.max_kv_splits = max_kv_splits
         self._num_sms: Optional[int] = None
+
+    def check_spec(self, spec: AttentionSpec) -> None:
+        """Raise NotImplementedError for a layer these kernels cannot run."""
+        gap = gpu_backend_gap(spec)
+        if gap is not None:
+            raise NotImplementedError(f"triton backend: {gap}")
 
     def prepare(self, batch: "ForwardBatch") -> None:
         batch.attn_state = _TritonState(
