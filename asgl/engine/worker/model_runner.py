@@ -143,18 +143,11 @@ class ModelRunner:
         except (ImportError, NotImplementedError) as exc:
             if self.cfg.attention_backend:  # asked for explicitly: say why it cannot run
                 raise
-            # Triton runs nearly every layer kind (windows, soft-caps, fp8 KV, any head dim):
-            # far faster on a GPU than torch, the last resort (ALiBi: variants.py).
+            # Triton runs every layer kind (windows, soft-caps, fp8 KV, ALiBi, any head dim):
+            # far faster on a GPU than torch, the last resort.
             fallback = "triton" if self.on_cuda else "torch"
-            if fallback == "triton":
-                try:
-                    backend = create_attention_backend("triton")
-                    for spec in specs:
-                        backend.check_spec(spec)
-                except (ImportError, NotImplementedError) as triton_exc:
-                    exc, fallback = f"{exc}; {triton_exc}", "torch"
             logger.warning("attention backend %s unavailable (%s): using %s", name, exc, fallback)
-            return backend if fallback == "triton" else create_attention_backend("torch")
+            return create_attention_backend(fallback)
         logger.info("attention backend: %s", name)
         return backend
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec
-from asgl.kernels.attention.variants import gpu_backend_gap
+from asgl.kernels.attention.variants import flashinfer_gap
 
 if TYPE_CHECKING:
     from asgl.engine.contracts.forward_batch import ForwardBatch
@@ -85,7 +85,7 @@ class FlashInferBackend(AttentionBackend):
             raise NotImplementedError("flashinfer backend: causal attention, v_dim == head_dim")
         if spec.k_scale is not None or spec.v_scale is not None:
             raise NotImplementedError("flashinfer backend: no scaled (fp8) KV cache yet")
-        gap = gpu_backend_gap(spec)
+        gap = flashinfer_gap(spec)
         if gap is not None:
             raise NotImplementedError(f"flashinfer backend: {gap}")
         self._add_variant(_variant(spec))

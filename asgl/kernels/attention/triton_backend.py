@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec
-from asgl.kernels.attention.variants import gpu_backend_gap
 from asgl.kernels.triton.decode_attention import decode_attention, decode_scratch, num_kv_splits
 from asgl.kernels.triton.extend_attention import build_schedule, extend_attention, tokens_per_block
 
@@ -49,12 +48,7 @@ class TritonAttnBackend(AttentionBackend):
         self.fixed_splits = num_kv_splits
         self.max_kv_splits = max_kv_splits
         self._num_sms: Optional[int] = None
-
-    def check_spec(self, spec: AttentionSpec) -> None:
-        """Raise NotImplementedError for a layer these kernels cannot run."""
-        gap = gpu_backend_gap(spec)
-        if gap is not None:
-            raise NotImplementedError(f"triton backend: {gap}")
+        self._alibi: dict = {}  # (slopes, device) -> float32 tensor (made before any capture)
 
     def prepare(self, batch: "ForwardBatch") -> None:
         batch.attn_state = _TritonState(
@@ -87,7 +81,7 @@ class TritonAttnBackend(AttentionBackend):
                              batch.seq_lens, sm_scale=spec.scaling, num_splits=splits,
                              sliding_window=window, logit_cap=spec.logit_cap,
                              k_scale=spec.k_scale, v_scale=spec.v_scale,
-                             mid=state.scratch[key])
+                             mid=state.scratch[key], alibi_slopes=self._slopes(spec, q.device))
         else:
             tok_m = tokens_per_block(D, Dv, H // Hkv, q.dtype)
             if tok_m not in state.schedules:
@@ -100,8 +94,18 @@ class TritonAttnBackend(AttentionBackend):
                              batch.prefix_lens, batch.extend_lens, batch.extend_start_loc,
                              state.schedules[tok_m], sm_scale=spec.scaling, causal=spec.causal,
                              sliding_window=window, logit_cap=spec.logit_cap,
-                             k_scale=spec.k_scale, v_scale=spec.v_scale)
+                             k_scale=spec.k_scale, v_scale=spec.v_scale,
+                             alibi_slopes=self._slopes(spec, q.device))
         return out.reshape(T, H * Dv)
+
+    def _slopes(self, spec: AttentionSpec, device: torch.device) -> Optional[torch.Tensor]:
+        if spec.alibi_slopes is None:
+            return None
+        key = (spec.alibi_slopes, device)
+        if key not in self._alibi:
+            self._alibi[key] = torch.tensor(spec.alibi_slopes, dtype=torch.float32,
+                                            device=device)
+        return self._alibi[key]
 
     def _splits(self, state: _TritonState, batch: "ForwardBatch", num_kv_heads: int) -> int:
         if self.fixed_splits is not None:
