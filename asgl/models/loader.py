@@ -213,6 +213,10 @@ def _normalize_config(hf_config: PretrainedConfig) -> None:
     """Families with their own config field names get Llama's too (remote_layout.py)."""
     from asgl.models.registry import get_model_class
 
+    if getattr(hf_config, "model_type", None) == "exaone" and \
+            list(getattr(hf_config, "architectures", None) or []) == ["LlamaForCausalLM"]:
+        # transformers 5 saves Exaone as "LlamaForCausalLM" but keeps Exaone's tensor names
+        hf_config.architectures = ["ExaoneForCausalLM"]
     try:
         cls = get_model_class(list(getattr(hf_config, "architectures", None) or []))
     except ValueError:

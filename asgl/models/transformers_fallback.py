@@ -187,3 +187,42 @@ class TransformersForCausalLM(nn.Module):
                     continue
                 yield name, name, tensor, None
         assign_weights(self.hf, mapped())
+
+    def load_from_source(self, source: Any) -> None:
+        """Load a checkpoint directory. Names that are the model's own load directly (one
+        copy of the weights); a checkpoint transformers converts on load (renamed layouts
+        such as Exaone's, experts fused into one tensor in transformers 5 MoE models) goes
+        through transformers' own `from_pretrained` instead, which briefly holds a second
+        copy."""
+        params = {name for name, _ in self.hf.named_parameters(remove_duplicate=False)}
+        names = {name for name, _ in _names(source)}
+        own = {n for n in names if "rotary_emb." not in n}
+        if own <= params and set(dict(self.hf.named_parameters())) <= own:
+            return self.load_weights(source.iter_weights())
+        from transformers import AutoModelForCausalLM
+
+        device = next(self.hf.parameters()).device
+        logger.info("checkpoint names differ from %s's parameters: loading through "
+                    "transformers' from_pretrained (its weight conversions)",
+                    type(self.hf).__name__)
+        del self.hf, self.base, self.lm_head
+        self.hf = AutoModelForCausalLM.from_pretrained(
+            source.weights_dir, config=self.config, attn_implementation=ATTN_IMPLEMENTATION,
+            dtype=torch.get_default_dtype(), device_map={"": device}, local_files_only=True)
+        self.base = getattr(self.hf, self.hf.base_model_prefix)
+        self.lm_head = self.hf.get_output_embeddings()
+        self._attach_attention(text_config(self.config))
+
+
+def _names(source: Any) -> Iterable[tuple[str, None]]:
+    """The checkpoint's tensor names, from the safetensors headers when it has them."""
+    if source.weight_format == "safetensors":
+        from safetensors import safe_open
+
+        for path in source.weight_files:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, None
+        return
+    for name, _ in source.iter_weights(progress=False):
+        yield name, None

@@ -87,6 +87,8 @@ class ModelRunner:
                 torch.set_default_dtype(prev)
         if source.is_dummy:
             init_dummy_weights(model, seed=cfg.random_seed or 0)
+        elif hasattr(model, "load_from_source"):  # a model that reads the directory itself
+            model.load_from_source(source)
         else:
             model.load_weights(source.iter_weights(progress=get_tp_rank() == 0))
         self.model = model.to(self.dtype).eval()
