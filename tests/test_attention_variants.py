@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -134,7 +135,11 @@ def _family_specs() -> dict[str, list[AttentionSpec]]:
                 "Config", "ForCausalLM")]), config)
     for name, make in remote.CASES.items():
         with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "config.json").write_text(__import__("json").dumps(make().config))
+            case = make()
+            if case.config is None:  # the model's own checkpoint
+                case.model.save_pretrained(tmp)
+            else:
+                (Path(tmp) / "config.json").write_text(json.dumps(case.config))
             source = resolve_model(EngineConfig(model_path=tmp, load_format="dummy"))
             config = source.hf_config
             out[name] = specs(get_model_class(config.architectures), config)

@@ -6,7 +6,8 @@ own modelling file names and packs its tensors, with a config.json in the family
 fields (including the `auto_map` that points at code asgl must ignore). References:
 
 - where transformers implements the family, its model: Exaone 3 (`ExaoneForCausalLM`,
-  whose `save_pretrained` writes the published names itself), ChatGLM 2/3 / GLM-4 against
+  whose `save_pretrained` writes the published names itself), GLM-4 in transformers'
+  layouts (`GlmForCausalLM`, `Glm4ForCausalLM`), ChatGLM 2/3 / GLM-4 against
   transformers' `GlmForCausalLM` (the GLM-4 block: half-head interleaved rotary, q/k/v
   bias, fused [gate | up]);
 - otherwise a transformers model with the same math, and the packing ported from the
@@ -69,7 +70,7 @@ def _hf(cls_name: str, **fields) -> transformers.PreTrainedModel:
 class Case:
     model: transformers.PreTrainedModel
     tensors: dict[str, torch.Tensor]  # the checkpoint, in the published layout
-    config: dict  # the published config.json
+    config: Optional[dict]  # the published config.json; None: the model's save_pretrained
     ref: Optional[Callable[[list[int]], torch.Tensor]] = None  # ids -> logits [T, V]
     skipped: tuple[str, ...] = ()  # checkpoint tensors that hold no weight
 
@@ -273,10 +274,18 @@ def yi() -> Case:
     return Case(m, s, _llama_config(m, "YiForCausalLM", "Yi", num_key_value_heads=2))
 
 
+def glm(version: str) -> Case:
+    # transformers' own GLM-4 layouts: the model is its own reference and its checkpoint
+    m = _hf("GlmConfig" if version == "glm" else "Glm4Config", attention_bias=True,
+            partial_rotary_factor=0.5, num_hidden_layers=3, pad_token_id=0)
+    return Case(m, {}, None)
+
+
 CASES = {"internlm2": internlm2, "chatglm": lambda: _chatglm(True),
          "chatglm_mha": lambda: _chatglm(False), "qwen": qwen,
          "baichuan_7b": lambda: _baichuan(False), "baichuan2_13b_alibi": lambda: _baichuan(True),
-         "minicpm": minicpm, "exaone": exaone, "xverse": xverse, "yi": yi}
+         "minicpm": minicpm, "exaone": exaone, "xverse": xverse, "yi": yi,
+         "glm": lambda: glm("glm"), "glm4": lambda: glm("glm4")}
 
 
 def _write(case: Case, path) -> None:
@@ -285,7 +294,8 @@ def _write(case: Case, path) -> None:
                   str(path / "model.safetensors"))
     else:
         case.model.save_pretrained(path)
-    (path / "config.json").write_text(json.dumps(case.config))
+    if case.config is not None:
+        (path / "config.json").write_text(json.dumps(case.config))
 
 
 def _ref_logits(case: Case, ids: list[int]) -> torch.Tensor:

@@ -30,6 +30,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "ExaoneForCausalLM": ("asgl.models.exaone", "ExaoneForCausalLM"),
     "XverseForCausalLM": ("asgl.models.llama_aliases", "XverseForCausalLM"),
     "YiForCausalLM": ("asgl.models.llama_aliases", "YiForCausalLM"),
+    "GlmForCausalLM": ("asgl.models.glm", "GlmForCausalLM"),
+    "Glm4ForCausalLM": ("asgl.models.glm", "Glm4ForCausalLM"),
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")
