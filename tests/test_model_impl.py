@@ -199,3 +199,27 @@ def test_exaone_saved_by_transformers_runs_natively(tmp_path):
         _check_greedy(out.output_ids, *_hf_greedy(hf, prompt, MAX_NEW), "exaone")
     finally:
         llm.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_transformers_impl_with_graphs(tmp_path):
+    """On a GPU: transformers' Llama through FlashInfer with CUDA graphs gives the native
+    implementation's greedy tokens (bf16; near-ties may flip a late token)."""
+    pytest.importorskip("flashinfer")
+    _save(transformers.LlamaConfig(**TINY, num_hidden_layers=2), tmp_path)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, VOCAB - 1, (n,), generator=gen).tolist() for n in (100, 40, 3)]
+    params = {"temperature": 0.0, "max_new_tokens": 16, "ignore_eos": True}
+    outs = {}
+    for impl in ("native", "transformers"):
+        llm = make_llm(model_path=str(tmp_path), dtype="bfloat16", device="cuda",
+                       model_impl=impl, skip_tokenizer_init=True, max_total_tokens=4096,
+                       context_length=256)
+        try:
+            assert type(llm.engine.runner.attn_backend).name == "flashinfer"
+            assert llm.engine.runner.graph_runner is not None  # captured
+            outs[impl] = [o.output_ids for o in llm.generate(prompts, params)]
+        finally:
+            llm.shutdown()
+    assert [o[0] for o in outs["native"]] == [o[0] for o in outs["transformers"]]
+    assert sum(a == b for a, b in zip(outs["native"], outs["transformers"])) >= 2

@@ -385,3 +385,42 @@ def test_family_matches_reference_through_engine(family, tmp_path):
         assert rel_err(got2[:agree2 + 1], want2[:agree2 + 1]) < 1e-4
     finally:
         llm.shutdown()
+
+
+# ---------------------------------------------------------------------------- CUDA
+# On a GPU (bf16): the default backend (FlashInfer, or Triton where FlashInfer lacks the
+# variant: ALiBi) with CUDA graphs against the torch backend on the same GPU, through
+# chunked prefill, a radix hit and batched decode. The default is taken without a fallback
+# for every family but the ALiBi one.
+GPU_FAMILIES = ["internlm2", "chatglm", "qwen", "minicpm", "glm4", "baichuan2_13b_alibi"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", GPU_FAMILIES)
+def test_gpu_default_backend_matches_torch_backend(family, tmp_path):
+    pytest.importorskip("flashinfer")
+    case = CASES[family]()
+    _write(case, tmp_path)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, VOCAB - 1, (n,), generator=gen).tolist() for n in (150, 90, 3)]
+    prompts.append(prompts[0][:120] + prompts[1][:20])  # a radix hit
+    params = {"temperature": 0.0, "max_new_tokens": 16, "ignore_eos": True}
+
+    def run(attn):
+        llm = make_llm(model_path=str(tmp_path), dtype="bfloat16", device="cuda",
+                       attention_backend=attn, chunked_prefill_size=64, max_total_tokens=4096,
+                       context_length=256, skip_tokenizer_init=True)
+        try:
+            name = type(llm.engine.runner.attn_backend).name
+            outs = [llm.generate(p, params) for p in prompts]
+            return name, outs, llm.generate(prompts, params)
+        finally:
+            llm.shutdown()
+
+    _, ref, ref_batch = run("torch")
+    name, outs, batch = run(None)
+    assert name == ("triton" if family == "baichuan2_13b_alibi" else "flashinfer")
+    assert outs[3].cached_tokens >= 64
+    assert [o.output_ids[0] for o in outs] == [o.output_ids[0] for o in ref]
+    same = sum(a.output_ids == b.output_ids for a, b in zip(outs + batch, ref + ref_batch))
+    assert same >= 2 * len(prompts) - 2, same  # bf16 near-ties may flip a late token

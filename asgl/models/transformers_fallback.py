@@ -153,6 +153,20 @@ class TransformersForCausalLM(nn.Module):
                 f"for {self.num_layers} hidden layers; --model-impl transformers needs one "
                 "per layer")
 
+    def _apply(self, fn, recurse: bool = True):
+        """`.to(dtype)` casts parameters only: float32 buffers (rotary frequencies, MoE
+        router biases) stay float32, as transformers' own `from_pretrained(dtype=...)`
+        leaves them."""
+        keep = {name: buf for name, buf in self.named_buffers() if buf.dtype == torch.float32}
+        out = super()._apply(fn, recurse)
+        for name, old in keep.items():
+            owner, _, attr = name.rpartition(".")
+            module = self.get_submodule(owner) if owner else self
+            new = module._buffers[attr]
+            if new is not None and new.dtype != torch.float32:
+                module._buffers[attr] = old.to(new.device)
+        return out
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         token = _BATCH.set(batch)
