@@ -387,6 +387,38 @@ def test_family_matches_reference_through_engine(family, tmp_path):
         llm.shutdown()
 
 
+# ---------------------------------------------------------------------------- TP
+TP_FAMILIES = ["internlm2", "chatglm", "qwen", "baichuan2_13b_alibi"]
+
+
+def test_tensor_parallel_2_ranks_match_reference(tmp_path):
+    """Two gloo ranks, each with half the heads, loading the published layouts: InternLM 2's
+    grouped wqkv split per rank, ChatGLM's two KV heads one per rank, Qwen's packed c_attn,
+    BaiChuan 13B's ALiBi slopes of each rank's heads and its NormHead rows."""
+    from types import SimpleNamespace
+
+    from asgl.models.registry import get_model_class
+    from helpers import tp_worker
+
+    plans = [[10, 7, 1, 1], [6, 1, 1, 1], [0, 9, 1, 1]]
+    gen = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(2, VOCAB - 1, (sum(p),), generator=gen).tolist() for p in plans]
+    jobs, refs = [], []
+    for family in TP_FAMILIES:
+        case = CASES[family]()
+        config = SimpleNamespace(**case.config)  # the ranks need not import transformers
+        cls = get_model_class(case.config["architectures"])
+        tensors = {k: v for k, v in case.tensors.items() if k not in case.skipped}
+        jobs.append((cls, config, tensors, plans, seqs))
+        refs.append([_ref_logits(case, ids) for ids in seqs])
+    out = tmp_path / "logits.pt"
+    torch.multiprocessing.spawn(tp_worker, args=(2, str(tmp_path / "init"), jobs, str(out)),
+                                nprocs=2, join=True)
+    for family, got, ref in zip(TP_FAMILIES, torch.load(out), refs):
+        for g, r in zip(got, ref):
+            assert rel_err(g, r) < 1e-4, family
+
+
 # ---------------------------------------------------------------------------- CUDA
 # On a GPU (bf16): the default backend (FlashInfer, or Triton where FlashInfer lacks the
 # variant: ALiBi) with CUDA graphs against the torch backend on the same GPU, through
