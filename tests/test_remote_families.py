@@ -219,6 +219,8 @@ def _baichuan(alibi: bool) -> Case:
     s = _pack(_state(m), ["q_proj", "k_proj", "v_proj"], "W_pack", _cat)
     arch = "BaichuanForCausalLM" if alibi else "BaiChuanForCausalLM"
     config = _llama_config(m, arch, "baichuan", model_max_length=256)
+    if alibi:  # Baichuan-13B's config.json names its context model_max_length only
+        del config["max_position_embeddings"]
     ref = None
     if alibi:
         with torch.no_grad():  # NormHead: what the published head multiplies by

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from asgl.distributed import get_tp_rank
-from asgl.models.remote_layout import RemoteLayoutLM
+from asgl.models.remote_layout import RemoteLayoutLM, set_default
 
 BAICHUAN2_VOCAB = 125696
 
@@ -42,6 +42,13 @@ class BaiChuanForCausalLM(RemoteLayoutLM):
 
     renames = [(r"\.self_attn\.W_pack\.", ".self_attn.qkv_proj.")]
     use_alibi = False
+
+    @classmethod
+    def normalize_config(cls, config: Any) -> Any:
+        # Baichuan-13B's config names its context model_max_length only
+        set_default(config, "max_position_embeddings",
+                    getattr(config, "model_max_length", None) or 4096)
+        return super().normalize_config(config)
 
     def __init__(self, config: Any, quant_config: Any = None):
         super().__init__(config, quant_config)
