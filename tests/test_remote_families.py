@@ -389,6 +389,24 @@ def test_family_matches_reference_through_engine(family, tmp_path):
         llm.shutdown()
 
 
+# Published parameter counts (model cards), in billions: the dummy presets have the real shapes.
+PRESET_SIZES = {"internlm2-7b": 7.74, "chatglm3-6b": 6.24}
+
+
+@pytest.mark.parametrize("name", list(PRESET_SIZES))
+def test_dummy_preset_shapes(name):
+    from asgl.config import EngineConfig
+    from asgl.models.loader import resolve_model
+    from asgl.models.registry import get_model_class
+
+    config = resolve_model(EngineConfig(model_path=name, load_format="dummy",
+                                        skip_tokenizer_init=True)).hf_config
+    with torch.device("meta"):  # shapes only, no memory
+        model = get_model_class(config.architectures)(config)
+    billions = sum(p.numel() for p in model.parameters()) / 1e9
+    assert abs(billions - PRESET_SIZES[name]) / PRESET_SIZES[name] < 0.01, billions
+
+
 # ---------------------------------------------------------------------------- TP
 TP_FAMILIES = ["internlm2", "chatglm", "qwen", "baichuan2_13b_alibi"]
 
