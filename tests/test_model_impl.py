@@ -223,3 +223,26 @@ def test_gpu_transformers_impl_with_graphs(tmp_path):
             llm.shutdown()
     assert [o[0] for o in outs["native"]] == [o[0] for o in outs["transformers"]]
     assert sum(a == b for a, b in zip(outs["native"], outs["transformers"])) >= 2
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
+def test_transformers_impl_passes_the_attention_variants(family, tmp_path):
+    """transformers' own Gemma 2 (soft-cap, windows, query_pre_attn_scalar, final logit cap),
+    Cohere (logit_scale) and Granite (multipliers, logits_scaling) through asgl attention:
+    every prompt row's logits within 1e-4 of transformers, and its greedy tokens."""
+    import test_model_families as dense
+    from helpers import rel_err
+
+    hf = dense._hf_model(family)
+    hf.save_pretrained(tmp_path)
+    prompt = torch.randint(2, VOCAB - 1, (21,), generator=torch.Generator().manual_seed(6)).tolist()
+    llm = _engine(tmp_path, model_impl="transformers")
+    try:
+        tap = dense._LogitsTap(llm.engine.runner.model)
+        out = llm.generate(prompt, {"temperature": 0.0, "max_new_tokens": MAX_NEW,
+                                    "ignore_eos": True}, return_logprob=True, logprob_start_len=0)
+        _check_greedy(out.output_ids, *_hf_greedy(hf, prompt, MAX_NEW), family)
+        got, want = tap.take()[:len(prompt)], dense._hf_logits(hf, prompt)
+        assert rel_err(got, want) < 1e-4, rel_err(got, want)
+    finally:
+        llm.shutdown()
