@@ -127,7 +127,8 @@ def internlm2() -> Case:
         return torch.cat([q.reshape(kv, g, d, *rest), k.reshape(kv, 1, d, *rest),
                           v.reshape(kv, 1, d, *rest)], 1).reshape(-1, *rest)
     s = _pack(_state(m), ["q_proj", "k_proj", "v_proj"], "wqkv", wqkv)
-    s = _rename(s, [(r"^model\.embed_tokens\.", "model.tok_embeddings."), (r"^lm_head\.", "output."),
+    s = _rename(s, [(r"^model\.embed_tokens\.", "model.tok_embeddings."),
+                    (r"^lm_head\.", "output."),
                     (r"self_attn\.wqkv", "attention.wqkv"), (r"self_attn\.o_proj", "attention.wo"),
                     (r"mlp\.gate_proj", "feed_forward.w1"), (r"mlp\.up_proj", "feed_forward.w3"),
                     (r"mlp\.down_proj", "feed_forward.w2"), (r"input_layernorm", "attention_norm"),
@@ -182,7 +183,8 @@ def qwen() -> Case:
     m = _hf("Qwen2Config", num_key_value_heads=4, rms_norm_eps=1e-6)
     s = _pack(_state(m), ["q_proj", "k_proj", "v_proj"], "c_attn", _cat)
     s = _rename(s, [(r"^model\.embed_tokens\.", "transformer.wte."),
-                    (r"^model\.norm\.", "transformer.ln_f."), (r"^model\.layers\.", "transformer.h."),
+                    (r"^model\.norm\.", "transformer.ln_f."),
+                    (r"^model\.layers\.", "transformer.h."),
                     (r"input_layernorm", "ln_1"), (r"post_attention_layernorm", "ln_2"),
                     (r"self_attn\.c_attn", "attn.c_attn"), (r"self_attn\.o_proj", "attn.c_proj"),
                     (r"mlp\.up_proj", "mlp.w1"), (r"mlp\.gate_proj", "mlp.w2"),
@@ -221,13 +223,13 @@ def _baichuan(alibi: bool) -> Case:
     config = _llama_config(m, arch, "baichuan", model_max_length=256)
     if alibi:  # Baichuan-13B's config.json names its context model_max_length only
         del config["max_position_embeddings"]
-    ref = None
+    ref: Optional[Callable[[list[int]], torch.Tensor]] = None
     if alibi:
         with torch.no_grad():  # NormHead: what the published head multiplies by
             m.lm_head.weight.copy_(torch.nn.functional.normalize(m.lm_head.weight))
         slopes = torch.tensor(_baichuan_slopes(heads))
 
-        def ref(ids: list[int]) -> torch.Tensor:
+        def alibi_ref(ids: list[int]) -> torch.Tensor:
             T = len(ids)
             # _gen_alibi_mask: -inf above the diagonal, + slope * key position
             future = torch.triu(torch.full((T, T), float("-inf")), 1)
@@ -235,6 +237,7 @@ def _baichuan(alibi: bool) -> Case:
             with torch.no_grad(), reference_threads():
                 return m(torch.tensor([ids]), attention_mask=mask,
                          position_ids=torch.zeros(1, T, dtype=torch.long)).logits[0].float()
+        ref = alibi_ref
     return Case(m, s, config, ref)
 
 

@@ -166,7 +166,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     bdv = next_pow2(Dv, 16)
     _decode_stage1_kernel[(B, Hkv, num_splits)](
         q, k_buf, v_buf, mid_o, mid_l, req_to_token, req_pool_indices, seq_lens,
-        alibi_slopes if alibi_slopes is not None else q, sm_scale * (k_scale or 1.0), float(logit_cap), sliding_window or 0, num_splits,
+        alibi_slopes if alibi_slopes is not None else q,
+        sm_scale * (k_scale or 1.0), float(logit_cap), sliding_window or 0, num_splits,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
         v_buf.stride(1), req_to_token.stride(0),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
