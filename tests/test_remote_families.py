@@ -500,3 +500,24 @@ def test_custom_code_tokenizer_is_never_run(tmp_path):
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(ValueError, match="custom code.*--trust-remote-code.*--tokenizer-path"):
         load_tokenizer(str(tmp_path))
+
+
+@pytest.mark.parametrize("hidden,alibi", [(4096, False), (5120, True)])
+def test_baichuan_position_encoding_by_size(hidden, alibi):
+    """`BaichuanForCausalLM` does not say RoPE or ALiBi: hidden size 4096 is the 7B (RoPE),
+    the 13B (5120) is ALiBi; Baichuan 2's vocabulary turns on the NormHead."""
+    from types import SimpleNamespace
+
+    from asgl.layers.attention import Attention
+    from asgl.models.baichuan import BaichuanForCausalLM
+
+    config = SimpleNamespace(hidden_size=hidden, intermediate_size=128, num_hidden_layers=1,
+                             num_attention_heads=40 if alibi else 32, vocab_size=BAICHUAN2_VOCAB,
+                             rms_norm_eps=1e-6, model_max_length=4096)
+    with torch.device("meta"):
+        model = BaichuanForCausalLM(config)
+    attn = model.model.layers[0].self_attn
+    spec = next(m.spec for m in model.modules() if isinstance(m, Attention))
+    assert (attn.rotary_emb is None) == alibi
+    assert (spec.alibi_slopes is not None) == alibi
+    assert model.norm_head
