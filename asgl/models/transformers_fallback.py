@@ -72,9 +72,26 @@ def _asgl_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     attn: Attention = module.asgl_attn
     _, heads, T, head_dim = query.shape
     spec = attn.spec
+    # what this call asks for; checked against the spec once per distinct call (cheap key)
+    asked = (heads, key.shape[1], head_dim, value.shape[-1], scaling, sliding_window, softcap)
+    if asked != getattr(module, "_asgl_asked", None):
+        spec = _spec_for_call(attn, asked)
+        module._asgl_asked = asked
+    q = query[0].transpose(0, 1).reshape(T, -1)
+    k = key[0].transpose(0, 1).reshape(T, -1)
+    v = value[0].transpose(0, 1).reshape(T, -1)
+    out = batch.attn_backend.forward(q, k, v, spec, batch)
+    return out.view(1, T, heads, spec.v_dim), None
+
+
+def _spec_for_call(attn: Attention, asked: tuple) -> Any:
+    """The layer's spec as this call asks for it: the spec built from the config, unless
+    the call says otherwise (then the call wins, logged; the KV layout must still fit)."""
+    heads, kv_heads, head_dim, v_dim, scaling, sliding_window, softcap = asked
+    spec = attn.spec
     want = dataclasses.replace(
-        spec, num_heads=heads, num_kv_heads=key.shape[1], head_dim=head_dim,
-        v_head_dim=value.shape[-1] if value.shape[-1] != head_dim else None,
+        spec, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        v_head_dim=v_dim if v_dim != head_dim else None,
         scaling=float(scaling) if scaling is not None else head_dim ** -0.5,
         sliding_window=sliding_window or None, logit_cap=float(softcap or 0.0))
     if want != spec:  # the layer asked for other than its config said: trust the call
@@ -85,12 +102,8 @@ def _asgl_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
                 f"{want.head_dim}/{want.v_dim}; the KV pool holds {spec.num_kv_heads} of "
                 f"{spec.head_dim}/{spec.v_dim} for every layer")
         logger.info("layer %d: attention spec %s (config gave %s)", spec.layer_id, want, spec)
-        attn.spec = spec = want
-    q = query[0].transpose(0, 1).reshape(T, -1)
-    k = key[0].transpose(0, 1).reshape(T, -1)
-    v = value[0].transpose(0, 1).reshape(T, -1)
-    out = batch.attn_backend.forward(q, k, v, spec, batch)
-    return out.view(1, T, heads, spec.v_dim), None
+        attn.spec = want
+    return attn.spec
 
 
 def register_attention() -> None:

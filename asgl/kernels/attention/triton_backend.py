@@ -48,7 +48,7 @@ class TritonAttnBackend(AttentionBackend):
         self.fixed_splits = num_kv_splits
         self.max_kv_splits = max_kv_splits
         self._num_sms: Optional[int] = None
-        self._alibi: dict = {}  # (slopes, device) -> float32 tensor (made before any capture)
+        self._alibi: dict = {}  # (slopes, device) -> float32 tensor, made on first use
 
     def prepare(self, batch: "ForwardBatch") -> None:
         batch.attn_state = _TritonState(
