@@ -34,7 +34,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     skip_tokenizer_init: bool = False
     is_embedding: bool = False
     revision: Optional[str] = None
-    model_impl: Literal["auto", "native", "transformers"] = "auto"
+    model_impl: Literal["auto", "native", "sglang", "transformers"] = "auto"
 
     # --- device and memory ---
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -306,7 +306,8 @@ _HELP: dict[str, str] = {
     "context_length": "maximum tokens of prompt + output (default: the model's)",
     "trust_remote_code": "allow code from the model directory to run",
     "model_impl": "auto: asgl's own model file, else transformers' modelling code with asgl "
-                  "attention (logged); native: asgl's only; transformers: always transformers'",
+                  "attention (logged); native (or SGLang's name, sglang): asgl's only; "
+                  "transformers: always transformers'",
     "chat_template": "a built-in template name or a Jinja file for chat requests",
     "served_model_name": "model name reported by the OpenAI API",
     "skip_tokenizer_init": "take and return token ids only",

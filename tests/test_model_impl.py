@@ -127,10 +127,11 @@ def _engine(path, **kw):
                     disable_overlap_schedule=True, **kw)
 
 
-def test_native_refuses_an_unknown_architecture(tmp_path):
+@pytest.mark.parametrize("impl", ["native", "sglang"])
+def test_native_refuses_an_unknown_architecture(impl, tmp_path):
     arch, _ = _unknown(tmp_path)
     with pytest.raises(Exception, match=f"{arch}.*is not supported"):
-        _engine(tmp_path, model_impl="native")
+        _engine(tmp_path, model_impl=impl)
 
 
 def test_transformers_impl_on_a_native_architecture(tmp_path):
@@ -156,6 +157,7 @@ def test_transformers_impl_on_a_native_architecture(tmp_path):
 def test_model_impl_flag_parses():
     assert EngineConfig.from_cli(["--model-impl", "transformers"]).model_impl == "transformers"
     assert EngineConfig().model_impl == "auto"
+    assert EngineConfig.from_cli(["--model-impl", "sglang"]).model_impl == "sglang"  # = native
     with pytest.raises(SystemExit):
         EngineConfig.from_cli(["--model-impl", "vllm"])
 

@@ -19,7 +19,7 @@ from asgl.models.registry import get_model_class
 
 logger = logging.getLogger(__name__)
 
-MODEL_IMPLS = ("auto", "native", "transformers")
+MODEL_IMPLS = ("auto", "native", "sglang", "transformers")  # sglang: SGLang's name for native
 
 
 def resolve_model_class(hf_config: Any, model_impl: str = "auto",
@@ -28,6 +28,8 @@ def resolve_model_class(hf_config: Any, model_impl: str = "auto",
 
     if model_impl not in MODEL_IMPLS:
         raise ValueError(f"--model-impl {model_impl!r}: choose one of {', '.join(MODEL_IMPLS)}")
+    if model_impl == "sglang":
+        model_impl = "native"
     archs = list(getattr(hf_config, "architectures", None) or [])
     if model_impl == "transformers":
         if is_embedding:
