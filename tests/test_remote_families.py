@@ -11,7 +11,9 @@ fields (including the `auto_map` that points at code asgl must ignore). Referenc
   transformers' `GlmForCausalLM` (the GLM-4 block: half-head interleaved rotary, q/k/v
   bias, fused [gate | up]);
 - otherwise a transformers model with the same math, and the packing ported from the
-  published modelling file (cited at each writer):
+  published modelling file (cited at each writer); that reference is itself checked against
+  a float32 transcription of the published forward pass reading the written checkpoint
+  (published_refs.py, which cites repository, file and revision):
   InternLM 2 and XVERSE / Yi against Llama, Qwen (1) against Qwen 2 (q/k/v bias, no o
   bias), MiniCPM against Granite (embedding / residual / logit multipliers), BaiChuan 7B
   against Llama, BaiChuan 2 13B against Llama with its RoPE switched off (every position
@@ -39,6 +41,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
+import published_refs
 from helpers import rel_err
 from tests.conftest import make_llm, reference_threads
 
@@ -359,6 +362,15 @@ def _consumed(path, case: Case) -> None:
     model.load_weights(source.iter_weights(progress=False))  # and they all fit
 
 
+# The families transformers lacks: their transcribed published forward (published_refs.py),
+# run on the checkpoint as written, must give the reference's logits: the writer's packing
+# is then the published one, not merely the inverse of asgl's unpacking.
+PUBLISHED = {"internlm2": published_refs.internlm2, "qwen": published_refs.qwen,
+             "baichuan_7b": lambda sd, c, ids: published_refs.baichuan(sd, c, ids, False),
+             "baichuan2_13b_alibi": lambda sd, c, ids: published_refs.baichuan(sd, c, ids, True),
+             "minicpm": published_refs.minicpm}
+
+
 @pytest.mark.parametrize("family", list(CASES))
 def test_family_matches_reference_through_engine(family, tmp_path):
     case = CASES[family]()
@@ -366,6 +378,10 @@ def test_family_matches_reference_through_engine(family, tmp_path):
     _consumed(tmp_path, case)
     gen = torch.Generator().manual_seed(7)
     prompt = torch.randint(2, VOCAB - 1, (21,), generator=gen).tolist()
+    if family in PUBLISHED:
+        with torch.no_grad():
+            published = PUBLISHED[family](case.tensors, case.config, prompt)
+        assert rel_err(published, _ref_logits(case, prompt)) < 1e-5
     ref, gaps = _ref_greedy(case, prompt)
     llm = make_llm(model_path=str(tmp_path), dtype="float32", device="cpu",
                    chunked_prefill_size=CHUNK, skip_tokenizer_init=True, max_total_tokens=1024,
