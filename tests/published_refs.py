@@ -121,7 +121,8 @@ def baichuan(sd: dict, c: dict, ids: list[int], alibi: bool) -> torch.Tensor:
         proj = _linear(sd, f"{p}.self_attn.W_pack", h).unflatten(-1, (3, hidden))
         q, k, v = (proj[:, j].view(T, H, D) for j in range(3))
         if not alibi:
-            q, k = _rope(q, c.get("rope_theta", 10000.0), D), _rope(k, c.get("rope_theta", 10000.0), D)
+            base = c.get("rope_theta", 10000.0)
+            q, k = _rope(q, base, D), _rope(k, base, D)
         x = x + _linear(sd, f"{p}.self_attn.o_proj", _attend(q, k, v, bias))
         h = _rms(x, sd[f"{p}.post_attention_layernorm.weight"], eps)
         x = x + _linear(sd, f"{p}.mlp.down_proj", F.silu(_linear(
