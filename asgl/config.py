@@ -34,6 +34,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     skip_tokenizer_init: bool = False
     is_embedding: bool = False
     revision: Optional[str] = None
+    model_impl: Literal["auto", "native", "sglang", "transformers"] = "auto"
 
     # --- device and memory ---
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -263,7 +264,7 @@ GROUP_ORDER = ["model", "serving", "API", "request limits", "scheduling", "memor
 CLI_GROUPS: dict[str, str] = {
     **dict.fromkeys(["model_path", "tokenizer_path", "load_format", "dtype", "quantization",
                      "context_length", "trust_remote_code", "chat_template", "revision",
-                     "skip_tokenizer_init", "is_embedding", "device"], "model"),
+                     "skip_tokenizer_init", "is_embedding", "device", "model_impl"], "model"),
     **dict.fromkeys(["host", "port", "api_key", "admin_api_key", "max_request_body_mb",
                      "max_queued_requests", "shutdown_timeout", "watchdog_timeout",
                      "exit_on_stall"], "serving"),
@@ -311,6 +312,9 @@ _HELP: dict[str, str] = {
     "quantization": "weight quantization method (e.g. fp8)",
     "context_length": "maximum tokens of prompt + output (default: the model's)",
     "trust_remote_code": "allow code from the model directory to run",
+    "model_impl": "auto: asgl's own model file, else transformers' modelling code with asgl "
+                  "attention (logged); native (or SGLang's name, sglang): asgl's only; "
+                  "transformers: always transformers'",
     "chat_template": "a built-in template name or a Jinja file for chat requests",
     "served_model_name": "model name reported by the OpenAI API",
     "skip_tokenizer_init": "take and return token ids only",

@@ -246,10 +246,29 @@ print(int(r[0]['running_batch']['median']) or 256)" "$OUT/serving.jsonl" 2>/dev/
     --batch-size "$med" --input-len 720 --output-len 16 --out "$OUT/results.jsonl" ${ONE_BATCH_ARGS:-}
 }
 
+# issue 19: the remote-code families on the GPU (their backend checks, W400 of the
+# InternLM2-7B and ChatGLM3-6B shapes) and Llama-8B through --model-impl transformers vs
+# native, all with dummy weights, in one call: `bash bench/gpu_suite.sh families`
+families() {
+  begin_call
+  local R=$OUT/results.jsonl
+  local D="--load-format dummy --log-level info --attention-backend flashinfer --workload W400"
+  step w400_internlm2 100 python3 bench/offline.py --model-path internlm2-7b $D --out "$R" --tag internlm2-7b
+  step w400_chatglm3 100 python3 bench/offline.py --model-path chatglm3-6b $D --out "$R" --tag chatglm3-6b
+  step w400_llama_native 100 python3 bench/offline.py --model-path llama-3.1-8b $D --out "$R" --tag llama-native
+  step w400_llama_transformers 150 python3 bench/offline.py --model-path llama-3.1-8b $D --model-impl transformers --out "$R" --tag llama-transformers-impl
+  # if capturing transformers' code in CUDA graphs failed, the eager number instead
+  grep -q '^\[offline\]' "$LOGS/w400_llama_transformers.log" 2>/dev/null || \
+    step w400_llama_transformers_eager 150 python3 bench/offline.py --model-path llama-3.1-8b $D --model-impl transformers --disable-cuda-graph --out "$R" --tag llama-transformers-impl-eager
+  step family_gpu_tests 150 python3 -m pytest -q -x -p no:cacheprovider -k gpu \
+    tests/test_remote_families.py tests/test_model_impl.py
+}
+
 case $MODE in
   prepare) prepare ;;
   stage) stage ;;
   run) run ;;
+  families) families ;;
   ab) ab ;;
   serve_ab) serve_ab ;;
   serve_profile) serve_profile ;;

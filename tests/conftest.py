@@ -151,11 +151,14 @@ def make_llm(**options):
 # in the default tier unless named here: add it when it takes more than ~20 s alone
 # (docs/testing.md). Naming files or node ids on the command line runs them whatever tier.
 SLOW_FILES = frozenset({
-    "test_cuda_graph_shapes.py", "test_dp_engine.py", "test_embeddings.py",
+    "test_attention_variants.py", "test_cuda_graph_shapes.py", "test_dp_engine.py",
+    "test_embeddings.py",
     "test_embeddings_server.py", "test_gpu_path_cpu.py", "test_grammar_engine.py",
     "test_grammar_tools.py", "test_isolation.py", "test_lang_readme.py",
     "test_lang_select.py", "test_loop_device_tensors.py", "test_model_families.py",
-    "test_prefix_cache_engine.py", "test_request_limits.py", "test_sampler_backends.py",
+    "test_model_impl.py",
+    "test_prefix_cache_engine.py", "test_remote_families.py", "test_request_limits.py",
+    "test_sampler_backends.py",
     "test_server_bench.py", "test_server_fuzz.py", "test_server_guarded.py",
     "test_server_load.py", "test_server_native.py", "test_server_readme.py",
     "test_server_structured.py", "test_torch_compile.py", "test_tp_comm.py",

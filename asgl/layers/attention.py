@@ -33,6 +33,12 @@ class Attention(nn.Module):
         """FP8 KV-cache scales, known only once the checkpoint is read."""
         self.spec = dataclasses.replace(self.spec, k_scale=k_scale, v_scale=v_scale)
 
+    def set_alibi_slopes(self, slopes: list[float]) -> None:
+        """ALiBi position biases instead of rotary (one slope per head on this rank)."""
+        if len(slopes) != self.spec.num_heads:
+            raise ValueError(f"{len(slopes)} ALiBi slopes for {self.spec.num_heads} heads")
+        self.spec = dataclasses.replace(self.spec, alibi_slopes=tuple(float(s) for s in slopes))
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 batch: "ForwardBatch") -> torch.Tensor:
         """q [T, heads * head_dim], k/v [T, kv_heads * dim] -> [T, heads * v_head_dim]."""

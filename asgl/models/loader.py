@@ -173,7 +173,10 @@ def _from_hf_dir(path: str, cfg: EngineConfig, *, trust_remote_code: bool) -> Mo
         hf_config = AutoConfig.from_pretrained(
             path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot read config.json: {exc}") from exc
+        hf_config = _native_remote_config(path)
+        if hf_config is None:
+            raise ModelLoadError(f"{path}: cannot read config.json: {exc}") from exc
+    _normalize_config(hf_config)
     source = ModelSource(
         model_path=path, hf_config=hf_config,
         tokenizer_dir=path if _has_tokenizer(path) else None,
@@ -190,8 +193,42 @@ def _from_hf_dir(path: str, cfg: EngineConfig, *, trust_remote_code: bool) -> Mo
     return source
 
 
+def _native_remote_config(path: str) -> PretrainedConfig | None:
+    """config.json as a plain PretrainedConfig when transformers does not know its model type
+    (a family that ships its own code, e.g. InternLM 2, ChatGLM) but asgl has a native file
+    for one of its architectures; None otherwise. The checkpoint's code never runs."""
+    from asgl.models.registry import supported_architectures
+
+    data = _read_json(os.path.join(path, "config.json"))
+    if not data or not set(data.get("architectures") or []) & set(supported_architectures()):
+        return None
+    data = {k: v for k, v in data.items() if k not in ("auto_map", "model_type")}
+    config = PretrainedConfig(**data)
+    logger.info("%s: model type unknown to transformers; config.json read as-is for asgl's "
+                "native %s", path, data["architectures"])
+    return config
+
+
+def _normalize_config(hf_config: PretrainedConfig) -> None:
+    """Families with their own config field names get Llama's too (remote_layout.py)."""
+    from asgl.models.registry import get_model_class
+
+    if getattr(hf_config, "model_type", None) == "exaone" and \
+            list(getattr(hf_config, "architectures", None) or []) == ["LlamaForCausalLM"]:
+        # transformers 5 saves Exaone as "LlamaForCausalLM" but keeps Exaone's tensor names
+        hf_config.architectures = ["ExaoneForCausalLM"]
+    try:
+        cls = get_model_class(list(getattr(hf_config, "architectures", None) or []))
+    except ValueError:
+        return
+    normalize = getattr(cls, "normalize_config", None)
+    if normalize is not None:
+        normalize(hf_config)
+
+
 def _from_preset(preset: presets.Preset, cfg: EngineConfig) -> ModelSource:
     hf_config = preset.hf_config()
+    _normalize_config(hf_config)
     eos = _as_id_list(getattr(hf_config, "eos_token_id", None))
     source = ModelSource(model_path=preset.name, hf_config=hf_config, tokenizer_dir=None,
                          chat_template=None, eos_token_ids=eos, is_dummy=True, name=preset.name)

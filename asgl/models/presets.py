@@ -27,7 +27,10 @@ class Preset:
         fields = dict(self.config)
         # from_dict, like AutoConfig on a file: transformers normalises the RoPE fields
         # (rope_theta/rope_scaling -> rope_parameters in v5) the same way for both.
-        config = CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
+        if fields["model_type"] in CONFIG_MAPPING:
+            config = CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
+        else:  # a family whose config class ships as remote code: read as the loader does
+            config = PretrainedConfig(**{k: v for k, v in fields.items() if k != "model_type"})
         config.name_or_path = self.name
         return config
 
@@ -142,6 +145,25 @@ _PRESETS: list[Preset] = [
         "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
         "vocab_size": 152064,
     }, ("qwen2.5-7b",)),
+    Preset("internlm/internlm2-7b", {
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "bias": False,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "hidden_act": "silu",
+        "hidden_size": 4096, "intermediate_size": 14336, "initializer_range": 0.02,
+        "max_position_embeddings": 32768, "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 92544,
+    }, ("internlm2-7b",)),
+    Preset("THUDM/chatglm3-6b", {
+        "architectures": ["ChatGLMModel"], "model_type": "chatglm", "add_bias_linear": False,
+        "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
+        "apply_residual_connection_post_layernorm": False, "attention_softmax_in_fp32": True,
+        "ffn_hidden_size": 13696, "hidden_size": 4096, "kv_channels": 128,
+        "layernorm_epsilon": 1e-05, "multi_query_attention": True, "multi_query_group_num": 2,
+        "num_attention_heads": 32, "num_layers": 28, "original_rope": True,
+        "padded_vocab_size": 65024, "post_layer_norm": True, "rmsnorm": True,
+        "seq_length": 8192, "tie_word_embeddings": False, "torch_dtype": "float16",
+        "eos_token_id": 2, "pad_token_id": 0,
+    }, ("chatglm3-6b",)),
     Preset("HuggingFaceTB/SmolLM2-135M-Instruct", {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2,

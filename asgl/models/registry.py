@@ -24,6 +24,19 @@ _MODELS: dict[str, tuple[str, str]] = {
     **{name: ("asgl.models.moe", name) for name in (
         "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
         "DbrxForCausalLM")},
+    # families published with their own modelling code (never run): remote_layout.py
+    "InternLM2ForCausalLM": ("asgl.models.internlm2", "InternLM2ForCausalLM"),
+    "ChatGLMModel": ("asgl.models.chatglm", "ChatGLMForCausalLM"),
+    "ChatGLMForConditionalGeneration": ("asgl.models.chatglm", "ChatGLMForCausalLM"),
+    "QWenLMHeadModel": ("asgl.models.qwen", "QWenLMHeadModel"),
+    "BaiChuanForCausalLM": ("asgl.models.baichuan", "BaiChuanForCausalLM"),
+    "BaichuanForCausalLM": ("asgl.models.baichuan", "BaichuanForCausalLM"),
+    "MiniCPMForCausalLM": ("asgl.models.minicpm", "MiniCPMForCausalLM"),
+    "ExaoneForCausalLM": ("asgl.models.exaone", "ExaoneForCausalLM"),
+    "XverseForCausalLM": ("asgl.models.llama_aliases", "XverseForCausalLM"),
+    "YiForCausalLM": ("asgl.models.llama_aliases", "YiForCausalLM"),
+    "GlmForCausalLM": ("asgl.models.glm", "GlmForCausalLM"),
+    "Glm4ForCausalLM": ("asgl.models.glm", "Glm4ForCausalLM"),
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")

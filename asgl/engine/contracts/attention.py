@@ -51,6 +51,8 @@ class AttentionSpec:
     # [kv_lora_rank | rope dims], stored once; V is its first v_head_dim columns. The pool
     # is a LatentKVPool and k is the latent; v is ignored on write.
     kv_latent: bool = False
+    # ALiBi (BaiChuan 13B): per query head on this rank, scores += slope * (key_pos - q_pos)
+    alibi_slopes: Optional[tuple[float, ...]] = None
 
     @property
     def v_dim(self) -> int:

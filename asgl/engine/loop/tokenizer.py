@@ -10,6 +10,7 @@ it with `add_special_tokens=False`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import TYPE_CHECKING, Any, Sequence
@@ -99,8 +100,13 @@ def load_tokenizer(source_or_dir: "ModelSource | str",
         if path is None:
             raise ValueError(f"model {source_or_dir.model_path!r} has no tokenizer: "
                              "give --tokenizer-path, or --skip-tokenizer-init to use token ids")
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, trust_remote_code=trust_remote_code, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except ValueError as exc:
+        if trust_remote_code or "custom code" not in str(exc):
+            raise
+        tokenizer = _custom_code_tokenizer(path)
     if not tokenizer.is_fast:
         # The slow (Python) tokenizers hold the GIL; they work, but tokenizing on the event
         # loop gets slow.
@@ -108,6 +114,32 @@ def load_tokenizer(source_or_dir: "ModelSource | str",
     if template and not tokenizer.chat_template:
         tokenizer.chat_template = template
     return tokenizer
+
+
+def _custom_code_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """A tokenizer whose class ships as code in the model directory (ChatGLM, InternLM 2,
+    Qwen 1, BaiChuan, ...): that code never runs without --trust-remote-code; its
+    tokenizer.json, where the directory has one, is read by the fast tokenizer instead."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer_json = os.path.join(path, "tokenizer.json")
+    config_path = os.path.join(path, "tokenizer_config.json")
+    config = {}
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    cls = config.get("tokenizer_class", "?")
+    if not os.path.isfile(tokenizer_json):
+        raise ValueError(
+            f"the tokenizer in {path} ({cls}) is custom code, which asgl does not run unless "
+            "--trust-remote-code is given; or give --tokenizer-path (a directory with an HF "
+            "tokenizer.json), or --skip-tokenizer-init to serve token ids")
+    logger.warning("tokenizer class %s in %s is custom code (not run): using its "
+                   "tokenizer.json", cls, path)
+    special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in config.items()
+               if k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return PreTrainedTokenizerFast(tokenizer_file=tokenizer_json,
+                                   **{k: v for k, v in special.items() if isinstance(v, str)})
 
 
 def resolve_chat_template(cfg_value: str | None, source: "ModelSource | None") -> str | None:

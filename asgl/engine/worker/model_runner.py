@@ -62,8 +62,8 @@ class ModelRunner:
     def __init__(self, cfg: EngineConfig, source: Any):
         from asgl.engine.sampling.sampler import Sampler
         from asgl.models.dummy_weights import init_dummy_weights
-        from asgl.models.registry import get_model_class
         from asgl.models.weights import cast_model
+        from asgl.models.model_impl import resolve_model_class
 
         self.cfg = cfg
         self.device = resolve_device(cfg)
@@ -77,7 +77,7 @@ class ModelRunner:
         hf_config = source.hf_config
         self.hf_config = hf_config
         arch = list(getattr(hf_config, "architectures", None) or [])
-        model_cls = get_model_class(arch, is_embedding=cfg.is_embedding)
+        model_cls = resolve_model_class(hf_config, cfg.model_impl, is_embedding=cfg.is_embedding)
         t0 = time.perf_counter()
         # Parameters are created directly on the device in the model dtype (torch.empty):
         # dummy weights are then drawn there, which takes well under a second for 8B.
@@ -90,6 +90,8 @@ class ModelRunner:
                 torch.set_default_dtype(prev)
         if source.is_dummy:
             init_dummy_weights(model, seed=cfg.random_seed or 0)
+        elif hasattr(model, "load_from_source"):  # a model that reads the directory itself
+            model.load_from_source(source)
         else:
             model.load_weights(source.iter_weights(progress=get_tp_rank() == 0))
         self.model = cast_model(model, self.dtype).eval()
@@ -154,7 +156,7 @@ class ModelRunner:
         except (ImportError, NotImplementedError) as exc:
             if self.cfg.attention_backend:  # asked for explicitly: say why it cannot run
                 raise
-            # Triton runs every layer kind (windows, soft-caps, fp8 KV, any head dim):
+            # Triton runs every layer kind (windows, soft-caps, fp8 KV, ALiBi, any head dim):
             # far faster on a GPU than torch, the last resort.
             fallback = "triton" if self.on_cuda else "torch"
             logger.warning("attention backend %s unavailable (%s): using %s", name, exc, fallback)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from asgl.engine.contracts.attention import AttentionBackend, AttentionSpec
+from asgl.kernels.attention.variants import flashinfer_gap
 
 if TYPE_CHECKING:
     from asgl.engine.contracts.forward_batch import ForwardBatch
@@ -84,6 +85,9 @@ class FlashInferBackend(AttentionBackend):
             raise NotImplementedError("flashinfer backend: causal attention, v_dim == head_dim")
         if spec.k_scale is not None or spec.v_scale is not None:
             raise NotImplementedError("flashinfer backend: no scaled (fp8) KV cache yet")
+        gap = flashinfer_gap(spec)
+        if gap is not None:
+            raise NotImplementedError(f"flashinfer backend: {gap}")
         self._add_variant(_variant(spec))
 
     def _add_variant(self, variant: tuple[int, float, float]) -> None:

@@ -5,7 +5,7 @@ gathers its whole K/V (prefix + new) through `req_to_token` and attends its new 
 which sit at positions prefix_len .. seq_len-1, under a boolean mask (causal, sliding
 window). Without a KV pool (encoders) a request attends over its own new tokens only.
 Numerics follow HF's sdpa path: `scaled_dot_product_attention` in the input dtype; the
-soft-capped path (no SDPA equivalent) computes scores and softmax in float32.
+soft-capped and ALiBi paths (no SDPA equivalent) compute scores and softmax in float32.
 """
 
 from __future__ import annotations
@@ -128,18 +128,30 @@ def _mask(n_q: int, n_k: int, q_start: int, spec: AttentionSpec,
     return allowed
 
 
+def _alibi_bias(n_q: int, n_k: int, q_start: int, spec: AttentionSpec,
+                device: torch.device) -> torch.Tensor:
+    """[H, n_q, n_k] float32: slope_h * (key position - query position), <= 0 where causal."""
+    slopes = torch.tensor(spec.alibi_slopes, dtype=torch.float32, device=device)
+    q_pos = torch.arange(q_start, q_start + n_q, device=device, dtype=torch.float32)
+    k_pos = torch.arange(n_k, device=device, dtype=torch.float32)
+    return slopes[:, None, None] * (k_pos[None, :] - q_pos[:, None])[None]
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int,
             spec: AttentionSpec) -> torch.Tensor:
     """q [n, H, D], k [s, Hkv, D], v [s, Hkv, Dv] -> [n, H, Dv]."""
     mask = _mask(q.shape[0], k.shape[0], q_start, spec, q.device)
     qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # heads first
     gqa = spec.num_heads != spec.num_kv_heads
-    if spec.logit_cap > 0:
+    if spec.logit_cap > 0 or spec.alibi_slopes is not None:
         if gqa:
             group = spec.num_heads // spec.num_kv_heads
             kt, vt = kt.repeat_interleave(group, 0), vt.repeat_interleave(group, 0)
         scores = torch.matmul(qt.float(), kt.float().transpose(-1, -2)) * spec.scaling
-        scores = spec.logit_cap * torch.tanh(scores / spec.logit_cap)
+        if spec.logit_cap > 0:
+            scores = spec.logit_cap * torch.tanh(scores / spec.logit_cap)
+        if spec.alibi_slopes is not None:
+            scores = scores + _alibi_bias(q.shape[0], k.shape[0], q_start, spec, q.device)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         o = torch.matmul(torch.softmax(scores, dim=-1), vt.float()).to(q.dtype)

@@ -65,6 +65,7 @@ class TritonAttnBackend(AttentionBackend):
         self.fixed_splits = num_kv_splits
         self.max_kv_splits = max_kv_splits
         self._num_sms: Optional[int] = None
+        self._alibi: dict = {}  # (slopes, device) -> float32 tensor, made on first use
 
     def prepare(self, batch: "ForwardBatch") -> None:
         batch.attn_state = _TritonState(
@@ -102,7 +103,8 @@ class TritonAttnBackend(AttentionBackend):
                              sm_scale=spec.scaling, num_splits=splits,
                              sliding_window=window, logit_cap=spec.logit_cap,
                              k_scale=spec.k_scale, v_scale=spec.v_scale,
-                             mid=self._scratch(state, T, H, splits, Dv, q.device))
+                             mid=self._scratch(state, T, H, splits, Dv, q.device),
+                             alibi_slopes=self._slopes(spec, q.device))
         else:
             tok_m = tokens_per_block(D, Dv, H // Hkv, q.dtype)
             if tok_m not in state.schedules:
@@ -115,7 +117,8 @@ class TritonAttnBackend(AttentionBackend):
                              batch.prefix_lens, batch.extend_lens, batch.extend_start_loc,
                              state.schedules[tok_m], sm_scale=spec.scaling, causal=spec.causal,
                              sliding_window=window, logit_cap=spec.logit_cap,
-                             k_scale=spec.k_scale, v_scale=spec.v_scale)
+                             k_scale=spec.k_scale, v_scale=spec.v_scale,
+                             alibi_slopes=self._slopes(spec, q.device))
         return out.reshape(T, H * Dv)
 
     def forward_expanded(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -192,6 +195,14 @@ class TritonAttnBackend(AttentionBackend):
         rpi[:bs].copy_(batch.req_pool_indices, non_blocking=True)
         rpi[bs:].zero_()
         batch.attn_state = _TritonState(decode=True, max_seq_len=0, graph=(seq_lens, rpi))
+    def _slopes(self, spec: AttentionSpec, device: torch.device) -> Optional[torch.Tensor]:
+        if spec.alibi_slopes is None:
+            return None
+        key = (spec.alibi_slopes, device)
+        if key not in self._alibi:
+            self._alibi[key] = torch.tensor(spec.alibi_slopes, dtype=torch.float32,
+                                            device=device)
+        return self._alibi[key]
 
     def _splits(self, state: _TritonState, batch: "ForwardBatch", num_kv_heads: int) -> int:
         if state.graph is not None:

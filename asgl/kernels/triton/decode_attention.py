@@ -31,14 +31,14 @@ from asgl.kernels.triton._common import (dot_precision, interpreting, next_pow2,
 @triton.jit
 def _decode_stage1_kernel(
     Q, K, V, Mid_O, Mid_L,
-    req_to_token, req_pool_indices, seq_lens,
+    req_to_token, req_pool_indices, seq_lens, alibi,
     qk_scale, logit_cap, window, num_splits,
     stride_qb, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_r2t,
     stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
     G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_F32: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, ALIBI: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -62,6 +62,8 @@ def _decode_stage1_kernel(
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + d[None, :],
                 mask=h_ok[:, None] & (d[None, :] < D), other=0.0)
     r2t = req_to_token + tl.load(req_pool_indices + b) * stride_r2t
+    if ALIBI:  # base-2 logits: + slope * (key position - query position seq - 1)
+        slope = tl.load(alibi + head, mask=h_ok, other=0.0) * 1.4426950408889634
 
     m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -74,6 +76,8 @@ def _decode_stage1_kernel(
                     mask=ok[None, :] & (d[:, None] < D), other=0.0).to(q.dtype)
         s = tl_dot(q, k, tl.zeros([BLOCK_H, BLOCK_N], tl.float32), DOT_F32, PREC)
         s = tl_logits2(s, qk_scale, logit_cap, SOFTCAP)
+        if ALIBI:
+            s += slope[:, None] * (j - (seq - 1))[None, :].to(tl.float32)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -141,13 +145,14 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
                      logit_cap: float = 0.0, k_scale: Optional[float] = None,
                      v_scale: Optional[float] = None,
                      mid: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                     config: Optional[tuple[int, int, int]] = None) -> torch.Tensor:
+                     config: Optional[tuple[int, int, int]] = None,
+                     alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q [B, H, D] (one token per request) over pool k_buf/v_buf [slots, Hkv, D|Dv] through
     req_to_token[req_pool_indices[b], :seq_lens[b]] into out [B, H, Dv].
 
     `mid` optionally passes the float32 scratch buffers ([B, H, num_splits, Dv] partial
     outputs and [B, H, num_splits] log-sum-exps) so a step can reuse them across layers.
-    `config` overrides `decode_config` (tuning).
+    `config` overrides `decode_config` (tuning). `alibi_slopes` [H] float32: ALiBi biases.
     """
     B, H, D = q.shape
     Hkv, Dv = k_buf.shape[1], v_buf.shape[2]
@@ -161,6 +166,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     bdv = next_pow2(Dv, 16)
     _decode_stage1_kernel[(B, Hkv, num_splits)](
         q, k_buf, v_buf, mid_o, mid_l, req_to_token, req_pool_indices, seq_lens,
+        alibi_slopes if alibi_slopes is not None else q,
         sm_scale * (k_scale or 1.0), float(logit_cap), sliding_window or 0, num_splits,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
         v_buf.stride(1), req_to_token.stride(0),
@@ -168,7 +174,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
         G=G, BLOCK_H=next_pow2(G, 16), D=D, DV=Dv, BLOCK_D=next_pow2(D, 16), BLOCK_DV=bdv,
         BLOCK_N=bn, USE_WINDOW=sliding_window is not None,
         SOFTCAP=logit_cap > 0, DOT_F32=interpreting(), PREC=dot_precision(q.dtype),
-        num_warps=warps, num_stages=stages)
+        ALIBI=alibi_slopes is not None, num_warps=warps, num_stages=stages)
     _decode_stage2_kernel[(B, H)](
         mid_o, mid_l, out, v_scale or 1.0, num_splits,
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
@@ -191,8 +197,8 @@ def decode_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tens
                          req_to_token: torch.Tensor, req_pool_indices: list[int],
                          seq_lens: list[int], *, sm_scale: float,
                          sliding_window: Optional[int] = None, logit_cap: float = 0.0,
-                         k_scale: Optional[float] = None,
-                         v_scale: Optional[float] = None) -> torch.Tensor:
+                         k_scale: Optional[float] = None, v_scale: Optional[float] = None,
+                         alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Float32 torch reference: each request's last position attends to its keys."""
     B, H, _ = q.shape
     Hkv = k_buf.shape[1]
@@ -206,5 +212,8 @@ def decode_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tens
         s = torch.einsum("hd,shd->hs", q[b].float(), k) * sm_scale
         if logit_cap > 0:
             s = logit_cap * torch.tanh(s / logit_cap)
+        if alibi_slopes is not None:
+            keys = torch.arange(lo, seq, device=q.device, dtype=torch.float32)
+            s = s + alibi_slopes.float()[:, None] * (keys - (seq - 1))[None, :]
         out[b] = torch.einsum("hs,shd->hd", s.softmax(-1), v)
     return out

@@ -37,7 +37,7 @@ from asgl.kernels.triton._common import (dot_precision, interpreting, next_pow2,
 def _extend_attn_kernel(
     Q, K, V, O,
     req_to_token, req_pool_indices, prefix_lens, extend_lens, extend_start_loc,
-    block_req, block_start,
+    block_req, block_start, alibi,
     qk_scale, v_scale, logit_cap, window,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_r2t,
@@ -45,7 +45,7 @@ def _extend_attn_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr, FROM_POOL: tl.constexpr, DOT_F32: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, ALIBI: tl.constexpr,
 ):
     kvh = tl.program_id(0)
     pid = tl.program_id(1)
@@ -69,6 +69,8 @@ def _extend_attn_kernel(
 
     q = tl.load(Q + (start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    if ALIBI:  # each row's head slope, in base-2 logits: + slope * (key - query position)
+        slope = tl.load(alibi + head, mask=row_ok, other=0.0) * 1.4426950408889634
     if FROM_POOL:
         r2t = req_to_token + tl.load(req_pool_indices + req) * stride_r2t
 
@@ -109,6 +111,8 @@ def _extend_attn_kernel(
                     mask=d[:, None] < D, other=0.0).to(q.dtype)
         s = tl_dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_F32, PREC)
         s = tl_logits2(s, qk_scale, logit_cap, SOFTCAP)
+        if ALIBI:
+            s += slope[:, None] * (j[None, :] - qpos[:, None]).to(tl.float32)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -130,6 +134,8 @@ def _extend_attn_kernel(
                     mask=in_range[None, :] & (d[:, None] < D), other=0.0).to(q.dtype)
         s = tl_dot(q, k, tl.zeros([BLOCK_M, BLOCK_N], tl.float32), DOT_F32, PREC)
         s = tl_logits2(s, qk_scale, logit_cap, SOFTCAP)
+        if ALIBI:
+            s += slope[:, None] * (j[None, :] - qpos[:, None]).to(tl.float32)
         ok = in_range[None, :]
         dist = qpos[:, None] - j[None, :]
         if CAUSAL:
@@ -204,7 +210,8 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
                      causal: bool = True, sliding_window: Optional[int] = None,
                      logit_cap: float = 0.0, k_scale: Optional[float] = None,
                      v_scale: Optional[float] = None,
-                     config: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
+                     config: Optional[tuple[int, int, int, int]] = None,
+                     alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of the new tokens q [T, H, D] into out [T, H, Dv].
 
     K/V come from the pool buffers k_buf/v_buf [slots, Hkv, D|Dv] through
@@ -213,7 +220,8 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     `schedule` is `build_schedule(extend_lens, tokens_per_block(...))`. FP8 pools: the
     stored values are k / k_scale, v / v_scale; the scales are folded into the softmax
     scale and the output. `config` overrides `extend_config` (tuning; the schedule must
-    then use its BLOCK_M).
+    then use its BLOCK_M). `alibi_slopes` [H] float32: ALiBi biases slope * (key - query
+    position) on the scores.
     """
     T, H, D = q.shape
     Hkv, Dv = k_buf.shape[1], v_buf.shape[2]
@@ -228,15 +236,15 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     grid = (Hkv, block_req.numel())
     _extend_attn_kernel[grid](
         q, k_buf, v_buf, out, r2t, rpi, prefix_lens, extend_lens, extend_start_loc,
-        block_req, block_start,
+        block_req, block_start, alibi_slopes if alibi_slopes is not None else q,
         sm_scale * (k_scale or 1.0), v_scale or 1.0, float(logit_cap), sliding_window or 0,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0),
         v_buf.stride(1), out.stride(0), out.stride(1), r2t.stride(0) if from_pool else 0,
         G=G, GP=next_pow2(G), D=D, DV=Dv, BLOCK_D=next_pow2(D, 16),
         BLOCK_DV=next_pow2(Dv, 16), BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
         USE_WINDOW=sliding_window is not None, SOFTCAP=logit_cap > 0, FROM_POOL=from_pool,
-        DOT_F32=interpreting(), PREC=dot_precision(q.dtype), num_warps=warps,
-        num_stages=stages)
+        DOT_F32=interpreting(), PREC=dot_precision(q.dtype), ALIBI=alibi_slopes is not None,
+        num_warps=warps, num_stages=stages)
     return out
 
 
@@ -245,8 +253,8 @@ def extend_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tens
                          req_pool_indices: Optional[list[int]], prefix_lens: list[int],
                          extend_lens: list[int], *, sm_scale: float, causal: bool = True,
                          sliding_window: Optional[int] = None, logit_cap: float = 0.0,
-                         k_scale: Optional[float] = None,
-                         v_scale: Optional[float] = None) -> torch.Tensor:
+                         k_scale: Optional[float] = None, v_scale: Optional[float] = None,
+                         alibi_slopes: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Float32 torch reference with the same arguments (host lists for the lengths)."""
     T, H, D = q.shape
     Hkv, Dv = k_buf.shape[1], v_buf.shape[2]
@@ -269,6 +277,8 @@ def extend_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tens
         qpos = torch.arange(pre, seq, device=q.device)[:, None]
         kpos = torch.arange(seq, device=q.device)[None, :]
         dist = qpos - kpos
+        if alibi_slopes is not None:
+            s = s - alibi_slopes.float()[:, None, None] * dist
         ok = torch.ones_like(dist, dtype=torch.bool)
         if causal:
             ok &= dist >= 0
