@@ -19,6 +19,7 @@ _MODELS: dict[str, tuple[str, str]] = {
         "Qwen3ForCausalLM", "GraniteForCausalLM", "Olmo2ForCausalLM", "GemmaForCausalLM",
         "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "StableLmForCausalLM",
         "CohereForCausalLM", "Cohere2ForCausalLM")},
+    "LlavaForConditionalGeneration": ("asgl.models.llava", "LlavaForConditionalGeneration"),
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")

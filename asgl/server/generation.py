@@ -31,6 +31,7 @@ class Job:
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
+    mm: Any = None  # the prompt's images (MMInputs; input_ids already expanded for them)
 
 
 class Choice:
@@ -79,10 +80,11 @@ class Generation:
     async def events(self) -> AsyncIterator[StreamChunk]:
         """The engine's chunks, each recorded into `choices` before it is yielded."""
         job, engine, metrics = self.job, self.state.engine, self.state.metrics
+        extra = {"mm_inputs": job.mm} if job.mm is not None else {}
         stream = engine.generate_stream(
             input_ids=job.input_ids, sampling_params=job.params, rid=job.rid,
             return_logprob=job.return_logprob, logprob_start_len=job.logprob_start_len,
-            top_logprobs_num=job.top_logprobs_num)
+            top_logprobs_num=job.top_logprobs_num, **extra)
         counted = 0
         accepted = False
         try:

@@ -1,0 +1,162 @@
+"""Images of a request to the model's prompt inputs, off the event loop.
+
+`ImageInputs.prepare(ids, images)` (awaited on the loop) decodes and preprocesses every
+image in a thread pool of its own (Pillow and the checkpoint's own transformers image
+processor, its slow/PIL variant: torchvision is not needed), then expands each image token
+of the prompt to the number of positions the image's features fill, and returns the
+expanded ids with the `MMInputs` the scheduler and worker use
+(engine/contracts/multimodal.py).
+
+Every bad image is an `InvalidRequest` (HTTP 400) naming the problem and the limit: not an
+image, too many pixels (checked from the header, before anything is decoded), a truncated
+or corrupt file, more images than `--max-images-per-request`, more images than the prompt
+has image tokens (or fewer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Optional, Sequence
+
+from asgl.engine.contracts.errors import InvalidRequest
+from asgl.engine.contracts.multimodal import MMInputs, MMItem
+
+logger = logging.getLogger(__name__)
+
+# Seconds one request's images may take to decode and preprocess.
+PREPROCESS_TIMEOUT_S = 60.0
+
+
+def load_image_processor(model_dir: str) -> Any:
+    """The checkpoint's image processor (preprocessor_config.json), its PIL backend."""
+    from transformers import AutoImageProcessor
+
+    try:  # transformers >= 5 names the backend; older versions take use_fast=False
+        return AutoImageProcessor.from_pretrained(model_dir, backend="pil",
+                                                  local_files_only=True)
+    except TypeError:
+        return AutoImageProcessor.from_pretrained(model_dir, use_fast=False,
+                                                  local_files_only=True)
+
+
+class ImageInputs:
+    """One engine's image front: the model's host-side spec (`Model.image_inputs`) plus
+    the request limits."""
+
+    def __init__(self, spec: Any, *, max_images: int = 16, max_pixels: int = 40_000_000,
+                 threads: Optional[int] = None):
+        self.spec = spec
+        self.placeholder: str = spec.placeholder
+        self.image_token_id: int = spec.image_token_id
+        self.max_images = max_images
+        self.max_pixels = max_pixels
+        self._pool = ThreadPoolExecutor(threads or max(1, min(4, os.cpu_count() or 1)),
+                                        thread_name_prefix="asgl-images")
+
+    @classmethod
+    def for_model(cls, model_cls: type, hf_config: Any, model_dir: Optional[str],
+                  config: Any) -> Optional["ImageInputs"]:
+        """The image front of a vision-language model, None for a text-only one."""
+        spec_cls = getattr(model_cls, "image_inputs", None)
+        if spec_cls is None:
+            return None
+        if model_dir is None:
+            raise ValueError("a vision-language model needs its directory for the image "
+                             "processor (preprocessor_config.json)")
+        spec = spec_cls(hf_config, load_image_processor(model_dir))
+        return cls(spec, max_images=config.max_images_per_request,
+                   max_pixels=config.max_image_pixels)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def prepare(self, ids: Sequence[int], images: Sequence[Any],
+                      param: str = "image_data", names: Optional[Sequence[str]] = None
+                      ) -> tuple[list[int], Optional[MMInputs]]:
+        """(the prompt with each image token expanded, its MMInputs); `images` are
+        encoded bytes or PIL images, in prompt order; `names[k]` is image k's request field
+        (errors name it; default `param[k]`)."""
+        if not images:
+            return list(ids), None
+        if len(images) > self.max_images:
+            raise InvalidRequest(f"{len(images)} images in one request; the limit is "
+                                 f"{self.max_images} (--max-images-per-request)", param)
+        slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
+        if len(slots) != len(images):
+            raise InvalidRequest(f"the prompt has {len(slots)} image placeholder(s) "
+                                 f"({self.placeholder!r}) but {len(images)} image(s) were "
+                                 "given: each image needs one placeholder", param)
+        loop = asyncio.get_running_loop()
+        names = names or [f"{param}[{k}]" for k in range(len(images))]
+        futures = [loop.run_in_executor(self._pool, self._process, img, name)
+                   for img, name in zip(images, names)]
+        try:
+            done = await asyncio.wait_for(asyncio.gather(*futures), PREPROCESS_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise InvalidRequest(f"preprocessing the images took longer than "
+                                 f"{PREPROCESS_TIMEOUT_S:.0f} s", param) from None
+        out: list[int] = []
+        items: list[MMItem] = []
+        prev = 0
+        for slot, (data, n, digest) in zip(slots, done):
+            out.extend(ids[prev:slot])
+            items.append(MMItem(digest=digest, offset=len(out), length=n, data=data))
+            out.extend([self.image_token_id] * n)
+            prev = slot + 1
+        out.extend(ids[prev:])
+        return out, MMInputs(items)
+
+    def _process(self, image: Any, where: str) -> tuple[dict, int, int]:
+        """On the image pool: decode, check, digest and preprocess one image."""
+        rgb = decode_image(image, self.max_pixels, where)
+        h = hashlib.blake2b(digest_size=8)
+        h.update(f"{rgb.size[0]}x{rgb.size[1]}".encode())
+        h.update(rgb.tobytes())
+        digest = int.from_bytes(h.digest(), "little")
+        try:
+            data, n = self.spec.process(rgb)
+        except Exception as e:  # noqa: BLE001 - the processor refused this image
+            raise InvalidRequest(f"{where}: the image processor failed on this image: {e}",
+                                 where) from None
+        return data, n, digest
+
+
+def decode_image(image: Any, max_pixels: int, where: str) -> Any:
+    """An RGB PIL image from encoded bytes (or a PIL image), checked."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, Image.Image):
+        img = image
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        if not image:
+            raise InvalidRequest(f"{where}: the image is empty", where)
+        try:
+            with warnings.catch_warnings():  # PIL's bomb warning: our own limit is below
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(bytes(image)))
+        except UnidentifiedImageError:
+            raise InvalidRequest(f"{where}: not an image (no known image format: PNG, JPEG, "
+                                 "GIF, WebP, BMP, ...)", where) from None
+        except Exception as e:  # noqa: BLE001
+            raise InvalidRequest(f"{where}: cannot read this image: {e}", where) from None
+    else:
+        raise InvalidRequest(f"{where}: an image must be encoded bytes, got "
+                             f"{type(image).__name__}", where)
+    w, h = img.size  # from the header: nothing decoded yet
+    if w <= 0 or h <= 0:
+        raise InvalidRequest(f"{where}: the image has no pixels ({w}x{h})", where)
+    if w * h > max_pixels:
+        raise InvalidRequest(f"{where}: the image is {w}x{h} = {w * h} pixels; the limit is "
+                             f"{max_pixels} (--max-image-pixels)", where)
+    try:
+        img.load()
+        return img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - truncated or corrupt data
+        raise InvalidRequest(f"{where}: the image data is truncated or corrupt ({e})",
+                             where) from None

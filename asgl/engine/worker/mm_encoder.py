@@ -1,0 +1,58 @@
+"""Image features on the worker thread: each image encoded once, scattered into a step's
+input embeddings.
+
+The scheduler's `ForwardBatch.extra["mm"]` lists, per image the step computes positions
+of, which of its feature rows go to which token rows (engine/contracts/multimodal.py).
+Features are kept by the image's digest in a small LRU, so an image split across prefill
+chunks, or sent by several requests at once, runs through the vision tower once; images a
+radix-cache hit covers entirely are never encoded. The images a step needs are encoded in
+one call of the model's `encode_images` (the model batches those of equal shape).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from asgl.engine.contracts.multimodal import MMChunk
+
+# Features of this many images stay on the device (a LLaVA-NeXT image: ~2.9k x 4096 bf16,
+# 24 MiB; 64 of them 1.5 GiB at most, usually far less).
+MAX_CACHED_IMAGES = 64
+
+
+class MultimodalEncoder:
+    def __init__(self, model: Any, device: torch.device, max_cached: int = MAX_CACHED_IMAGES):
+        self.model = model
+        self.device = device
+        self.max_cached = max_cached
+        self._features: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.images_encoded = 0  # (tests and stats: how often the tower ran per image)
+
+    def input_embeds(self, ids: torch.Tensor, chunks: list[MMChunk]) -> torch.Tensor:
+        """The step's input embeddings: the token embeddings, with image rows replaced."""
+        embeds = self.model.embed_input_ids(ids)
+        missing: dict[int, Any] = {}
+        for c in chunks:
+            d = c.item.digest
+            if d in self._features:
+                self._features.move_to_end(d)
+            elif d not in missing:
+                missing[d] = c.item
+        if missing:
+            items = list(missing.values())
+            feats = self.model.encode_images(items, self.device)
+            for item, f in zip(items, feats):
+                if f.shape[0] != item.length:
+                    raise RuntimeError(f"image features have {f.shape[0]} rows, the prompt "
+                                       f"holds {item.length} positions for them")
+                self._features[item.digest] = f
+            self.images_encoded += len(items)
+        for c in chunks:
+            f = self._features[c.item.digest]
+            embeds[c.dest:c.dest + c.end - c.start] = f[c.start:c.end].to(embeds.dtype)
+        while len(self._features) > self.max_cached:
+            self._features.popitem(last=False)
+        return embeds

@@ -1,0 +1,161 @@
+"""LLaVA 1.5 (`LlavaForConditionalGeneration`): a CLIP ViT tower, a two-layer MLP projector
+and a decoder LM (Llama / Mistral / Qwen2) from this package.
+
+Written from the LLaVA 1.5 paper (Liu et al. 2023, "Improved Baselines with Visual
+Instruction Tuning": the tower's second-to-last layer, patch tokens only, through
+Linear-GELU-Linear into the LM's embedding space) and HF's config fields
+(`vision_feature_layer`, `vision_feature_select_strategy`, `image_token_id`).
+
+Images reach the model as host tensors prepared off the event loop by `LlavaImageInputs`
+(the checkpoint's own image processor); the worker's `MultimodalEncoder` calls
+`encode_images` once per image and scatters the features into the input embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from asgl.engine.contracts.forward_batch import ForwardBatch
+from asgl.engine.contracts.multimodal import MMItem
+from asgl.layers.quant import QuantizationConfig
+from asgl.layers.vision.clip import CLIPVisionTower, vision_act
+from asgl.models.weights import assign_weights
+
+_TEXT_MODELS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM"}
+
+
+def text_model_class(text_config: Any) -> type:
+    from asgl.models.registry import get_model_class
+
+    archs = list(getattr(text_config, "architectures", None) or [])
+    name = _TEXT_MODELS.get(getattr(text_config, "model_type", ""), None)
+    if name is not None:
+        archs.append(name)
+    return get_model_class(archs or ["LlamaForCausalLM"])
+
+
+def feature_layers(config: Any) -> list[int]:
+    """The tower layers whose outputs are used, as counts of layers run (HF's
+    hidden_states index: 0 is the embeddings, -1 the last layer)."""
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    total = config.vision_config.num_hidden_layers
+    return [k if k >= 0 else total + 1 + k for k in layers]
+
+
+class LlavaProjector(nn.Module):
+    def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool = True):
+        super().__init__()
+        self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=bias)
+        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
+        self.act = vision_act(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LlavaForConditionalGeneration(nn.Module):
+    def __init__(self, config: Any, quant_config: Optional[QuantizationConfig] = None):
+        super().__init__()
+        self.config = config
+        text = config.text_config
+        self.language_model = text_model_class(text)(text, quant_config)
+        self.vision_tower = CLIPVisionTower(config.vision_config)
+        self.layers = feature_layers(config)
+        self.select = config.vision_feature_select_strategy
+        self.multi_modal_projector = LlavaProjector(
+            config.vision_config.hidden_size * len(self.layers), text.hidden_size,
+            config.projector_hidden_act, getattr(config, "multimodal_projector_bias", True))
+        lm = self.language_model
+        self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
+
+    # ------------------------------------------------------------------ text
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
+                input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.language_model(input_ids, positions, batch, input_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.language_model.compute_logits(hidden)
+
+    def embed_input_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.model.embed_tokens(ids)
+
+    # ------------------------------------------------------------------ images
+    def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, patches (+1 with strategy "full"), vision hidden * layers] of B images."""
+        x = self.vision_tower.pre_layrnorm(self.vision_tower.embeddings(pixel_values))
+        outs = [x] if 0 in self.layers else []
+        for k, layer in enumerate(self.vision_tower.encoder.layers[:max(self.layers)], 1):
+            x = layer(x)
+            if k in self.layers:
+                outs.append(x)
+        order = sorted(self.layers)
+        x = torch.cat([outs[order.index(k)] for k in self.layers], dim=-1)
+        return x[:, 1:] if self.select == "default" else x
+
+    def encode_images(self, items: list[MMItem], device: torch.device) -> list[torch.Tensor]:
+        """Features ([positions, text hidden]) of each image, the tower run batched."""
+        dtype = self.multi_modal_projector.linear_1.weight.dtype
+        pixels = torch.cat([it.data["pixel_values"] for it in items]).to(device, dtype)
+        feats = self.multi_modal_projector(self.tower_features(pixels))
+        return list(feats.unbind(0))
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        assign_weights(self, self._map_weights(weights))
+
+    def _map_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
+        lm = self.language_model
+        for name, tensor in weights:
+            mapped = hf_llava_name(name)
+            if mapped.startswith("language_model."):  # the LM's own renames (fused q/k/v)
+                for _, inner, t, shard in lm._map_weights([(mapped[15:], tensor)]):
+                    yield name, "language_model." + inner, t, shard
+            elif not mapped.endswith(".position_ids"):  # a buffer some checkpoints carry
+                yield name, mapped, tensor, None
+
+
+def hf_llava_name(name: str) -> str:
+    """A checkpoint name of any LLaVA layout HF wrote (llava-hf on the hub:
+    `language_model.model.*`, `vision_tower.vision_model.*`; transformers 5 in memory:
+    `model.language_model.*`, `model.vision_tower.*`, `lm_head.*`) in ours."""
+    if name.startswith("model.language_model."):
+        name = "language_model.model." + name[len("model.language_model."):]
+    elif name.startswith("lm_head."):
+        name = "language_model." + name
+    elif name.startswith("language_model.lm_head."):
+        pass
+    elif name.startswith("model.") and not name.startswith("model.language_model"):
+        name = name[len("model."):]
+    if name.startswith("vision_tower.vision_model."):
+        name = "vision_tower." + name[len("vision_tower.vision_model."):]
+    return name
+
+
+class LlavaImageInputs:
+    """Host side (the engine's image pool, off the event loop): an image to pixel tensors
+    with the checkpoint's own image processor, and how many prompt positions it fills."""
+
+    placeholder = "<image>"
+
+    def __init__(self, config: Any, image_processor: Any):
+        self.config = config
+        self.processor = image_processor
+        self.image_token_id = int(getattr(config, "image_token_id", None)
+                                  if getattr(config, "image_token_id", None) is not None
+                                  else config.image_token_index)
+        v = config.vision_config
+        patches = (v.image_size // v.patch_size) ** 2
+        self.positions = patches + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+    def process(self, image: Any) -> tuple[dict[str, torch.Tensor], int]:
+        """(host tensors for `encode_images`, positions) of one RGB PIL image."""
+        out = self.processor(images=[image], return_tensors="pt")
+        return {"pixel_values": out["pixel_values"]}, self.positions
+
+
+LlavaForConditionalGeneration.image_inputs = LlavaImageInputs

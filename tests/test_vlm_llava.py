@@ -1,0 +1,235 @@
+"""LLaVA 1.5 through the server's OpenAI chat API with data-URL images, against transformers.
+
+A tiny random-weight `LlavaForConditionalGeneration` (CLIP ViT + MLP projector + Llama),
+saved with `save_pretrained` with its tokenizer and CLIP image processor
+(tests/vlm_fixtures.py), is served in float32 on the CPU with 8-token prefill chunks (so an
+image's 16 positions are split across steps). The reference is transformers' own
+`LlavaProcessor` (prompt expansion, pixels) and `generate` (greedy) on the same files; the
+prompt is written out from vicuna_v1.1's published format. Tokens agree up to a near-tie
+(top-2 gap < 1e-3).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("PIL")
+
+from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
+
+from asgl.config import EngineConfig  # noqa: E402
+from asgl.engine.loop.engine import Engine  # noqa: E402
+from asgl.server.app import build_app  # noqa: E402
+from vlm_fixtures import data_url, image_bytes, save_tiny_llava  # noqa: E402
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")  # the engine lives on the module's loop
+MAX_NEW = 8
+TIE_GAP = 1e-3
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
+          "assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory) -> str:
+    return save_tiny_llava(str(tmp_path_factory.mktemp("llava")))
+
+
+@pytest.fixture(scope="module")
+def hf(llava_dir):
+    from transformers import (AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+
+    model = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(llava_dir)
+    proc = LlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(
+        llava_dir, use_fast=False), tokenizer=tok, patch_size=8,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, proc, tok
+
+
+def _config(llava_dir: str, **kw) -> EngineConfig:
+    base = dict(model_path=llava_dir, dtype="float32", device="cpu", chunked_prefill_size=8,
+                max_total_tokens=4096, chat_template="vicuna_v1.1", max_images_per_request=3,
+                debug_check_integrity=True, disable_overlap_schedule=True)
+    base.update(kw)
+    return EngineConfig(**base)
+
+
+@pytest.fixture(scope="module")
+async def server(llava_dir):
+    cfg = _config(llava_dir)
+    engine = await Engine(cfg).start()
+    async with TestClient(TestServer(build_app(engine, cfg))) as client:
+        yield client, engine
+    await engine.shutdown()
+
+
+def _hf_greedy(hf, prompt: str, images: list[bytes]) -> tuple[list[int], list[float], int]:
+    """HF's greedy tokens, each step's top-2 gap, and the prompt's first image position."""
+    from PIL import Image
+
+    model, proc, _ = hf
+    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    inputs = proc(text=prompt, images=pil, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True)
+    n = inputs["input_ids"].shape[1]
+    tokens = out.sequences[0, n:].tolist()
+    gaps = [float((lambda t: t[0] - t[1])(s[0].topk(2).values)) for s in out.scores]
+    first_image = inputs["input_ids"][0].tolist().index(model.config.image_token_id)
+    return tokens, gaps, first_image
+
+
+def _agree(text: str, ref: list[int], gaps: list[float], tok) -> None:
+    """The served text is HF's decoded tokens, up to the first near-tie."""
+    n = next((i for i, g in enumerate(gaps) if g < TIE_GAP), len(ref))
+    expected = tok.decode(ref[:n], skip_special_tokens=True)
+    assert text.startswith(expected), f"served {text!r}, HF {expected!r} (tokens {ref})"
+    if n == len(ref):
+        assert text == tok.decode(ref, skip_special_tokens=True)
+
+
+def _chat(question: str, images: list[bytes], **extra) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(b)}} for b in images]
+    parts.append({"type": "text", "text": question})
+    body = {"model": "m", "messages": [{"role": "user", "content": parts}],
+            "max_tokens": MAX_NEW, "temperature": 0}
+    body.update(extra)
+    return body
+
+
+def _prompt(question: str, n_images: int) -> str:
+    """vicuna_v1.1 as published (FastChat / SGLang): system, " USER: ", " ASSISTANT:";
+    each image part is the placeholder, parts joined by newlines."""
+    content = "\n".join(["<image>"] * n_images + [question])
+    return f"<s>{SYSTEM} USER: {content} ASSISTANT:"
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+async def test_chat_with_images_matches_hf(server, hf, n_images):
+    client, engine = server
+    images = [image_bytes(10 + k, size=(40 + 9 * k, 30)) for k in range(n_images)]
+    question = "what is in this image?" if n_images == 1 else "compare the two images"
+    ref, gaps, _ = _hf_greedy(hf, _prompt(question, n_images), images)
+    resp = await client.post("/v1/chat/completions", json=_chat(question, images))
+    body = await resp.json()
+    assert resp.status == 200, body
+    _agree(body["choices"][0]["message"]["content"], ref, gaps, hf[2])
+    assert body["usage"]["prompt_tokens"] == len(hf[2](_prompt(question, n_images))["input_ids"]) \
+        - n_images + 16 * n_images  # each placeholder became 16 feature positions
+
+
+async def test_native_generate_image_data(server, hf):
+    client, _ = server
+    images = [image_bytes(21), image_bytes(22, size=(20, 50))]
+    prompt = _prompt("describe the picture in one word", 2)
+    ref, gaps, _ = _hf_greedy(hf, prompt, images)
+    import base64
+    body = {"text": prompt, "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0},
+            # a data URL and SGLang's bare base64
+            "image_data": [data_url(images[0]), base64.b64encode(images[1]).decode()]}
+    resp = await client.post("/generate", json=body)
+    out = await resp.json()
+    assert resp.status == 200, out
+    _agree(out["text"], ref, gaps, hf[2])
+
+
+async def test_same_image_hits_the_cache_and_one_pixel_misses(server, hf, llava_dir):
+    client, engine = server
+    img = image_bytes(31, size=(33, 47))
+    first = await (await client.post("/v1/chat/completions", json=_chat("hello world", [img]))).json()
+    encoded = engine.runner.mm_encoder.images_encoded
+    again = await (await client.post("/v1/chat/completions",
+                                     json=_chat("the quick brown fox", [img]))).json()
+    _, _, image_at = _hf_greedy(hf, _prompt("hello world", 1), [img])
+    cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= image_at + 16, (cached, image_at)  # the image's KV was reused...
+    assert engine.runner.mm_encoder.images_encoded == encoded  # ...and not encoded again
+    changed = image_bytes(31, size=(33, 47), change_pixel=True)
+    other = await (await client.post("/v1/chat/completions",
+                                     json=_chat("the quick brown fox", [changed]))).json()
+    assert other["usage"]["prompt_tokens_details"]["cached_tokens"] == image_at
+    assert engine.runner.mm_encoder.images_encoded == encoded + 1
+
+    # the same requests with the cache off give the same outputs
+    cfg = _config(llava_dir, disable_radix_cache=True)
+    plain = await Engine(cfg).start()
+    try:
+        async with TestClient(TestServer(build_app(plain, cfg))) as c2:
+            for body, got in ((_chat("hello world", [img]), first),
+                              (_chat("the quick brown fox", [img]), again),
+                              (_chat("the quick brown fox", [changed]), other)):
+                ref = await (await c2.post("/v1/chat/completions", json=body)).json()
+                assert ref["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+                assert ref["choices"][0]["message"] == got["choices"][0]["message"]
+    finally:
+        await plain.shutdown()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (no pixel data follows)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height,
+                                                              8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def _bad_bodies():
+    png = image_bytes(41)
+    part = lambda url: {"type": "image_url", "image_url": {"url": url}}  # noqa: E731
+    msg = lambda *parts: {"model": "m", "max_tokens": 2, "messages": [  # noqa: E731
+        {"role": "user", "content": list(parts) + [{"type": "text", "text": "hi"}]}]}
+    return {
+        "not an image": (msg(part(data_url(b"hello, I am text", "image/png"))), "not an image"),
+        "huge": (msg(part(data_url(_png_header(10000, 10000)))), "--max-image-pixels"),
+        "truncated": (msg(part(data_url(png[:len(png) // 2]))), "truncated"),
+        "too many": (msg(*[part(data_url(png))] * 4), "--max-images-per-request"),
+        "http": (msg(part("https://example.com/cat.png")), "--enable-image-url-fetch"),
+        "local path": (msg(part("file:///etc/passwd")), "--allowed-local-media-path"),
+        "bad base64": (msg(part("data:image/png;base64,@@@@")), "base64"),
+        "not image mime": (msg(part("data:text/plain;base64,aGk=")), "not an image"),
+        "detail": (msg({"type": "image_url", "image_url": {"url": data_url(png),
+                                                           "detail": "ultra"}}), "detail"),
+        "no url": (msg({"type": "image_url", "image_url": {"uri": "x"}}), "url"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_bodies()))
+async def test_bad_images_are_400_and_the_server_still_answers(server, case):
+    client, _ = server
+    body, needle = _bad_bodies()[case]
+    resp = await client.post("/v1/chat/completions", json=body)
+    err = await resp.json()
+    assert resp.status == 400, err
+    assert needle in err["error"]["message"], err
+    ok = await client.post("/v1/chat/completions", json=_chat("hi", [image_bytes(5)],
+                                                              max_tokens=2))
+    assert ok.status == 200
+
+
+async def test_native_bad_image_data(server):
+    client, _ = server
+    sp = {"max_new_tokens": 2}
+    cases = [({"text": "no placeholder here", "image_data": data_url(image_bytes(1)),
+               "sampling_params": sp}, "placeholder"),
+             ({"text": ["<image> a", "<image> b"], "image_data": [data_url(image_bytes(1))],
+               "sampling_params": sp}, "one per prompt"),
+             ({"text": "<image> a", "image_data": "http://10.0.0.1/x.png",
+               "sampling_params": sp}, "--enable-image-url-fetch"),
+             ({"text": "<image> a", "image_data": "%%%notbase64", "sampling_params": sp},
+              "base64")]
+    for body, needle in cases:
+        resp = await client.post("/generate", json=body)
+        err = await resp.json()
+        assert resp.status == 400 and needle in err["error"]["message"], (body, err)
+    resp = await client.post("/generate", json={"text": "<image> a", "sampling_params": sp,
+                                                "image_data": data_url(image_bytes(1))})
+    assert resp.status == 200

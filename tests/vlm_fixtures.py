@@ -1,0 +1,109 @@
+"""Tiny random-weight vision-language checkpoints for the CPU tests, saved the way users'
+checkpoints are (`save_pretrained` of the model, its tokenizer and its image processor), and
+the images they see. Built in a second or two each."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from typing import Any
+
+import numpy as np
+
+IMAGE_TOKEN = "<image>"
+_SPECIALS = ["<s>", "</s>", "<unk>", IMAGE_TOKEN, "<|im_start|>", "<|im_end|>",
+             "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+             "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+_CORPUS = ["the quick brown fox jumps over the lazy dog", "what is in this image?",
+           "describe the picture in one word", "user assistant system a cat a dog",
+           "USER: ASSISTANT: compare the two images", "hello world 0123456789"] * 20
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level BPE of a few hundred ids with the special tokens the templates use."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="</s>",
+                                   additional_special_tokens=_SPECIALS[3:])
+
+
+def _perturb_norms(model: Any, seed: int) -> None:
+    """LayerNorm / RMSNorm weights and biases random, so a mix-up of them shows."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or "layrnorm" in name:
+                p.copy_(p + 0.2 * torch.randn(p.shape, generator=g))
+
+
+def save_tiny_llava(path: str, *, image_size: int = 32, patch: int = 8, seed: int = 0,
+                    strategy: str = "default") -> str:
+    """A LLaVA 1.5 checkpoint (CLIP ViT + 2-layer MLP projector + Llama) of tiny sizes."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration)
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, image_size=image_size, patch_size=patch,
+                              projection_dim=32, hidden_act="quick_gelu")
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                         vision_feature_select_strategy=strategy, vision_feature_layer=-2,
+                         projector_hidden_act="gelu")
+    model = LlavaForConditionalGeneration(config).eval()
+    _perturb_norms(model, seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    size = {"shortest_edge": image_size}
+    CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(path)
+    return path
+
+
+def image_bytes(seed: int, size: tuple[int, int] = (40, 30), fmt: str = "PNG",
+                change_pixel: bool = False) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    if change_pixel:
+        arr[0, 0, 0] ^= 1
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def hf_pixel_values(path: str, images: list[bytes]) -> Any:
+    """The checkpoint's own image processor (transformers) over the images: the reference."""
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(path, use_fast=False)
+    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    return proc(images=pil, return_tensors="pt")["pixel_values"]
+
+
+if __name__ == "__main__":  # build one to look at: python tests/vlm_fixtures.py DIR
+    import sys
+    print(save_tiny_llava(sys.argv[1] if len(sys.argv) > 1 else os.path.join("/tmp", "llava")))
