@@ -25,11 +25,11 @@ from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 from asgl.config import EngineConfig  # noqa: E402
 from asgl.engine.loop.engine import Engine  # noqa: E402
 from asgl.server.app import build_app  # noqa: E402
-from vlm_fixtures import data_url, image_bytes, save_tiny_llava  # noqa: E402
+from vlm_fixtures import (agree, data_url, hf_greedy, hf_llava, image_bytes,  # noqa: E402
+                          save_tiny_llava)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")  # the engine lives on the module's loop
 MAX_NEW = 8
-TIE_GAP = 1e-3
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
           "assistant gives helpful, detailed, and polite answers to the user's questions.")
 
@@ -41,15 +41,7 @@ def llava_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def hf(llava_dir):
-    from transformers import (AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration,
-                              LlavaProcessor)
-
-    model = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(llava_dir)
-    proc = LlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(
-        llava_dir, use_fast=False), tokenizer=tok, patch_size=8,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    return model, proc, tok
+    return hf_llava(llava_dir)
 
 
 def _config(llava_dir: str, **kw) -> EngineConfig:
@@ -70,28 +62,11 @@ async def server(llava_dir):
 
 
 def _hf_greedy(hf, prompt: str, images: list[bytes]) -> tuple[list[int], list[float], int]:
-    """HF's greedy tokens, each step's top-2 gap, and the prompt's first image position."""
-    from PIL import Image
-
-    model, proc, _ = hf
-    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
-    inputs = proc(text=prompt, images=pil, return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False,
-                         output_scores=True, return_dict_in_generate=True)
-    n = inputs["input_ids"].shape[1]
-    tokens = out.sequences[0, n:].tolist()
-    gaps = [float((lambda t: t[0] - t[1])(s[0].topk(2).values)) for s in out.scores]
-    first_image = inputs["input_ids"][0].tolist().index(model.config.image_token_id)
-    return tokens, gaps, first_image
+    return hf_greedy(hf, prompt, images, MAX_NEW)
 
 
 def _agree(text: str, ref: list[int], gaps: list[float], tok) -> None:
-    """The served text is HF's decoded tokens, up to the first near-tie."""
-    n = next((i for i, g in enumerate(gaps) if g < TIE_GAP), len(ref))
-    expected = tok.decode(ref[:n], skip_special_tokens=True)
-    assert text.startswith(expected), f"served {text!r}, HF {expected!r} (tokens {ref})"
-    if n == len(ref):
-        assert text == tok.decode(ref, skip_special_tokens=True)
+    agree(text, ref, gaps, tok)
 
 
 def _chat(question: str, images: list[bytes], **extra) -> dict:

@@ -104,6 +104,52 @@ def hf_pixel_values(path: str, images: list[bytes]) -> Any:
     return proc(images=pil, return_tensors="pt")["pixel_values"]
 
 
+TIE_GAP = 1e-3  # top-2 logit gap below which two greedy continuations may differ
+
+
+def hf_llava(path: str) -> tuple:
+    """transformers' LLaVA on the files: (model, LlavaProcessor, tokenizer)."""
+    import torch
+    from transformers import (AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration,
+                              LlavaProcessor)
+
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    cfg = model.config
+    proc = LlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(
+        path, use_fast=False), tokenizer=tok, patch_size=cfg.vision_config.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        num_additional_image_tokens=1)
+    return model, proc, tok
+
+
+def hf_greedy(hf: tuple, prompt: str, images: list[bytes], max_new: int
+              ) -> tuple[list[int], list[float], int]:
+    """transformers' greedy tokens (its processor expands the prompt's image tokens), each
+    step's top-2 gap, and the prompt's first image position."""
+    from PIL import Image
+
+    model, proc, _ = hf
+    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    inputs = proc(text=prompt, images=pil, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False,
+                         output_scores=True, return_dict_in_generate=True)
+    n = inputs["input_ids"].shape[1]
+    tokens = out.sequences[0, n:].tolist()
+    gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    first_image = inputs["input_ids"][0].tolist().index(model.config.image_token_id)
+    return tokens, gaps, first_image
+
+
+def agree(text: str, ref: list[int], gaps: list[float], tok: Any) -> None:
+    """The served text is transformers' decoded tokens, up to the first near-tie."""
+    n = next((i for i, g in enumerate(gaps) if g < TIE_GAP), len(ref))
+    expected = tok.decode(ref[:n], skip_special_tokens=True)
+    assert text.startswith(expected), f"served {text!r}, HF {expected!r} (tokens {ref})"
+    if n == len(ref):
+        assert text == tok.decode(ref, skip_special_tokens=True), (text, ref)
+
+
 if __name__ == "__main__":  # build one to look at: python tests/vlm_fixtures.py DIR
     import sys
     print(save_tiny_llava(sys.argv[1] if len(sys.argv) > 1 else os.path.join("/tmp", "llava")))

@@ -247,6 +247,8 @@ async def get_model_info(request: web.Request) -> web.Response:
         "vocab_size": state.vocab_size,
         # the resolved template (tokenizer's or --chat-template), for frontend clients
         "chat_template": getattr(state.engine, "chat_template", None),
+        # a vision-language model's image placeholder (frontends put it where images go)
+        "image_token": getattr(getattr(state.engine, "images", None), "placeholder", None),
     })
 
 
