@@ -48,11 +48,13 @@ def _perturb_norms(model: Any, seed: int) -> None:
 
 
 def save_tiny_llava(path: str, *, image_size: int = 32, patch: int = 8, seed: int = 0,
-                    strategy: str = "default") -> str:
-    """A LLaVA 1.5 checkpoint (CLIP ViT + 2-layer MLP projector + Llama) of tiny sizes."""
+                    strategy: str = "default", kind: str = "llava") -> str:
+    """A LLaVA 1.5 (kind "llava") or LLaVA-NeXT (kind "next": anyres tiles over a grid of
+    pinpoints, image newline) checkpoint of tiny sizes: CLIP ViT + MLP projector + Llama."""
     import torch
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration)
+                              LlavaForConditionalGeneration, LlavaNextConfig,
+                              LlavaNextForConditionalGeneration, LlavaNextImageProcessor)
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
@@ -63,17 +65,25 @@ def save_tiny_llava(path: str, *, image_size: int = 32, patch: int = 8, seed: in
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-                         vision_feature_select_strategy=strategy, vision_feature_layer=-2,
-                         projector_hidden_act="gelu")
-    model = LlavaForConditionalGeneration(config).eval()
+    common = dict(vision_config=vision, text_config=text,
+                  image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                  vision_feature_select_strategy=strategy, vision_feature_layer=-2,
+                  projector_hidden_act="gelu")
+    crop = {"height": image_size, "width": image_size}
+    if kind == "next":
+        pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size],
+                     [2 * image_size, 2 * image_size], [3 * image_size, image_size]]
+        model = LlavaNextForConditionalGeneration(
+            LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)).eval()
+        processor = LlavaNextImageProcessor(size={"shortest_edge": image_size}, crop_size=crop,
+                                            image_grid_pinpoints=pinpoints)
+    else:
+        model = LlavaForConditionalGeneration(LlavaConfig(**common)).eval()
+        processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size=crop)
     _perturb_norms(model, seed)
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    size = {"shortest_edge": image_size}
-    CLIPImageProcessor(size=size, crop_size={"height": image_size, "width": image_size}
-                       ).save_pretrained(path)
+    processor.save_pretrained(path)
     return path
 
 
@@ -108,25 +118,30 @@ TIE_GAP = 1e-3  # top-2 logit gap below which two greedy continuations may diffe
 
 
 def hf_llava(path: str) -> tuple:
-    """transformers' LLaVA on the files: (model, LlavaProcessor, tokenizer)."""
+    """transformers on the files: (model, processor, tokenizer); LLaVA or LLaVA-NeXT, as
+    config.json says."""
     import torch
-    from transformers import (AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration,
-                              LlavaProcessor)
+    from transformers import (AutoConfig, AutoImageProcessor, AutoTokenizer,
+                              LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor, LlavaProcessor)
 
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    is_next = AutoConfig.from_pretrained(path).model_type == "llava_next"
+    model_cls = LlavaNextForConditionalGeneration if is_next else LlavaForConditionalGeneration
+    proc_cls = LlavaNextProcessor if is_next else LlavaProcessor
+    model = model_cls.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     cfg = model.config
-    proc = LlavaProcessor(image_processor=AutoImageProcessor.from_pretrained(
-        path, use_fast=False), tokenizer=tok, patch_size=cfg.vision_config.patch_size,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        num_additional_image_tokens=1)
+    proc = proc_cls(image_processor=AutoImageProcessor.from_pretrained(path, use_fast=False),
+                    tokenizer=tok, patch_size=cfg.vision_config.patch_size,
+                    vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                    num_additional_image_tokens=1)
     return model, proc, tok
 
 
 def hf_greedy(hf: tuple, prompt: str, images: list[bytes], max_new: int
-              ) -> tuple[list[int], list[float], int]:
+              ) -> tuple[list[int], list[float], int, int]:
     """transformers' greedy tokens (its processor expands the prompt's image tokens), each
-    step's top-2 gap, and the prompt's first image position."""
+    step's top-2 gap, the prompt's first image position and its length."""
     from PIL import Image
 
     model, proc, _ = hf
@@ -138,7 +153,7 @@ def hf_greedy(hf: tuple, prompt: str, images: list[bytes], max_new: int
     tokens = out.sequences[0, n:].tolist()
     gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
     first_image = inputs["input_ids"][0].tolist().index(model.config.image_token_id)
-    return tokens, gaps, first_image
+    return tokens, gaps, first_image, n
 
 
 def agree(text: str, ref: list[int], gaps: list[float], tok: Any) -> None:

@@ -20,6 +20,8 @@ _MODELS: dict[str, tuple[str, str]] = {
         "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM", "StableLmForCausalLM",
         "CohereForCausalLM", "Cohere2ForCausalLM")},
     "LlavaForConditionalGeneration": ("asgl.models.llava", "LlavaForConditionalGeneration"),
+    "LlavaNextForConditionalGeneration": ("asgl.models.llava_next",
+                                          "LlavaNextForConditionalGeneration"),
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")
