@@ -131,12 +131,14 @@ async def test_same_image_hits_the_cache_and_one_pixel_misses(server, hf, llava_
     img = image_bytes(31, size=(33, 47))
     first = await (await client.post("/v1/chat/completions", json=_chat("hello world", [img]))).json()
     encoded = engine.runner.mm_encoder.images_encoded
+    preprocessed = engine.images.preprocessed
     again = await (await client.post("/v1/chat/completions",
                                      json=_chat("the quick brown fox", [img]))).json()
     _, _, image_at = _hf_greedy(hf, _prompt("hello world", 1), [img])
     cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert cached >= image_at + 16, (cached, image_at)  # the image's KV was reused...
     assert engine.runner.mm_encoder.images_encoded == encoded  # ...and not encoded again
+    assert engine.images.preprocessed == preprocessed  # nor decoded and resized again
     changed = image_bytes(31, size=(33, 47), change_pixel=True)
     other = await (await client.post("/v1/chat/completions",
                                      json=_chat("the quick brown fox", [changed]))).json()

@@ -36,7 +36,7 @@ from asgl.engine.loop.streams import RequestStream
 from asgl.engine.contracts.step import StepPlan
 from asgl.engine.sampling.batch import SamplingBatch
 from asgl.engine.scheduler.req import Req
-from asgl.engine.contracts.errors import EngineNotRunning, InvalidRequest
+from asgl.engine.contracts.errors import EngineNotRunning, InvalidRequest, ModelLoadError
 from asgl.engine.contracts.sampling_params import SamplingParams
 from asgl.engine.scheduler.scheduler import NEED_DRAIN, ScheduledBatch, Scheduler
 from asgl.engine.worker.device_worker import DeviceWorker
@@ -92,9 +92,10 @@ class Engine:
         if cfg.is_embedding:
             return await self._start_embedding()
         # tp_size > 1: a TPModelRunner that also drives the other ranks (asgl/engine/tp.py)
+        # a vision-language model's image front (before the ranks start: it may refuse)
+        self.images = await loop.run_in_executor(None, _image_inputs, cfg, self.source)
         self.runner = await self.worker.run(create_model_runner, cfg, self.source)
         hf = self.source.hf_config
-        self.images = await loop.run_in_executor(None, _image_inputs, cfg, self.source)
         on_cpu = self.runner.device.type == "cpu"
         max_running = cfg.max_running_requests or (64 if on_cpu else 1024)
         text_hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf  # (VLMs)
@@ -601,8 +602,14 @@ def _image_inputs(cfg: EngineConfig, source: Any) -> Any:
     if cfg.is_embedding:
         return None
     arch = list(getattr(source.hf_config, "architectures", None) or [])
-    return ImageInputs.for_model(get_model_class(arch), source.hf_config,
-                                 source.weights_dir or source.model_path, cfg)
+    images = ImageInputs.for_model(get_model_class(arch), source.hf_config,
+                                   source.weights_dir or source.model_path, cfg)
+    if images is not None and cfg.tp_size > 1:
+        images.shutdown()
+        # the step broadcast to the other ranks carries token ids, not image features
+        raise ModelLoadError(f"{arch[0]} is a vision-language model: it runs on one rank "
+                             "(--tp 1) for now")
+    return images
 
 
 def _release_device_memory() -> None:

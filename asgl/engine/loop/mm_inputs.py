@@ -20,7 +20,9 @@ import hashlib
 import io
 import logging
 import os
+import threading
 import warnings
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence
 
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 # Seconds one request's images may take to decode and preprocess.
 PREPROCESS_TIMEOUT_S = 60.0
+# Preprocessed images kept by the digest of their encoded bytes: an image sent again (a
+# conversation's next turn, many requests about one picture) skips decoding and resizing.
+PREPROCESSED_CACHE = 32
 
 
 def load_image_processor(model_dir: str) -> Any:
@@ -58,6 +63,9 @@ class ImageInputs:
         self.max_pixels = max_pixels
         self._pool = ThreadPoolExecutor(threads or max(1, min(4, os.cpu_count() or 1)),
                                         thread_name_prefix="asgl-images")
+        self._done: OrderedDict[bytes, tuple[dict, int, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.preprocessed = 0  # images decoded and preprocessed (not served from the cache)
 
     @classmethod
     def for_model(cls, model_cls: type, hf_config: Any, model_dir: Optional[str],
@@ -113,7 +121,26 @@ class ImageInputs:
         return out, MMInputs(items)
 
     def _process(self, image: Any, where: str) -> tuple[dict, int, int]:
-        """On the image pool: decode, check, digest and preprocess one image."""
+        """On the image pool: decode, check, digest and preprocess one image (or find it
+        preprocessed already, by its encoded bytes)."""
+        key = None
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            key = hashlib.blake2b(bytes(image), digest_size=16).digest()
+            with self._lock:
+                hit = self._done.get(key)
+                if hit is not None:
+                    self._done.move_to_end(key)
+                    return hit
+        out = self._preprocess(image, where)
+        if key is not None:
+            with self._lock:
+                self._done[key] = out
+                while len(self._done) > PREPROCESSED_CACHE:
+                    self._done.popitem(last=False)
+        return out
+
+    def _preprocess(self, image: Any, where: str) -> tuple[dict, int, int]:
+        self.preprocessed += 1
         rgb = decode_image(image, self.max_pixels, where)
         h = hashlib.blake2b(digest_size=8)
         h.update(f"{rgb.size[0]}x{rgb.size[1]}".encode())

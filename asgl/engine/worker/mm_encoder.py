@@ -18,9 +18,11 @@ import torch
 
 from asgl.engine.contracts.multimodal import MMChunk
 
-# Features of this many images stay on the device (a LLaVA-NeXT image: ~2.9k x 4096 bf16,
-# 24 MiB; 64 of them 1.5 GiB at most, usually far less).
-MAX_CACHED_IMAGES = 64
+# Features of this many images stay on the device (a LLaVA-NeXT-8B image: 2,928 x 4096 bf16,
+# 24 MiB). An image's features are needed only until its last prefill chunk ran (a prompt
+# is chunked by --chunked-prefill-size, so a few images are in flight at once); later
+# requests with the same image share its KV through the radix cache instead.
+MAX_CACHED_IMAGES = 16
 
 
 class MultimodalEncoder:
