@@ -1,12 +1,17 @@
-"""LLaVA 1.5 through the server's OpenAI chat API with data-URL images, against transformers.
+"""Vision-language models through the server's OpenAI chat API with data-URL images,
+against transformers: LLaVA 1.5, LLaVA-NeXT and Qwen2-VL.
 
 A tiny random-weight `LlavaForConditionalGeneration` (CLIP ViT + MLP projector + Llama),
 saved with `save_pretrained` with its tokenizer and CLIP image processor
 (tests/vlm_fixtures.py), is served in float32 on the CPU with 8-token prefill chunks (so an
 image's 16 positions are split across steps). The reference is transformers' own
 `LlavaProcessor` (prompt expansion, pixels) and `generate` (greedy) on the same files; the
-prompt is written out from vicuna_v1.1's published format. Tokens agree up to a near-tie
-(top-2 gap < 1e-3).
+prompt is written out from vicuna_v1.1's published format. LLaVA-NeXT likewise
+(`LlavaNextProcessor`); Qwen2-VL's prompt (qwen2-vl's format) is expanded by its image
+processor's grids (h * w / merge^2 per image, which the HF model checks against its
+features) and HF computes the M-RoPE positions itself. Tokens agree up to a near-tie
+(top-2 gap < 1e-3). The families run with overlap scheduling on, the LLaVA server with it
+off.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 from asgl.config import EngineConfig  # noqa: E402
 from asgl.engine.loop.engine import Engine  # noqa: E402
 from asgl.server.app import build_app  # noqa: E402
-from vlm_fixtures import (agree, data_url, hf_greedy, hf_llava, image_bytes,  # noqa: E402
-                          save_tiny_llava)
+from vlm_fixtures import (agree, data_url, hf_greedy, hf_llava, hf_qwen2_vl_greedy,  # noqa
+                          image_bytes, save_tiny_llava, save_tiny_qwen2_vl)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")  # the engine lives on the module's loop
 MAX_NEW = 8
@@ -85,29 +90,59 @@ def _prompt(question: str, n_images: int) -> str:
     return f"<s>{SYSTEM} USER: {content} ASSISTANT:"
 
 
-@pytest.fixture(scope="module", params=["llava", "next"])
+QWEN_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def _qwen_prompt(question: str, n_images: int) -> str:
+    """qwen2-vl as published: ChatML with the default system message."""
+    content = "\n".join([QWEN_PLACEHOLDER] * n_images + [question])
+    return ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+            f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.fixture(scope="module", params=["llava", "next", "qwen2-vl"])
 async def family(request, tmp_path_factory):
-    """LLaVA 1.5, and LLaVA-NeXT (anyres: images of other aspect ratios pick other grids,
-    so two images fill different numbers of positions): (client, HF reference)."""
-    path = save_tiny_llava(str(tmp_path_factory.mktemp(request.param)), kind=request.param,
-                           seed=1)
-    cfg = _config(path)
+    """LLaVA 1.5; LLaVA-NeXT (anyres: images of other aspect ratios pick other grids, so
+    two images fill different numbers of positions); Qwen2-VL (native resolution, M-RoPE).
+    Yields (client, reference(question, images) -> HF's tokens, gaps, _, prompt length,
+    tokenizer)."""
+    kind = request.param
+    path = str(tmp_path_factory.mktemp(kind))
+    if kind == "qwen2-vl":
+        save_tiny_qwen2_vl(path, seed=1)
+        import transformers
+        model = transformers.Qwen2VLForConditionalGeneration.from_pretrained(
+            path, dtype=torch.float32).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+
+        def reference(question, images):
+            return hf_qwen2_vl_greedy(path, _qwen_prompt(question, len(images)), images,
+                                      MAX_NEW, hf=model)
+    else:
+        save_tiny_llava(path, kind=kind, seed=1)
+        hf = hf_llava(path)
+        tok = hf[2]
+
+        def reference(question, images):
+            return hf_greedy(hf, _prompt(question, len(images)), images, MAX_NEW)
+    cfg = _config(path, chat_template="qwen2-vl" if kind == "qwen2-vl" else "vicuna_v1.1",
+                  disable_overlap_schedule=False)
     engine = await Engine(cfg).start()
     async with TestClient(TestServer(build_app(engine, cfg))) as client:
-        yield client, hf_llava(path)
+        yield client, reference, tok
     await engine.shutdown()
 
 
 @pytest.mark.parametrize("n_images", [1, 2])
 async def test_chat_with_images_matches_hf(family, n_images):
-    client, hf = family
+    client, reference, tok = family
     images = [image_bytes(10 + k, size=(40 + 41 * k, 30)) for k in range(n_images)]
     question = "what is in this image?" if n_images == 1 else "compare the two images"
-    ref, gaps, _, n_prompt = hf_greedy(hf, _prompt(question, n_images), images, MAX_NEW)
+    ref, gaps, _, n_prompt = reference(question, images)
     resp = await client.post("/v1/chat/completions", json=_chat(question, images))
     body = await resp.json()
     assert resp.status == 200, body
-    _agree(body["choices"][0]["message"]["content"], ref, gaps, hf[2])
+    _agree(body["choices"][0]["message"]["content"], ref, gaps, tok)
     assert body["usage"]["prompt_tokens"] == n_prompt  # placeholders expanded as HF does
 
 

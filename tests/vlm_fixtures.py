@@ -87,6 +87,66 @@ def save_tiny_llava(path: str, *, image_size: int = 32, patch: int = 8, seed: in
     return path
 
 
+def save_tiny_qwen2_vl(path: str, *, seed: int = 0) -> str:
+    """A Qwen2-VL checkpoint of tiny sizes (ViT with 2-D RoPE and a 2x2 patch merger,
+    Qwen2 decoder with M-RoPE sections 2/3/3 of a 16-dim head), patches of 4 pixels."""
+    import torch
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor)
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    ids = tok.convert_tokens_to_ids
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3]})
+    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
+                  patch_size=4, temporal_patch_size=2, spatial_merge_size=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision,
+                           image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                           vision_start_token_id=ids("<|vision_start|>"),
+                           vision_end_token_id=ids("<|vision_end|>"))
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    _perturb_norms(model, seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    Qwen2VLImageProcessor(size={"shortest_edge": 8 * 8, "longest_edge": 64 * 64}, patch_size=4,
+                          temporal_patch_size=2, merge_size=2).save_pretrained(path)
+    return path
+
+
+def hf_qwen2_vl_greedy(path: str, prompt: str, images: list[bytes], max_new: int, hf=None
+                       ) -> tuple[list[int], list[float], int, int]:
+    """transformers' Qwen2-VL greedy tokens on `prompt`, whose image placeholders
+    (<|image_pad|> once each) are expanded to grid / merge^2 tokens here; also each step's
+    top-2 gap, the first image position and the prompt's length."""
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2VLForConditionalGeneration
+
+    model = hf or Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    proc = AutoImageProcessor.from_pretrained(path, use_fast=False)
+    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+    inputs = proc(images=pil, return_tensors="pt")
+    counts = (inputs["image_grid_thw"].prod(-1) // 4).tolist()
+    pieces = prompt.split("<|image_pad|>")
+    text = pieces[0] + "".join("<|image_pad|>" * n + rest for n, rest in zip(counts, pieces[1:]))
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    image_id = model.config.image_token_id
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         mm_token_type_ids=(ids == image_id).int(),
+                         pixel_values=inputs["pixel_values"],
+                         image_grid_thw=inputs["image_grid_thw"], max_new_tokens=max_new,
+                         do_sample=False, output_scores=True, return_dict_in_generate=True)
+    n = ids.shape[1]
+    gaps = [float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores]
+    return out.sequences[0, n:].tolist(), gaps, ids[0].tolist().index(image_id), n
+
+
 def image_bytes(seed: int, size: tuple[int, int] = (40, 30), fmt: str = "PNG",
                 change_pixel: bool = False) -> bytes:
     from PIL import Image

@@ -22,6 +22,7 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlavaForConditionalGeneration": ("asgl.models.llava", "LlavaForConditionalGeneration"),
     "LlavaNextForConditionalGeneration": ("asgl.models.llava_next",
                                           "LlavaNextForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": ("asgl.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")

@@ -14,6 +14,14 @@ Each step, the scheduler hands the worker, in `ForwardBatch.extra["mm"]`, one `M
 per image whose positions the step computes: which of the image's feature rows go to which
 rows of the step's tokens (chunked prefill may split an image across steps). The worker
 encodes an image once and keeps its features while later chunks still need them.
+
+Multimodal RoPE (Qwen2-VL): an image's positions carry 3-D rotary positions (temporal,
+row, column: `MMItem.mrope`, relative to the image's first rotary position) and advance the
+rotary position by `MMItem.advance` (its largest grid side), not by its length. Text keeps
+1-D positions (the three components equal), shifted by what the images before it saved:
+`MMInputs.positions` gives the scheduler those shifted 1-D positions (decode steps too,
+so they need no 3-D positions and replay CUDA graphs as before), and each `MMChunk`
+carries its image's first rotary position for the model to build the 3-D rows.
 """
 
 from __future__ import annotations
@@ -34,6 +42,10 @@ class MMItem:
     # host tensors the model's encoder reads (pixel_values, image_sizes, grid_thw, ...)
     data: dict[str, Any] = field(default_factory=dict)
     modality: str = "image"
+    # M-RoPE: [3, length] rotary positions relative to the image's first one, and how far
+    # the image advances the rotary position (None / 0: plain 1-D positions)
+    mrope: Any = None
+    advance: int = 0
 
     @property
     def cache_id(self) -> int:
@@ -43,6 +55,38 @@ class MMItem:
 @dataclass(eq=False)
 class MMInputs:
     items: list[MMItem]
+    # rotary shift (rotary position - sequence index) in force from each item's first
+    # position, and after it; empty without M-RoPE
+    shift_before: list[int] = field(default_factory=list)
+    shift_after: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if any(it.mrope is not None for it in self.items):
+            shift = 0
+            for it in self.items:
+                self.shift_before.append(shift)
+                shift += it.advance - it.length
+                self.shift_after.append(shift)
+
+    @property
+    def final_shift(self) -> int:
+        """The shift of every position after the last image (the rest of the prompt and
+        the output)."""
+        return self.shift_after[-1] if self.shift_after else 0
+
+    def positions(self, start: int, n: int) -> list[int]:
+        """1-D rotary positions of sequence positions [start, start + n): each shifted by
+        the images before it (an image's own rows get its first rotary position; the model
+        replaces them with their 3-D positions)."""
+        out = []
+        for p in range(start, start + n):
+            shift = 0
+            for it, before, after in zip(self.items, self.shift_before, self.shift_after):
+                if p < it.offset:
+                    break
+                shift = before if p < it.offset + it.length else after
+            out.append(p + shift)
+        return out
 
     def cache_ids(self, prompt_ids: list[int]) -> list[int]:
         """The prompt as the radix cache keys it: image positions carry their image's id."""
@@ -55,10 +99,12 @@ class MMInputs:
         """The image rows that prompt positions [start, start + n) need; the step's token
         row of position `start` is `row`."""
         out = []
-        for item in self.items:
+        for k, item in enumerate(self.items):
             lo, hi = max(start, item.offset), min(start + n, item.offset + item.length)
             if lo < hi:
-                out.append(MMChunk(item, lo - item.offset, hi - item.offset, row + lo - start))
+                rope = item.offset + self.shift_before[k] if self.shift_before else 0
+                out.append(MMChunk(item, lo - item.offset, hi - item.offset, row + lo - start,
+                                   rope))
         return out
 
 
@@ -68,6 +114,7 @@ class MMChunk:
     start: int  # first feature row of the item this step needs
     end: int  # one past the last
     dest: int  # the step's token row of feature row `start`
+    rope_start: int = 0  # M-RoPE: the image's first rotary position (MMItem.mrope adds to it)
 
 
 def feature_rows(chunks: list[MMChunk]) -> Optional[int]:

@@ -112,15 +112,16 @@ class ImageInputs:
         out: list[int] = []
         items: list[MMItem] = []
         prev = 0
-        for slot, (data, n, digest) in zip(slots, done):
+        for slot, (data, n, digest, mrope, advance) in zip(slots, done):
             out.extend(ids[prev:slot])
-            items.append(MMItem(digest=digest, offset=len(out), length=n, data=data))
+            items.append(MMItem(digest=digest, offset=len(out), length=n, data=data,
+                                mrope=mrope, advance=advance))
             out.extend([self.image_token_id] * n)
             prev = slot + 1
         out.extend(ids[prev:])
         return out, MMInputs(items)
 
-    def _process(self, image: Any, where: str) -> tuple[dict, int, int]:
+    def _process(self, image: Any, where: str) -> tuple:
         """On the image pool: decode, check, digest and preprocess one image (or find it
         preprocessed already, by its encoded bytes)."""
         key = None
@@ -139,7 +140,8 @@ class ImageInputs:
                     self._done.popitem(last=False)
         return out
 
-    def _preprocess(self, image: Any, where: str) -> tuple[dict, int, int]:
+    def _preprocess(self, image: Any, where: str) -> tuple:
+        """(host tensors, positions, digest, M-RoPE positions or None, rotary advance)."""
         self.preprocessed += 1
         rgb = decode_image(image, self.max_pixels, where)
         h = hashlib.blake2b(digest_size=8)
@@ -147,11 +149,13 @@ class ImageInputs:
         h.update(rgb.tobytes())
         digest = int.from_bytes(h.digest(), "little")
         try:
-            data, n = self.spec.process(rgb)
+            # (data, positions), or with M-RoPE (data, positions, 3-D positions, advance)
+            data, n, *rope = self.spec.process(rgb)
         except Exception as e:  # noqa: BLE001 - the processor refused this image
             raise InvalidRequest(f"{where}: the image processor failed on this image: {e}",
                                  where) from None
-        return data, n, digest
+        mrope, advance = rope if rope else (None, 0)
+        return data, n, digest, mrope, advance
 
 
 def decode_image(image: Any, max_pixels: int, where: str) -> Any:

@@ -308,6 +308,7 @@ class Scheduler:
         num_decodes = 0
         placeholders = False
         mm_chunks: list = []  # image rows this step computes (contracts/multimodal.py)
+        rope_positions = None  # positions shifted by M-RoPE images (a copy: see below)
         for req, n in plan:
             start = req.num_computed
             p = len(req.prompt_ids)
@@ -327,6 +328,13 @@ class Scheduler:
                 input_ids.extend(ids)
                 if req.mm is not None and start < p:
                     mm_chunks.extend(req.mm.chunks(start, n, offset))
+            if req.mm is not None and req.mm.shift_after:
+                # M-RoPE: rotary positions differ from sequence positions after an image.
+                # A copy: `positions` was handed to memory.extend (table writes) above.
+                if rope_positions is None:
+                    rope_positions = np.array(positions, dtype=np.int64)
+                rope_positions[offset:offset + n] = req.mm.positions(start, n) \
+                    if start < p else np.arange(start, start + n) + req.mm.final_shift
             # prompt logprobs: row at position p scores prompt token p + 1
             if req.logprob_start_len >= 0:
                 lo = max(start, max(req.logprob_start_len, 1, req.prompt_lp_next) - 1)
@@ -359,7 +367,8 @@ class Scheduler:
         mode = (ForwardMode.DECODE if decode_only else
                 ForwardMode.MIXED if num_decodes else ForwardMode.EXTEND)
         forward = ForwardBatch.build(
-            mode=mode, input_ids=input_ids, positions=positions, out_cache_loc=slots,
+            mode=mode, input_ids=input_ids,
+            positions=positions if rope_positions is None else rope_positions, out_cache_loc=slots,
             req_pool_indices=rows, prefix_lens=starts, extend_lens=ns,
             logits_rows=logits_rows, sample_rows=sample_rows, device=torch.device("cpu"))
         forward.extra["placeholders"] = placeholders
