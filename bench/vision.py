@@ -1,12 +1,14 @@
 """Vision-language serving: time to first token with fresh and with repeated images.
 
-    python bench/vision.py --shape llava-next-8b [--num-requests 256] [--output r.jsonl]
-        [any engine option, e.g. --mem-fraction-static 0.85]
+    python bench/vision.py --shape llava-next-8b|qwen2-vl-7b [--num-requests 256]
+        [--output r.jsonl] [any engine option, e.g. --mem-fraction-static 0.85]
 
 A LLaVA-NeXT-8B-shaped model (llama3-llava-next-8b: Llama-3-8B + CLIP ViT-L/14-336, anyres
 grids up to 2x2 tiles of 336) with dummy weights, written to a temporary directory with its
-image processor config. Each request is one 672x672 image (2,928 positions: base tile 576
-+ a 48x48 map with 48 newlines) followed by 64 random text tokens, 128 output tokens
+image processor config; or a Qwen2-VL-7B-shaped one (its ViT of 32 layers, M-RoPE). Each
+request is one 672x672 image (LLaVA-NeXT: 2,928 positions, base tile 576 + a 48x48 map with
+48 newlines; Qwen2-VL: 48x48 patches merged 2x2, 576) followed by 64 random text tokens,
+128 output tokens
 (greedy, ignore_eos), all submitted at once to the in-process Engine:
 
 - fresh: every request has its own image (decoded, preprocessed, encoded, prefilled);
@@ -44,8 +46,26 @@ OUTPUT_TOKENS = 128
 def write_model(path: str, shape: str) -> int:
     """config.json + preprocessor_config.json of the shape; returns its image token id."""
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
-                              LlavaNextImageProcessor)
+                              LlavaNextImageProcessor, Qwen2VLConfig, Qwen2VLImageProcessor)
 
+    if shape == "qwen2-vl-7b":  # Qwen2-VL-7B-Instruct's published config
+        text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                    num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                    max_position_embeddings=32768, rms_norm_eps=1e-6,
+                    bos_token_id=151643, eos_token_id=151645,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                     "mrope_section": [16, 24, 24]})
+        vision = dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4,
+                      patch_size=14, temporal_patch_size=2, spatial_merge_size=2)
+        config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=151655,
+                               video_token_id=151656, vision_start_token_id=151652,
+                               vision_end_token_id=151653)
+        config.architectures = ["Qwen2VLForConditionalGeneration"]
+        config.save_pretrained(path)
+        Qwen2VLImageProcessor(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
+                              patch_size=14, temporal_patch_size=2,
+                              merge_size=2).save_pretrained(path)
+        return 151655
     if shape == "llava-next-8b":  # llama3-llava-next-8b-hf's published config
         text = LlamaConfig(vocab_size=128320, hidden_size=4096, intermediate_size=14336,
                            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
@@ -64,7 +84,7 @@ def write_model(path: str, shape: str) -> int:
                                   hidden_act="quick_gelu")
         tile, image_token = 336, 500
     else:
-        raise SystemExit(f"unknown --shape {shape!r} (llava-next-8b, tiny)")
+        raise SystemExit(f"unknown --shape {shape!r} (llava-next-8b, qwen2-vl-7b, tiny)")
     pinpoints = [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile], [3 * tile, tile],
                  [tile, 3 * tile]]
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=image_token,
