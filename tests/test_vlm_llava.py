@@ -9,7 +9,9 @@ image's 16 positions are split across steps). The reference is transformers' own
 prompt is written out from vicuna_v1.1's published format. LLaVA-NeXT likewise
 (`LlavaNextProcessor`); Qwen2-VL's prompt (qwen2-vl's format) is expanded by its image
 processor's grids (h * w / merge^2 per image, which the HF model checks against its
-features) and HF computes the M-RoPE positions itself. Tokens agree up to a near-tie
+features) and HF computes the M-RoPE positions itself. LLaVA-OneVision's prompt is expanded
+by LlavaOnevisionProcessor's own counting (its video processor needs torchvision, so the
+counts are called on a stand-in, tests/vlm_fixtures.py). Tokens agree up to a near-tie
 (top-2 gap < 1e-3). The families run with overlap scheduling on, the LLaVA server with it
 off.
 """
@@ -100,10 +102,12 @@ def _qwen_prompt(question: str, n_images: int) -> str:
             f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n")
 
 
-@pytest.fixture(scope="module", params=["llava", "next", "qwen2-vl"])
+@pytest.fixture(scope="module", params=["llava", "next", "onevision", "qwen2-vl"])
 async def family(request, tmp_path_factory):
     """LLaVA 1.5; LLaVA-NeXT (anyres: images of other aspect ratios pick other grids, so
-    two images fill different numbers of positions); Qwen2-VL (native resolution, M-RoPE).
+    two images fill different numbers of positions); LLaVA-OneVision (SigLIP, Qwen2; the
+    single image's map is shrunk by anyres_max, two images are base tiles only); Qwen2-VL
+    (native resolution, M-RoPE).
     Yields (client, reference(question, images) -> HF's tokens, gaps, _, prompt length,
     tokenizer)."""
     kind = request.param
@@ -136,7 +140,8 @@ async def family(request, tmp_path_factory):
 @pytest.mark.parametrize("n_images", [1, 2])
 async def test_chat_with_images_matches_hf(family, n_images):
     client, reference, tok = family
-    images = [image_bytes(10 + k, size=(40 + 41 * k, 30)) for k in range(n_images)]
+    sizes = [(100, 90)] if n_images == 1 else [(40, 30), (81, 30)]
+    images = [image_bytes(10 + k, size=size) for k, size in enumerate(sizes)]
     question = "what is in this image?" if n_images == 1 else "compare the two images"
     ref, gaps, _, n_prompt = reference(question, images)
     resp = await client.post("/v1/chat/completions", json=_chat(question, images))

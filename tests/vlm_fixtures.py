@@ -58,21 +58,45 @@ def save_tiny_llava(path: str, *, image_size: int = 32, patch: int = 8, seed: in
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                              num_attention_heads=4, image_size=image_size, patch_size=patch,
-                              projection_dim=32, hidden_act="quick_gelu")
     text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                        max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    crop = {"height": image_size, "width": image_size}
+    pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size],
+                 [2 * image_size, 2 * image_size], [3 * image_size, image_size]]
+    if kind == "onevision":  # SigLIP tower, Qwen2 decoder, anyres_max with a cap of 2 tiles
+        from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
+                                  LlavaOnevisionImageProcessor, Qwen2Config, SiglipVisionConfig)
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                    num_attention_heads=4, image_size=image_size,
+                                    patch_size=patch, vision_use_head=False)
+        qwen = Qwen2Config(**{k: v for k, v in text.to_dict().items()
+                              if k in ("vocab_size", "hidden_size", "intermediate_size",
+                                       "num_hidden_layers", "num_attention_heads",
+                                       "num_key_value_heads", "max_position_embeddings",
+                                       "bos_token_id", "eos_token_id", "pad_token_id")})
+        pinpoints = [[a * image_size, b * image_size] for a in (1, 2, 3) for b in (1, 2, 3)]
+        model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
+            vision_config=vision, text_config=qwen,
+            image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
+            vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
+            vision_aspect_ratio="anyres_max_2", projector_hidden_act="gelu")).eval()
+        processor = LlavaOnevisionImageProcessor(size={"height": image_size, "width": image_size},
+                                                 image_grid_pinpoints=pinpoints)
+        _perturb_norms(model, seed)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        processor.save_pretrained(path)
+        return path
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, image_size=image_size, patch_size=patch,
+                              projection_dim=32, hidden_act="quick_gelu")
     common = dict(vision_config=vision, text_config=text,
                   image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
                   vision_feature_select_strategy=strategy, vision_feature_layer=-2,
                   projector_hidden_act="gelu")
-    crop = {"height": image_size, "width": image_size}
     if kind == "next":
-        pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size],
-                     [2 * image_size, 2 * image_size], [3 * image_size, image_size]]
         model = LlavaNextForConditionalGeneration(
             LlavaNextConfig(image_grid_pinpoints=pinpoints, **common)).eval()
         processor = LlavaNextImageProcessor(size={"shortest_edge": image_size}, crop_size=crop,
@@ -178,24 +202,63 @@ TIE_GAP = 1e-3  # top-2 logit gap below which two greedy continuations may diffe
 
 
 def hf_llava(path: str) -> tuple:
-    """transformers on the files: (model, processor, tokenizer); LLaVA or LLaVA-NeXT, as
-    config.json says."""
+    """transformers on the files: (model, processor, tokenizer); LLaVA, LLaVA-NeXT or
+    LLaVA-OneVision, as config.json says."""
     import torch
-    from transformers import (AutoConfig, AutoImageProcessor, AutoTokenizer,
-                              LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-                              LlavaNextProcessor, LlavaProcessor)
+    import transformers as tf
 
-    is_next = AutoConfig.from_pretrained(path).model_type == "llava_next"
-    model_cls = LlavaNextForConditionalGeneration if is_next else LlavaForConditionalGeneration
-    proc_cls = LlavaNextProcessor if is_next else LlavaProcessor
+    model_type = tf.AutoConfig.from_pretrained(path).model_type
+    model_cls, proc_cls = {
+        "llava": (tf.LlavaForConditionalGeneration, tf.LlavaProcessor),
+        "llava_next": (tf.LlavaNextForConditionalGeneration, tf.LlavaNextProcessor),
+        "llava_onevision": (tf.LlavaOnevisionForConditionalGeneration, None)}[model_type]
     model = model_cls.from_pretrained(path, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = tf.AutoTokenizer.from_pretrained(path)
     cfg = model.config
-    proc = proc_cls(image_processor=AutoImageProcessor.from_pretrained(path, use_fast=False),
-                    tokenizer=tok, patch_size=cfg.vision_config.patch_size,
-                    vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                    num_additional_image_tokens=1)
+    image_proc = tf.AutoImageProcessor.from_pretrained(path, use_fast=False)
+    if proc_cls is None:  # OneVision's processor needs a video processor (torchvision)
+        proc = _OnevisionProcessor(image_proc, tok, cfg)
+    else:
+        proc = proc_cls(image_processor=image_proc, tokenizer=tok,
+                        patch_size=cfg.vision_config.patch_size,
+                        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                        num_additional_image_tokens=1)
     return model, proc, tok
+
+
+class _OnevisionProcessor:
+    """transformers' LlavaOnevisionProcessor prompt expansion, without its video processor
+    (which needs torchvision): its own `_get_number_of_features` (single image) and
+    base + newline (several images) counts, called unbound on this stand-in."""
+
+    def __init__(self, image_processor, tokenizer, config):
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+        v = config.vision_config
+        self.num_image_tokens = (v.image_size // v.patch_size) ** 2
+        self.vision_aspect_ratio = config.vision_aspect_ratio
+        self.image_token_id = config.image_token_id
+
+    def __call__(self, text: str, images: list, return_tensors: str = "pt") -> dict:
+        import torch
+        from transformers import LlavaOnevisionProcessor as P
+
+        out = self.image_processor(images=images, return_tensors="pt")
+        pieces = text.split(IMAGE_TOKEN)
+        expanded = pieces[0]
+        for k, rest in enumerate(pieces[1:]):
+            if len(images) > 1:
+                n = self.num_image_tokens + 1
+            else:
+                h, w = (int(x) for x in out["image_sizes"][k])
+                size = out["pixel_values"][0][0].shape[-2:]
+                n = P._get_number_of_features(self, h, w, *size)
+            expanded += IMAGE_TOKEN * n + rest
+        ids = self.tokenizer(expanded, return_tensors="pt")["input_ids"]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"],
+                "batch_num_images": torch.tensor([len(images)])}
+
+    _get_unpadded_features = __import__("transformers").LlavaOnevisionProcessor._get_unpadded_features
 
 
 def hf_greedy(hf: tuple, prompt: str, images: list[bytes], max_new: int

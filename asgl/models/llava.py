@@ -25,7 +25,7 @@ from asgl.layers.vision.clip import CLIPVisionTower, vision_act
 from asgl.models.weights import assign_weights
 
 _TEXT_MODELS = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM"}
+                "qwen2": "Qwen2ForCausalLM", "qwen2_vl_text": "Qwen2ForCausalLM"}
 
 
 def text_model_class(text_config: Any) -> type:
@@ -36,6 +36,14 @@ def text_model_class(text_config: Any) -> type:
     if name is not None:
         archs.append(name)
     return get_model_class(archs or ["LlamaForCausalLM"])
+
+
+def vision_tower(config: Any) -> nn.Module:
+    """The tower a vision config describes: CLIP (LLaVA 1.5 / NeXT) or SigLIP (OneVision)."""
+    if getattr(config, "model_type", "") in ("siglip_vision_model", "siglip"):
+        from asgl.layers.vision.siglip import SiglipVisionTower
+        return SiglipVisionTower(config)
+    return CLIPVisionTower(config)
 
 
 def feature_layers(config: Any) -> list[int]:
@@ -64,7 +72,7 @@ class LlavaForConditionalGeneration(nn.Module):
         self.config = config
         text = config.text_config
         self.language_model = text_model_class(text)(text, quant_config)
-        self.vision_tower = CLIPVisionTower(config.vision_config)
+        self.vision_tower = vision_tower(config.vision_config)
         self.layers = feature_layers(config)
         self.select = config.vision_feature_select_strategy
         self.multi_modal_projector = LlavaProjector(
@@ -87,7 +95,7 @@ class LlavaForConditionalGeneration(nn.Module):
     # ------------------------------------------------------------------ images
     def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, patches (+1 with strategy "full"), vision hidden * layers] of B images."""
-        x = self.vision_tower.pre_layrnorm(self.vision_tower.embeddings(pixel_values))
+        x = self.vision_tower.embed(pixel_values)
         outs = [x] if 0 in self.layers else []
         for k, layer in enumerate(self.vision_tower.encoder.layers[:max(self.layers)], 1):
             x = layer(x)
@@ -115,7 +123,9 @@ class LlavaForConditionalGeneration(nn.Module):
             if mapped.startswith("language_model."):  # the LM's own renames (fused q/k/v)
                 for _, inner, t, shard in lm._map_weights([(mapped[15:], tensor)]):
                     yield name, "language_model." + inner, t, shard
-            elif not mapped.endswith(".position_ids"):  # a buffer some checkpoints carry
+            elif mapped.endswith(".position_ids") or mapped.startswith("vision_tower.head."):
+                continue  # a buffer some checkpoints carry; SigLIP's pooling head (unused)
+            else:
                 yield name, mapped, tensor, None
 
 

@@ -52,11 +52,15 @@ def unpadded_map(height: int, width: int, rows: int, cols: int) -> tuple[int, in
 
 
 class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
+    # the feature strategy whose tiles hold exactly (image / patch)^2 features: CLIP's
+    # "default" drops its class token; SigLIP (OneVision) has none, so "full"
+    select_strategy = "default"
+
     def __init__(self, config: Any, quant_config: Optional[QuantizationConfig] = None):
         super().__init__(config, quant_config)
-        if self.select != "default":
-            raise ValueError("LLaVA-NeXT with vision_feature_select_strategy "
-                             f"{self.select!r}: only 'default' (patch tokens) is supported")
+        if self.select != self.select_strategy:
+            raise ValueError(f"{type(self).__name__} with vision_feature_select_strategy "
+                             f"{self.select!r}: only {self.select_strategy!r} is supported")
         self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size))
         v = config.vision_config
         self.tile, self.side = v.image_size, v.image_size // v.patch_size
@@ -72,19 +76,26 @@ class LlavaNextForConditionalGeneration(LlavaForConditionalGeneration):
             start += n
         return out
 
+    def _grid_map(self, tiles: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The tiles' features as one [rows, cols, D] map, cut back to the image's aspect."""
+        gh, gw = best_grid(height, width, self.config.image_grid_pinpoints)
+        th, tw, s, D = gh // self.tile, gw // self.tile, self.side, tiles.shape[-1]
+        # tile (i, j), patch (r, c) -> map row i * s + r, column j * s + c
+        grid = tiles.view(th, tw, s, s, D).permute(0, 2, 1, 3, 4).reshape(th * s, tw * s, D)
+        top, bottom, left, right = unpadded_map(height, width, th * s, tw * s)
+        return grid[top:bottom, left:right]
+
+    def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
+        D = grid.shape[-1]
+        newline = self.image_newline.to(grid.dtype).expand(grid.shape[0], 1, D)
+        return torch.cat([grid, newline], dim=1).reshape(-1, D)
+
     def pack(self, feats: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """[base + tiles, side^2, D] features of one image as its prompt positions."""
         base, tiles = feats[0], feats[1:]
         if tiles.shape[0] == 0:  # no grid (a single-tile config): base, then one newline
             return torch.cat([base, self.image_newline[None].to(base.dtype)])
-        gh, gw = best_grid(height, width, self.config.image_grid_pinpoints)
-        th, tw, s, D = gh // self.tile, gw // self.tile, self.side, feats.shape[-1]
-        # tile (i, j), patch (r, c) -> map row i * s + r, column j * s + c
-        grid = tiles.view(th, tw, s, s, D).permute(0, 2, 1, 3, 4).reshape(th * s, tw * s, D)
-        top, bottom, left, right = unpadded_map(height, width, th * s, tw * s)
-        grid = grid[top:bottom, left:right]
-        newline = self.image_newline.to(grid.dtype).expand(grid.shape[0], 1, D)
-        return torch.cat([base, torch.cat([grid, newline], dim=1).reshape(-1, D)])
+        return torch.cat([base, self._with_newlines(self._grid_map(tiles, height, width))])
 
 
 def anyres_positions(height: int, width: int, config: Any) -> int:
@@ -102,13 +113,14 @@ class LlavaNextImageInputs(LlavaImageInputs):
     def process(self, image: Any) -> tuple[dict[str, Any], int]:
         out = self.processor(images=[image], return_tensors="pt")
         height, width = (int(x) for x in out["image_sizes"][0])
-        tiles = 1 + (best_grid(height, width, self.config.image_grid_pinpoints)[0]
-                     // self.config.vision_config.image_size) * (
-            best_grid(height, width, self.config.image_grid_pinpoints)[1]
-            // self.config.vision_config.image_size)
-        pixels = out["pixel_values"][0][:tiles]  # the processor pads the tile count
+        gh, gw = best_grid(height, width, self.config.image_grid_pinpoints)
+        tile = self.config.vision_config.image_size
+        pixels = out["pixel_values"][0][:1 + (gh // tile) * (gw // tile)]  # (padded count)
         return ({"pixel_values": pixels, "image_size": (height, width)},
-                anyres_positions(height, width, self.config))
+                self.positions_of(height, width))
+
+    def positions_of(self, height: int, width: int) -> int:
+        return anyres_positions(height, width, self.config)
 
 
 LlavaNextForConditionalGeneration.image_inputs = LlavaNextImageInputs

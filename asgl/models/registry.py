@@ -23,6 +23,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "LlavaNextForConditionalGeneration": ("asgl.models.llava_next",
                                           "LlavaNextForConditionalGeneration"),
     "Qwen2VLForConditionalGeneration": ("asgl.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "LlavaOnevisionForConditionalGeneration": ("asgl.models.llava_onevision",
+                                               "LlavaOnevisionForConditionalGeneration"),
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")

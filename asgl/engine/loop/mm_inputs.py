@@ -109,6 +109,11 @@ class ImageInputs:
         except asyncio.TimeoutError:
             raise InvalidRequest(f"preprocessing the images took longer than "
                                  f"{PREPROCESS_TIMEOUT_S:.0f} s", param) from None
+        several = getattr(self.spec, "several", None)
+        if several is not None and len(done) > 1:  # a model that shows several images
+            # differently (OneVision: base tiles only): other features, so another digest
+            # (the radix cache and the worker's feature cache key by it)
+            done = [(r[0], r[1], _variant(r[2]), *r[3:]) for r in (several(*d) for d in done)]
         out: list[int] = []
         items: list[MMItem] = []
         prev = 0
@@ -156,6 +161,11 @@ class ImageInputs:
                                  where) from None
         mrope, advance = rope if rope else (None, 0)
         return data, n, digest, mrope, advance
+
+
+def _variant(digest: int) -> int:
+    return int.from_bytes(hashlib.blake2b(digest.to_bytes(8, "little") + b"several",
+                                          digest_size=8).digest(), "little")
 
 
 def decode_image(image: Any, max_pixels: int, where: str) -> Any:

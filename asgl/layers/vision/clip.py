@@ -6,9 +6,8 @@ a learned class embedding and absolute position embeddings, a LayerNorm before t
 after). Parameter names follow HF's `CLIPVisionTransformer`, so a checkpoint's
 `vision_tower.*` tensors load by name.
 
-`forward(pixel_values, num_layers)` returns the hidden states after `num_layers` encoder
-layers (HF's `hidden_states[num_layers]`): LLaVA reads the second-to-last layer and never
-needs the rest, so those layers are not run.
+`embed` gives the encoder's input; the caller runs `encoder.layers` as far as it needs
+(LLaVA reads the second-to-last layer and never runs the last).
 """
 
 from __future__ import annotations
@@ -115,9 +114,6 @@ class CLIPVisionTower(nn.Module):
                                             for _ in range(config.num_hidden_layers))
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor, num_layers: int) -> torch.Tensor:
-        """Hidden states after `num_layers` encoder layers ([B, 1 + patches, hidden])."""
-        x = self.pre_layrnorm(self.embeddings(pixel_values))
-        for layer in self.encoder.layers[:num_layers]:
-            x = layer(x)
-        return x
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The encoder's input (HF's hidden_states[0]): [B, 1 + patches, hidden]."""
+        return self.pre_layrnorm(self.embeddings(pixel_values))
