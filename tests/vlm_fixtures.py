@@ -20,20 +20,23 @@ _CORPUS = ["the quick brown fox jumps over the lazy dog", "what is in this image
            "USER: ASSISTANT: compare the two images", "hello world 0123456789"] * 20
 
 
-def tiny_tokenizer() -> Any:
-    """A byte-level BPE of a few hundred ids with the special tokens the templates use."""
+def tiny_tokenizer(image_token: str = IMAGE_TOKEN) -> Any:
+    """A byte-level BPE of a few hundred ids with the special tokens the templates use.
+    `image_token` renames the image token (the same id), e.g. for a LLaVA-repo checkpoint,
+    whose vocabulary has none."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=_SPECIALS,
+    specials = [image_token if t == IMAGE_TOKEN else t for t in _SPECIALS]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_CORPUS, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="</s>",
-                                   additional_special_tokens=_SPECIALS[3:])
+                                   additional_special_tokens=specials[3:])
 
 
 def _perturb_norms(model: Any, seed: int) -> None:

@@ -132,15 +132,24 @@ class LlavaForConditionalGeneration(nn.Module):
 def hf_llava_name(name: str) -> str:
     """A checkpoint name of any LLaVA layout HF wrote (llava-hf on the hub:
     `language_model.model.*`, `vision_tower.vision_model.*`; transformers 5 in memory:
-    `model.language_model.*`, `model.vision_tower.*`, `lm_head.*`) in ours."""
+    `model.language_model.*`, `model.vision_tower.*`, `lm_head.*`; the LLaVA repo's:
+    `model.mm_projector.*`, models/llava_repo.py) in ours."""
+    from asgl.models.llava_repo import repo_name
+
+    repo = repo_name(name)
+    if repo is not None:
+        return repo
     if name.startswith("model.language_model."):
         name = "language_model.model." + name[len("model.language_model."):]
     elif name.startswith("lm_head."):
         name = "language_model." + name
     elif name.startswith("language_model.lm_head."):
         pass
-    elif name.startswith("model.") and not name.startswith("model.language_model"):
+    elif name.startswith(("model.vision_tower.", "model.multi_modal_projector.",
+                          "model.image_newline")):
         name = name[len("model."):]
+    elif name.startswith("model."):  # the LLaVA repo's decoder
+        name = "language_model." + name
     if name.startswith("vision_tower.vision_model."):
         name = "vision_tower." + name[len("vision_tower.vision_model."):]
     return name
@@ -155,9 +164,11 @@ class LlavaImageInputs:
     def __init__(self, config: Any, image_processor: Any):
         self.config = config
         self.processor = image_processor
-        self.image_token_id = int(getattr(config, "image_token_id", None)
-                                  if getattr(config, "image_token_id", None) is not None
-                                  else config.image_token_index)
+        token = getattr(config, "image_token_id", None)
+        if token is None and getattr(config, "asgl_layout", None) is None:
+            token = config.image_token_index
+        # None (LLaVA-repo layout): the engine adds the placeholder to the tokenizer
+        self.image_token_id = int(token) if token is not None else None
         v = config.vision_config
         patches = (v.image_size // v.patch_size) ** 2
         self.positions = patches + (1 if config.vision_feature_select_strategy == "full" else 0)

@@ -96,6 +96,10 @@ class Engine:
         self.images = await loop.run_in_executor(None, _image_inputs, cfg, self.source)
         self.runner = await self.worker.run(create_model_runner, cfg, self.source)
         hf = self.source.hf_config
+        if self.images is not None and self.images.image_token_id is None:
+            # LLaVA-repo layout: no image token in the vocabulary; one is added (its id is
+            # past the model's vocabulary, and image rows never reach the embedding)
+            self.images.add_image_token(self.tokenizer, self.runner.vocab_size)
         on_cpu = self.runner.device.type == "cpu"
         max_running = cfg.max_running_requests or (64 if on_cpu else 1024)
         text_hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf  # (VLMs)
@@ -424,7 +428,9 @@ class Engine:
             if prompt is not None:
                 raise InvalidRequest("give either a text prompt or input_ids, not both", "text")
             ids = list(input_ids)
-            bad = [t for t in ids if not isinstance(t, int) or t < 0 or t >= self.vocab_size]
+            extra = self.images.image_token_id if self.images is not None else -1
+            bad = [t for t in ids if not isinstance(t, int) or t < 0
+                   or (t >= self.vocab_size and t != extra)]
             if bad:
                 raise InvalidRequest(f"input_ids contains {bad[0]!r}, outside the vocabulary "
                                      f"of {self.vocab_size} tokens", "input_ids")

@@ -77,9 +77,29 @@ class ImageInputs:
         if model_dir is None:
             raise ValueError("a vision-language model needs its directory for the image "
                              "processor (preprocessor_config.json)")
-        spec = spec_cls(hf_config, load_image_processor(model_dir))
+        built = getattr(hf_config, "asgl_image_processor", None)  # (LLaVA-repo layout)
+        if built is not None and not os.path.isfile(os.path.join(model_dir,
+                                                                 "preprocessor_config.json")):
+            from asgl.models.llava_repo import build_image_processor
+            processor = build_image_processor(built)
+        else:
+            processor = load_image_processor(model_dir)
+        spec = spec_cls(hf_config, processor)
         return cls(spec, max_images=config.max_images_per_request,
                    max_pixels=config.max_image_pixels)
+
+    def add_image_token(self, tokenizer: Any, vocab_size: int) -> None:
+        """Give the placeholder an id: a special token added to the tokenizer (or, without
+        a tokenizer, the first id past the vocabulary, for input_ids callers)."""
+        if tokenizer is None:
+            token_id = vocab_size
+        else:
+            from tokenizers import AddedToken
+
+            tokenizer.add_tokens([AddedToken(self.placeholder, special=True, normalized=False)],
+                                 special_tokens=True)
+            token_id = tokenizer.convert_tokens_to_ids(self.placeholder)
+        self.image_token_id = self.spec.image_token_id = int(token_id)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

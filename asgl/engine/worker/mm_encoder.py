@@ -26,8 +26,10 @@ MAX_CACHED_IMAGES = 16
 
 
 class MultimodalEncoder:
-    def __init__(self, model: Any, device: torch.device, max_cached: int = MAX_CACHED_IMAGES):
+    def __init__(self, model: Any, device: torch.device, vocab_size: int,
+                 max_cached: int = MAX_CACHED_IMAGES):
         self.model = model
+        self.vocab_size = vocab_size
         self.device = device
         self.max_cached = max_cached
         self._features: OrderedDict[int, torch.Tensor] = OrderedDict()
@@ -35,7 +37,9 @@ class MultimodalEncoder:
 
     def input_embeds(self, ids: torch.Tensor, chunks: list[MMChunk]) -> torch.Tensor:
         """The step's input embeddings: the token embeddings, with image rows replaced."""
-        embeds = self.model.embed_input_ids(ids)
+        # an image token past the vocabulary (LLaVA-repo checkpoints): its rows are
+        # replaced below, any id embeds them
+        embeds = self.model.embed_input_ids(torch.where(ids < self.vocab_size, ids, 0))
         missing: dict[int, Any] = {}
         for c in chunks:
             d = c.item.digest

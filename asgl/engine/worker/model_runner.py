@@ -109,7 +109,7 @@ class ModelRunner:
         self.mm_encoder = None  # vision-language models: images into input embeddings
         if hasattr(self.model, "encode_images"):
             from asgl.engine.worker.mm_encoder import MultimodalEncoder
-            self.mm_encoder = MultimodalEncoder(self.model, self.device)
+            self.mm_encoder = MultimodalEncoder(self.model, self.device, self.vocab_size)
 
     def _sampling_backend(self) -> str:
         """pytorch unless flashinfer is asked for and can run here (CUDA, importable)."""
