@@ -262,3 +262,34 @@ async def test_native_bad_image_data(server):
     resp = await client.post("/generate", json={"text": "<image> a", "sampling_params": sp,
                                                 "image_data": data_url(image_bytes(1))})
     assert resp.status == 200
+
+
+async def test_local_files_and_url_fetch_flags(server, tmp_path):
+    """--allowed-local-media-path serves files inside the directory only;
+    --enable-image-url-fetch fetches, but never from loopback / private addresses."""
+    _, engine = server
+    media = tmp_path / "media"
+    media.mkdir()
+    (media / "cat.png").write_bytes(image_bytes(71))
+    (tmp_path / "outside.png").write_bytes(image_bytes(72))
+    cfg = _config(engine.config.model_path, allowed_local_media_path=str(media),
+                  enable_image_url_fetch=True)
+    async with TestClient(TestServer(build_app(engine, cfg))) as client:
+        def body(url):
+            return {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "hi"}]}]}
+
+        ok = await client.post("/v1/chat/completions", json=body(f"file://{media}/cat.png"))
+        assert ok.status == 200, await ok.json()
+        ok = await client.post("/v1/chat/completions", json=body(str(media / "cat.png")))
+        assert ok.status == 200, await ok.json()
+        for url, needle in ((f"file://{tmp_path}/outside.png", "outside"),
+                            (f"file://{media}/../outside.png", "outside"),
+                            (f"file://{media}/missing.png", "cannot read"),
+                            ("http://127.0.0.1:9/x.png", "private or local"),
+                            ("http://localhost/x.png", "private or local"),
+                            ("ftp://example.com/x.png", "unsupported URL scheme")):
+            resp = await client.post("/v1/chat/completions", json=body(url))
+            err = await resp.json()
+            assert resp.status == 400 and needle in err["error"]["message"], (url, err)
