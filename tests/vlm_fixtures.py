@@ -7,14 +7,14 @@ from __future__ import annotations
 import base64
 import io
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 IMAGE_TOKEN = "<image>"
 _SPECIALS = ["<s>", "</s>", "<unk>", IMAGE_TOKEN, "<|im_start|>", "<|im_end|>",
              "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
-             "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]
+             "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<video>"]
 _CORPUS = ["the quick brown fox jumps over the lazy dog", "what is in this image?",
            "describe the picture in one word", "user assistant system a cat a dog",
            "USER: ASSISTANT: compare the two images", "hello world 0123456789"] * 20
@@ -83,6 +83,7 @@ def save_tiny_llava(path: str, *, image_size: int = 32, patch: int = 8, seed: in
         model = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig(
             vision_config=vision, text_config=qwen,
             image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN), vision_feature_layer=-1,
+            video_token_id=tok.convert_tokens_to_ids("<video>"),
             vision_feature_select_strategy="full", image_grid_pinpoints=pinpoints,
             vision_aspect_ratio="anyres_max_2", projector_hidden_act="gelu")).eval()
         processor = LlavaOnevisionImageProcessor(size={"height": image_size, "width": image_size},
@@ -241,11 +242,19 @@ class _OnevisionProcessor:
         self.vision_aspect_ratio = config.vision_aspect_ratio
         self.image_token_id = config.image_token_id
 
-    def __call__(self, text: str, images: list, return_tensors: str = "pt") -> dict:
+    def __call__(self, text: str, images: list, return_tensors: str = "pt",
+                 video: Optional[list] = None) -> dict:
+        """`video`: one video's frames for the prompt's `<video>`: each frame the image
+        processor's base tile (the whole frame resized to the tower's size), as
+        `pixel_values_videos`; expanded by the processor's own `replace_video_token`."""
         import torch
         from transformers import LlavaOnevisionProcessor as P
 
-        out = self.image_processor(images=images, return_tensors="pt")
+        result: dict = {}
+        if images:
+            out = self.image_processor(images=images, return_tensors="pt")
+            result.update(pixel_values=out["pixel_values"], image_sizes=out["image_sizes"],
+                          batch_num_images=torch.tensor([len(images)]))
         pieces = text.split(IMAGE_TOKEN)
         expanded = pieces[0]
         for k, rest in enumerate(pieces[1:]):
@@ -256,10 +265,15 @@ class _OnevisionProcessor:
                 size = out["pixel_values"][0][0].shape[-2:]
                 n = P._get_number_of_features(self, h, w, *size)
             expanded += IMAGE_TOKEN * n + rest
+        if video:
+            frames = self.image_processor(images=video, return_tensors="pt")["pixel_values"][:, 0]
+            result["pixel_values_videos"] = frames[None]
+            self.video_token = "<video>"
+            expanded = expanded.replace("<video>", P.replace_video_token(
+                self, {"pixel_values_videos": [frames]}, 0))
         ids = self.tokenizer(expanded, return_tensors="pt")["input_ids"]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                "pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"],
-                "batch_num_images": torch.tensor([len(images)])}
+        result.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return result
 
     _get_unpadded_features = __import__("transformers").LlavaOnevisionProcessor._get_unpadded_features
 

@@ -9,7 +9,9 @@ Transfer", section 3: "Higher AnyRes" with a cap on the visual tokens, and the s
 - one image in a request: anyres, but when the unpadded map holds more than ~N tiles'
   worth of patches (ratio sqrt(rows * cols / (N * side^2)) > 1.1) it is shrunk by that ratio
   with bilinear interpolation before the newlines are added;
-- several images in a request: each is only its base tile (side^2 features) + one newline.
+- several images in a request: each is only its base tile (side^2 features) + one newline;
+- a video (a list of frames): each frame's base tile, its feature map pooled 2x2 by bilinear
+  interpolation (ceil(side / 2)^2 features), the frames in order, then one newline.
 """
 
 from __future__ import annotations
@@ -49,12 +51,22 @@ class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
         for it in items:
             n = it.data["pixel_values"].shape[0]
             f = feats[start:start + n]
-            if it.data.get("multi"):  # one of several images: base tile + a newline
+            if it.data.get("video"):  # frames pooled 2x2, then one newline
+                out.append(torch.cat([self._pool_frames(f), newline.to(f.dtype)]))
+            elif it.data.get("multi"):  # one of several images: base tile + a newline
                 out.append(torch.cat([f[0], newline.to(f.dtype)]))
             else:
                 out.append(self.pack(f, *it.data["image_size"]))
             start += n
         return out
+
+    def _pool_frames(self, feats: torch.Tensor) -> torch.Tensor:
+        """[frames, side^2, D] -> [frames * ceil(side / 2)^2, D], bilinear."""
+        F_, s, D = feats.shape[0], self.side, feats.shape[-1]
+        half = math.ceil(s / 2)
+        grid = feats.view(F_, s, s, D).permute(0, 3, 1, 2)
+        pooled = F.interpolate(grid, [half, half], mode="bilinear")
+        return pooled.permute(0, 2, 3, 1).reshape(-1, D)
 
     def pack(self, feats: torch.Tensor, height: int, width: int) -> torch.Tensor:
         base, tiles = feats[0], feats[1:]
@@ -69,6 +81,22 @@ class LlavaOnevisionForConditionalGeneration(LlavaNextForConditionalGeneration):
 
 
 class LlavaOnevisionImageInputs(LlavaNextImageInputs):
+    video_placeholder = "<video>"
+
+    def __init__(self, config: Any, image_processor: Any):
+        super().__init__(config, image_processor)
+        video = getattr(config, "video_token_id", None)
+        self.video_token_id = int(video) if video is not None else None
+
+    def process_video(self, frames: list) -> tuple[dict[str, Any], int]:
+        """Each frame resized to the tower's size (the base tile of the image processor);
+        positions: ceil(side / 2)^2 per frame after pooling, and one newline."""
+        out = self.processor(images=frames, return_tensors="pt")
+        pixels = out["pixel_values"][:, 0]  # [frames, 3, S, S]
+        v = self.config.vision_config
+        half = math.ceil(v.image_size // v.patch_size / 2)
+        return {"pixel_values": pixels, "video": True}, len(frames) * half * half + 1
+
     def positions_of(self, height: int, width: int) -> int:
         v = self.config.vision_config
         side = v.image_size // v.patch_size

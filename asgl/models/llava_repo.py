@@ -122,6 +122,7 @@ def repo_hf_config(raw: dict) -> Any:
         processor = ("CLIPImageProcessor",
                      dict(proc, size={"shortest_edge": size}, crop_size=crop))
     config.image_token_id = None  # the engine adds <image> to the tokenizer
+    config.video_token_id = None  # (video through the repo layout: not supported)
     config.architectures = [type(config).__name__.replace("Config", "ForConditionalGeneration")]
     config.asgl_image_processor = processor
     config.asgl_layout = arch

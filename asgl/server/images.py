@@ -30,11 +30,26 @@ _DETAILS = ("auto", "low", "high")
 
 
 class ChatImages:
-    """Collects a chat request's image parts while its messages are converted to text."""
+    """Collects a chat request's image (and video) parts while its messages are converted
+    to text."""
 
-    def __init__(self, placeholder: str):
+    def __init__(self, placeholder: str, video_placeholder: Optional[str] = None):
         self.placeholder = placeholder
-        self.refs: list[tuple[str, str]] = []  # (url, where)
+        self.video_placeholder = video_placeholder
+        self.refs: list[tuple[Any, str]] = []  # (url, or a list of frame URLs; where)
+
+    def add_video(self, video_url: Any, where: str) -> str:
+        """Record one `video_url` part, {"url": [frame URLs]}; returns its placeholder."""
+        if self.video_placeholder is None:
+            raise bad_request(f"{where}: this model takes images, not video",
+                              f"{where}.video_url")
+        frames = video_url.get("url") if isinstance(video_url, dict) else None
+        if not isinstance(frames, list) or not frames:
+            raise bad_request(f"{where}.video_url.url must be a non-empty list of frames "
+                              "(image data URLs); video files are not decoded",
+                              f"{where}.video_url")
+        self.refs.append((frames, f"{where}.video_url"))
+        return self.video_placeholder
 
     def add(self, image_url: Any, where: str) -> str:
         """Record one `image_url` part; returns the text that stands for it."""
@@ -55,16 +70,32 @@ class ChatImages:
 def chat_images(state: ServerState) -> Optional[ChatImages]:
     """A collector for a vision-language model's chat images; None for text-only models."""
     images = getattr(state.engine, "images", None)
-    return ChatImages(images.placeholder) if images is not None else None
+    if images is None:
+        return None
+    return ChatImages(images.placeholder, images.video_placeholder)
 
 
 async def load_all(state: ServerState, refs: list[tuple[Any, str]]) -> list[bytes]:
     """The encoded bytes of every image reference, checked (a 400 names the bad one)."""
     limit = state.config.max_images_per_request
-    if len(refs) > limit:
-        raise bad_request(f"{len(refs)} images in one request; the limit is {limit} "
-                          "(--max-images-per-request)", refs[limit][1])
-    return list(await asyncio.gather(*(load_image(state, ref, where) for ref, where in refs)))
+    count = sum(len(ref) if isinstance(ref, list) else 1 for ref, _ in refs)
+    if count > limit:
+        raise bad_request(f"{count} images (video frames count one each) in one request; "
+                          f"the limit is {limit} (--max-images-per-request)", refs[-1][1])
+    return list(await asyncio.gather(*(load_entry(state, ref, where) for ref, where in refs)))
+
+
+async def load_entry(state: ServerState, ref: Any, where: str, *,
+                     raw_base64: bool = False) -> Any:
+    """An image's bytes, or a `Video` of its frames' bytes when `ref` is a list."""
+    if isinstance(ref, list):
+        from asgl.engine.loop.mm_inputs import Video
+
+        frames = await asyncio.gather(*(load_image(state, f, f"{where}[{k}]",
+                                                   raw_base64=raw_base64)
+                                        for k, f in enumerate(ref)))
+        return Video(tuple(frames))
+    return await load_image(state, ref, where, raw_base64=raw_base64)
 
 
 async def load_image(state: ServerState, ref: Any, where: str, *,
@@ -179,35 +210,72 @@ async def _check_public(host: str, where: str) -> None:
                               f"addresses ({host} is {addr})", where)
 
 
-async def native_images(state: ServerState, image_data: Any, ids_list: list[list[int]],
-                        single: bool) -> Optional[list[tuple[list[int], Any]]]:
-    """`/generate`'s `image_data` for each prompt: (expanded ids, MMInputs) per prompt, or
-    None without images. One prompt takes an image or a list; a batch takes one entry
-    (an image, a list, or null) per prompt."""
-    if image_data is None:
-        return None
-    if getattr(state.engine, "images", None) is None:
-        raise bad_request("this model takes text only: image_data is not supported",
-                          "image_data")
+def _per_prompt_refs(data: Any, name: str, count: int, single: bool,
+                     video: bool) -> list[list[tuple[Any, str]]]:
+    """(reference, field name) lists per prompt. Images: one prompt takes an image or a
+    list; a batch one entry (an image, a list, or null) per prompt. Videos (lists of
+    frames): one prompt takes a video or a list of videos; a batch one entry per prompt."""
+    if data is None:
+        return [[] for _ in range(count)]
     if single:
-        per_prompt = [image_data]
-    elif isinstance(image_data, list) and len(image_data) == len(ids_list):
-        per_prompt = image_data
+        per_prompt = [data]
+    elif isinstance(data, list) and len(data) == count:
+        per_prompt = data
     else:
-        raise bad_request(f"image_data of a batch must be a list of {len(ids_list)} entries "
-                          "(one per prompt: an image, a list of images, or null)", "image_data")
+        raise bad_request(f"{name} of a batch must be a list of {count} entries (one per "
+                          "prompt, or null)", name)
     out = []
-    for k, (ids, entry) in enumerate(zip(ids_list, per_prompt)):
-        where = "image_data" if single else f"image_data[{k}]"
-        refs = [] if entry is None else entry if isinstance(entry, list) else [entry]
-        names = [f"{where}[{j}]" if isinstance(entry, list) else where
-                 for j in range(len(refs))]
-        limit = state.config.max_images_per_request
-        if len(refs) > limit:
-            raise bad_request(f"{len(refs)} images for one prompt; the limit is {limit} "
-                              "(--max-images-per-request)", where)
-        data = await asyncio.gather(*(load_image(state, r, n, raw_base64=True)
-                                      for r, n in zip(refs, names)))
-        out.append(await state.engine.prepare_images(ids, list(data), where, names)
+    for k, entry in enumerate(per_prompt):
+        where = name if single else f"{name}[{k}]"
+        if entry is None:
+            out.append([])
+        elif video:  # a video is a list of frames; a list of such lists is several
+            if not isinstance(entry, list) or not entry:
+                raise bad_request(f"{where} must be a video as a non-empty list of frames "
+                                  "(image data URLs), or a list of such videos", where)
+            videos = entry if isinstance(entry[0], list) else [entry]
+            out.append([(v, f"{where}[{j}]" if len(videos) > 1 else where)
+                        for j, v in enumerate(videos)])
+        elif isinstance(entry, list):
+            out.append([(r, f"{where}[{j}]") for j, r in enumerate(entry)])
+        else:
+            out.append([(entry, where)])
+    return out
+
+
+async def native_images(state: ServerState, image_data: Any, ids_list: list[list[int]],
+                        single: bool, video_data: Any = None
+                        ) -> Optional[list[tuple[list[int], Any]]]:
+    """`/generate`'s `image_data` (and `video_data`) for each prompt: (expanded ids,
+    MMInputs) per prompt, or None without any. Entries are matched to the prompt's
+    placeholders in order, images and videos each in their own order."""
+    if image_data is None and video_data is None:
+        return None
+    front = getattr(state.engine, "images", None)
+    if front is None:
+        name = "image_data" if image_data is not None else "video_data"
+        raise bad_request(f"this model takes text only: {name} is not supported", name)
+    n = len(ids_list)
+    images = _per_prompt_refs(image_data, "image_data", n, single, video=False)
+    videos = _per_prompt_refs(video_data, "video_data", n, single, video=True)
+    out = []
+    limit = state.config.max_images_per_request
+    for ids, prompt_images, prompt_videos in zip(ids_list, images, videos):
+        count = len(prompt_images) + sum(len(v) for v, _ in prompt_videos)
+        if count > limit:
+            raise bad_request(f"{count} images (video frames count one each) for one prompt; "
+                              f"the limit is {limit} (--max-images-per-request)",
+                              "image_data" if image_data is not None else "video_data")
+        # in the order of the prompt's placeholders (a mismatch is the engine's 400)
+        order = [t for t in ids if t in (front.image_token_id, front.video_token_id)]
+        queues = {front.image_token_id: list(prompt_images),
+                  front.video_token_id: list(prompt_videos)}
+        refs = [queues[t].pop(0) for t in order if queues[t]]
+        refs += prompt_images[len([t for t in order if t == front.image_token_id]):] \
+            + prompt_videos[len([t for t in order if t == front.video_token_id]):]
+        data = await asyncio.gather(*(load_entry(state, r, w, raw_base64=True)
+                                      for r, w in refs))
+        out.append(await state.engine.prepare_images(ids, list(data), "image_data",
+                                                     [w for _, w in refs])
                    if data else (ids, None))
     return out

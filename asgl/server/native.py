@@ -100,7 +100,7 @@ async def _jobs(state: ServerState, body: GenerateRequest) -> tuple[list[Job], b
     limits.check_sequences(sum(sp.n for sp, _ in params))
     if texts is not None:
         ids_list = await tokenize_all(state, texts, "text")
-    mms = await native_images(state, body.image_data, ids_list, single)
+    mms = await native_images(state, body.image_data, ids_list, single, body.video_data)
 
     jobs = []
     for k in range(count):

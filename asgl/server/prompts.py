@@ -89,6 +89,9 @@ def messages_to_dicts(messages: list, images: Any = None) -> list[dict]:
                 if part.type == "image_url" and images is not None:
                     texts.append(images.add(part.image_url, f"{where}.content[{j}]"))
                     continue
+                if part.type == "video_url" and images is not None:
+                    texts.append(images.add_video(part.video_url, f"{where}.content[{j}]"))
+                    continue
                 if part.type != "text" or part.text is None:
                     raise bad_request(f"{where}.content[{j}]: this model takes text only "
                                       f"(got a {part.type!r} part)", f"{where}.content")

@@ -24,6 +24,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from asgl.engine.contracts.errors import InvalidRequest
@@ -59,6 +60,9 @@ class ImageInputs:
         self.spec = spec
         self.placeholder: str = spec.placeholder
         self.image_token_id: int = spec.image_token_id
+        # video (a list of frames; OneVision): its placeholder and token, else None
+        self.video_placeholder: Optional[str] = getattr(spec, "video_placeholder", None)
+        self.video_token_id: Optional[int] = getattr(spec, "video_token_id", None)
         self.max_images = max_images
         self.max_pixels = max_pixels
         self._pool = ThreadPoolExecutor(threads or max(1, min(4, os.cpu_count() or 1)),
@@ -108,18 +112,31 @@ class ImageInputs:
                       param: str = "image_data", names: Optional[Sequence[str]] = None
                       ) -> tuple[list[int], Optional[MMInputs]]:
         """(the prompt with each image token expanded, its MMInputs); `images` are
-        encoded bytes or PIL images, in prompt order; `names[k]` is image k's request field
-        (errors name it; default `param[k]`)."""
+        encoded bytes or PIL images, or `Video`s (lists of frames), in prompt order;
+        `names[k]` is entry k's request field (errors name it; default `param[k]`)."""
         if not images:
             return list(ids), None
-        if len(images) > self.max_images:
-            raise InvalidRequest(f"{len(images)} images in one request; the limit is "
-                                 f"{self.max_images} (--max-images-per-request)", param)
-        slots = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(slots) != len(images):
-            raise InvalidRequest(f"the prompt has {len(slots)} image placeholder(s) "
-                                 f"({self.placeholder!r}) but {len(images)} image(s) were "
-                                 "given: each image needs one placeholder", param)
+        kinds = ["video" if isinstance(x, Video) else "image" for x in images]
+        if "video" in kinds and self.video_token_id is None:
+            raise InvalidRequest("this model takes images, not video", param)
+        count = sum(len(x.frames) if isinstance(x, Video) else 1 for x in images)
+        if count > self.max_images:
+            raise InvalidRequest(f"{count} images (video frames count one each) in one "
+                                 f"request; the limit is {self.max_images} "
+                                 "(--max-images-per-request)", param)
+        if any(isinstance(x, Video) and not x.frames for x in images):
+            raise InvalidRequest("a video needs at least one frame", param)
+        tokens = {self.image_token_id: "image", self.video_token_id: "video"}
+        found = [(i, tokens[t]) for i, t in enumerate(ids) if t in tokens]
+        slots = [i for i, _ in found]
+        if [k for _, k in found] != kinds:
+            def counts(ks):
+                return f"{ks.count('image')} image(s), {ks.count('video')} video(s)"
+            raise InvalidRequest(
+                f"the prompt has placeholders for {counts([k for _, k in found])} "
+                f"({self.placeholder!r} per image"
+                + (f", {self.video_placeholder!r} per video" if self.video_placeholder else "")
+                + f") but {counts(kinds)} were given, in that order: each needs one", param)
         loop = asyncio.get_running_loop()
         names = names or [f"{param}[{k}]" for k in range(len(images))]
         futures = [loop.run_in_executor(self._pool, self._process, img, name)
@@ -130,18 +147,20 @@ class ImageInputs:
             raise InvalidRequest(f"preprocessing the images took longer than "
                                  f"{PREPROCESS_TIMEOUT_S:.0f} s", param) from None
         several = getattr(self.spec, "several", None)
-        if several is not None and len(done) > 1:  # a model that shows several images
+        if several is not None and kinds.count("image") > 1:  # a model that shows several images
             # differently (OneVision: base tiles only): other features, so another digest
             # (the radix cache and the worker's feature cache key by it)
-            done = [(r[0], r[1], _variant(r[2]), *r[3:]) for r in (several(*d) for d in done)]
+            done = [(r[0], r[1], _variant(r[2]), *r[3:]) if k == "image" else r
+                    for k, r in zip(kinds, (several(*d) if k == "image" else d
+                                            for k, d in zip(kinds, done)))]
         out: list[int] = []
         items: list[MMItem] = []
         prev = 0
-        for slot, (data, n, digest, mrope, advance) in zip(slots, done):
+        for slot, kind, (data, n, digest, mrope, advance) in zip(slots, kinds, done):
             out.extend(ids[prev:slot])
             items.append(MMItem(digest=digest, offset=len(out), length=n, data=data,
-                                mrope=mrope, advance=advance))
-            out.extend([self.image_token_id] * n)
+                                mrope=mrope, advance=advance, modality=kind))
+            out.extend([ids[slot]] * n)
             prev = slot + 1
         out.extend(ids[prev:])
         return out, MMInputs(items)
@@ -149,6 +168,8 @@ class ImageInputs:
     def _process(self, image: Any, where: str) -> tuple:
         """On the image pool: decode, check, digest and preprocess one image (or find it
         preprocessed already, by its encoded bytes)."""
+        if isinstance(image, Video):
+            return self._preprocess_video(image, where)
         key = None
         if isinstance(image, (bytes, bytearray, memoryview)):
             key = hashlib.blake2b(bytes(image), digest_size=16).digest()
@@ -181,6 +202,27 @@ class ImageInputs:
                                  where) from None
         mrope, advance = rope if rope else (None, 0)
         return data, n, digest, mrope, advance
+
+
+    def _preprocess_video(self, video: "Video", where: str) -> tuple:
+        frames = [decode_image(f, self.max_pixels, f"{where}[{k}]")
+                  for k, f in enumerate(video.frames)]
+        h = hashlib.blake2b(digest_size=8, person=b"video")
+        for rgb in frames:
+            h.update(f"{rgb.size[0]}x{rgb.size[1]}".encode())
+            h.update(rgb.tobytes())
+        try:
+            data, n = self.spec.process_video(frames)
+        except Exception as e:  # noqa: BLE001
+            raise InvalidRequest(f"{where}: the image processor failed on these frames: {e}",
+                                 where) from None
+        return data, n, int.from_bytes(h.digest(), "little"), None, 0
+
+
+@dataclass(frozen=True)
+class Video:
+    """A video as a list of frames (encoded images or PIL images), in order."""
+    frames: tuple
 
 
 def _variant(digest: int) -> int:
