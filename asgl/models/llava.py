@@ -13,6 +13,8 @@ Images reach the model as host tensors prepared off the event loop by `LlavaImag
 
 from __future__ import annotations
 
+import itertools
+import os
 from typing import Any, Iterable, Optional
 
 import torch
@@ -56,13 +58,23 @@ def feature_layers(config: Any) -> list[int]:
 
 
 class LlavaProjector(nn.Module):
-    def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool = True):
+    """Linear-GELU-Linear; with `norm` (Yi-VL's "mlp2x_gelu_Norm"), a LayerNorm after each
+    Linear."""
+
+    def __init__(self, vision_hidden: int, text_hidden: int, act: str, bias: bool = True,
+                 norm: bool = False):
         super().__init__()
         self.linear_1 = nn.Linear(vision_hidden, text_hidden, bias=bias)
         self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
         self.act = vision_act(act)
+        self.norm = norm
+        if norm:
+            self.ln_1 = nn.LayerNorm(text_hidden)
+            self.ln_2 = nn.LayerNorm(text_hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm:
+            return self.ln_2(self.linear_2(self.act(self.ln_1(self.linear_1(x)))))
         return self.linear_2(self.act(self.linear_1(x)))
 
 
@@ -77,7 +89,8 @@ class LlavaForConditionalGeneration(nn.Module):
         self.select = config.vision_feature_select_strategy
         self.multi_modal_projector = LlavaProjector(
             config.vision_config.hidden_size * len(self.layers), text.hidden_size,
-            config.projector_hidden_act, getattr(config, "multimodal_projector_bias", True))
+            config.projector_hidden_act, getattr(config, "multimodal_projector_bias", True),
+            norm=getattr(config, "asgl_projector_norm", False))
         lm = self.language_model
         self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
 
@@ -114,6 +127,10 @@ class LlavaForConditionalGeneration(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        tower_dir = getattr(self.config, "asgl_tower_dir", None)  # (LLaVA-repo layout)
+        if tower_dir is not None and _has_weights(tower_dir):
+            from asgl.models.llava_repo import tower_weights
+            weights = itertools.chain(tower_weights(tower_dir), weights)  # checkpoint wins
         assign_weights(self, self._map_weights(weights))
 
     def _map_weights(self, weights: Iterable[tuple[str, torch.Tensor]]):
@@ -127,6 +144,10 @@ class LlavaForConditionalGeneration(nn.Module):
                 continue  # a buffer some checkpoints carry; SigLIP's pooling head (unused)
             else:
                 yield name, mapped, tensor, None
+
+
+def _has_weights(path: str) -> bool:
+    return any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path))
 
 
 def hf_llava_name(name: str) -> str:
@@ -164,6 +185,8 @@ class LlavaImageInputs:
     def __init__(self, config: Any, image_processor: Any):
         self.config = config
         self.processor = image_processor
+        self.placeholder = getattr(config, "asgl_placeholder", None) or self.placeholder
+        self.pad_square = getattr(config, "asgl_pad_square", False)
         token = getattr(config, "image_token_id", None)
         if token is None and getattr(config, "asgl_layout", None) is None:
             token = config.image_token_index
@@ -175,8 +198,24 @@ class LlavaImageInputs:
 
     def process(self, image: Any) -> tuple[dict[str, torch.Tensor], int]:
         """(host tensors for `encode_images`, positions) of one RGB PIL image."""
+        if self.pad_square:
+            image = pad_to_square(image, self.processor.image_mean)
         out = self.processor(images=[image], return_tensors="pt")
         return {"pixel_values": out["pixel_values"]}, self.positions
 
 
 LlavaForConditionalGeneration.image_inputs = LlavaImageInputs
+
+
+def pad_to_square(image: Any, mean: Any) -> Any:
+    """The LLaVA repository's "pad" aspect ratio: the image centred on a square of the
+    processor's mean colour (its longer side), before the processor resizes it."""
+    from PIL import Image
+
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), tuple(int(x * 255) for x in mean))
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas

@@ -59,11 +59,12 @@ def is_repo_layout(raw: dict) -> bool:
     return any(a in REPO_ARCHITECTURES for a in raw.get("architectures") or [])
 
 
-def _tower(name: str) -> tuple[Any, dict]:
-    """(vision config, image processor fields) of `mm_vision_tower`."""
+def _tower(name: str, model_dir: str) -> tuple[Any, dict, Optional[str]]:
+    """(vision config, image processor fields, local directory or None) of
+    `mm_vision_tower` (a relative path is the model directory's, as Yi-VL ships it)."""
     from transformers import AutoConfig, CLIPVisionConfig, SiglipVisionConfig
 
-    path = os.path.expanduser(name)
+    path = os.path.join(model_dir, os.path.expanduser(name))
     if os.path.isfile(os.path.join(path, "config.json")):
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         config = getattr(config, "vision_config", config)  # a whole CLIP / SigLIP model
@@ -73,16 +74,16 @@ def _tower(name: str) -> tuple[Any, dict]:
             with open(pre, encoding="utf-8") as f:
                 proc = {k: v for k, v in json.load(f).items()
                         if k in ("image_mean", "image_std", "resample")}
-        return config, proc
+        return config, proc, path
     if name not in _TOWERS:
         raise ValueError(f"mm_vision_tower {name!r} is neither a local directory with a "
                          f"config.json nor a known tower ({', '.join(_TOWERS)})")
     kind, fields, proc = _TOWERS[name]
     cls = SiglipVisionConfig if kind == "siglip" else CLIPVisionConfig
-    return cls(**fields), dict(proc)
+    return cls(**fields), dict(proc), None
 
 
-def repo_hf_config(raw: dict) -> Any:
+def repo_hf_config(raw: dict, model_dir: str = ".") -> Any:
     """The HF config (LLaVA, LLaVA-NeXT or OneVision) a LLaVA-repo config.json stands for;
     `config.asgl_image_processor` says how to build its image processor."""
     import transformers as tf
@@ -93,10 +94,10 @@ def repo_hf_config(raw: dict) -> Any:
                 "qwen2": tf.Qwen2Config}[family]
     text = text_cls(**{k: v for k, v in raw.items() if k not in _MM_KEYS})
     projector = raw.get("mm_projector_type", "linear")
-    if projector != "mlp2x_gelu":
+    if projector not in ("mlp2x_gelu", "mlp2x_gelu_Norm"):
         raise ValueError(f"mm_projector_type {projector!r}: only 'mlp2x_gelu' (LLaVA 1.5 and "
-                         "later) is supported")
-    vision, proc = _tower(raw["mm_vision_tower"])
+                         "later) and 'mlp2x_gelu_Norm' (Yi-VL) are supported")
+    vision, proc, tower_dir = _tower(raw["mm_vision_tower"], model_dir)
     siglip = vision.model_type.startswith("siglip")
     select = "default" if raw.get("mm_vision_select_feature", "patch") == "patch" else "full"
     common = dict(vision_config=vision, text_config=text, projector_hidden_act="gelu",
@@ -126,7 +127,24 @@ def repo_hf_config(raw: dict) -> Any:
     config.architectures = [type(config).__name__.replace("Config", "ForConditionalGeneration")]
     config.asgl_image_processor = processor
     config.asgl_layout = arch
+    yi = projector.endswith("_Norm")  # Yi-VL: LayerNorms in the projector, its own token
+    config.asgl_projector_norm = yi
+    config.asgl_placeholder = "<image_placeholder>" if yi else "<image>"
+    config.asgl_pad_square = aspect == "pad"  # the repo pads to a square of the mean colour
+    config.asgl_tower_dir = tower_dir  # its weights, when the checkpoint lacks them
     return config
+
+
+def tower_weights(tower_dir: str):
+    """A local tower's own weights (`vision_model.*`), named as the repo's checkpoint names
+    them; Yi-VL keeps its fine-tuned ViT there."""
+    from asgl.models.loader import _find_weight_files, _iter_file
+
+    files, fmt = _find_weight_files(tower_dir, "auto")
+    for path in files:
+        for name, tensor in _iter_file(path, fmt):
+            if name.startswith("vision_model."):
+                yield "model.vision_tower.vision_tower." + name, tensor
 
 
 def build_image_processor(spec: Optional[tuple[str, dict]]) -> Any:
@@ -143,6 +161,10 @@ def repo_name(name: str) -> Optional[str]:
     """A LLaVA-repo weight name in the HF LLaVA layout (None: not a repo name)."""
     for old, new in (("model.mm_projector.0.", "multi_modal_projector.linear_1."),
                      ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
+                     # Yi-VL: Linear, LayerNorm, GELU, Linear, LayerNorm
+                     ("model.mm_projector.1.", "multi_modal_projector.ln_1."),
+                     ("model.mm_projector.3.", "multi_modal_projector.linear_2."),
+                     ("model.mm_projector.4.", "multi_modal_projector.ln_2."),
                      ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
                      ("model.image_newline", "image_newline")):
         if name.startswith(old):

@@ -281,7 +281,7 @@ def _llava_repo_config(path: str) -> PretrainedConfig | None:
     from asgl.models.llava_repo import is_repo_layout, repo_hf_config
 
     raw = _read_json(os.path.join(path, "config.json")) or {}
-    return repo_hf_config(raw) if is_repo_layout(raw) else None
+    return repo_hf_config(raw, path) if is_repo_layout(raw) else None
 
 
 def _read_json(path: str) -> dict | None:
