@@ -138,11 +138,19 @@ def repo_hf_config(raw: dict, model_dir: str = ".") -> Any:
 def tower_weights(tower_dir: str):
     """A local tower's own weights (`vision_model.*`), named as the repo's checkpoint names
     them; Yi-VL keeps its fine-tuned ViT there."""
-    from asgl.models.loader import _find_weight_files, _iter_file
+    import glob
 
-    files, fmt = _find_weight_files(tower_dir, "auto")
-    for path in files:
-        for name, tensor in _iter_file(path, fmt):
+    import torch
+
+    files = sorted(glob.glob(os.path.join(tower_dir, "*.safetensors")))
+    if files:
+        from safetensors.torch import load_file
+        states = (load_file(f) for f in files)
+    else:  # weights_only: a .bin is a pickle, and unpickling arbitrary objects runs code
+        states = (torch.load(f, map_location="cpu", weights_only=True)
+                  for f in sorted(glob.glob(os.path.join(tower_dir, "*.bin"))))
+    for state in states:
+        for name, tensor in state.items():
             if name.startswith("vision_model."):
                 yield "model.vision_tower.vision_tower." + name, tensor
 
