@@ -18,7 +18,6 @@ off.
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
@@ -169,7 +168,8 @@ async def test_native_generate_image_data(server, hf):
 async def test_same_image_hits_the_cache_and_one_pixel_misses(server, hf, llava_dir):
     client, engine = server
     img = image_bytes(31, size=(33, 47))
-    first = await (await client.post("/v1/chat/completions", json=_chat("hello world", [img]))).json()
+    first = await (await client.post("/v1/chat/completions",
+                                     json=_chat("hello world", [img]))).json()
     encoded = engine.runner.mm_encoder.images_encoded
     preprocessed = engine.images.preprocessed
     again = await (await client.post("/v1/chat/completions",

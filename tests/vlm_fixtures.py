@@ -275,7 +275,9 @@ class _OnevisionProcessor:
         result.update(input_ids=ids, attention_mask=torch.ones_like(ids))
         return result
 
-    _get_unpadded_features = __import__("transformers").LlavaOnevisionProcessor._get_unpadded_features
+    def _get_unpadded_features(self, *args):
+        from transformers import LlavaOnevisionProcessor as P
+        return P._get_unpadded_features(self, *args)
 
 
 def hf_greedy(hf: tuple, prompt: str, images: list[bytes], max_new: int

@@ -92,7 +92,9 @@ class LlavaForConditionalGeneration(nn.Module):
             config.projector_hidden_act, getattr(config, "multimodal_projector_bias", True),
             norm=getattr(config, "asgl_projector_norm", False))
         lm = self.language_model
-        self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
+        # what the runner sizes the KV pool by: the language model's
+        self.num_layers, self.num_kv_heads = lm.num_layers, lm.num_kv_heads
+        self.head_dim = lm.head_dim
 
     # ------------------------------------------------------------------ text
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,

@@ -40,7 +40,9 @@ class Qwen2VLForConditionalGeneration(nn.Module):
         for layer in lm.model.layers:  # every layer rotates by the 3-D positions
             layer.self_attn.rotary_emb = rope
         self.visual = Qwen2VisionTower(config.vision_config)
-        self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
+        # what the runner sizes the KV pool by: the language model's
+        self.num_layers, self.num_kv_heads = lm.num_layers, lm.num_kv_heads
+        self.head_dim = lm.head_dim
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -120,8 +120,8 @@ async def load_image(state: ServerState, ref: Any, where: str, *,
                           f"{', http(s) too' if cfg.enable_image_url_fetch else ''})", where)
     if raw_base64:  # SGLang's native image_data also takes bare base64
         return _b64(ref, where, max_bytes)
-    raise bad_request(f"{where}: an image must be a data URL (data:image/png;base64,...)",
-                      where)
+    raise bad_request(f"{where}: an image must be a data URL (data:image/png;base64,...); "
+                      "local files need --allowed-local-media-path", where)
 
 
 def _from_data_url(url: str, where: str, max_bytes: int) -> bytes:

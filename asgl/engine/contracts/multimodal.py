@@ -27,7 +27,7 @@ carries its image's first rotary position for the model to build the 3-D rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 # Cache ids of image positions: digest-derived, above any vocabulary (ids are int64 keys in
 # the radix tree only; they never reach the model).
@@ -115,8 +115,3 @@ class MMChunk:
     end: int  # one past the last
     dest: int  # the step's token row of feature row `start`
     rope_start: int = 0  # M-RoPE: the image's first rotary position (MMItem.mrope adds to it)
-
-
-def feature_rows(chunks: list[MMChunk]) -> Optional[int]:
-    """How many token rows a step's chunks fill (None without chunks)."""
-    return sum(c.end - c.start for c in chunks) if chunks else None
