@@ -76,7 +76,7 @@ class MMInputs:
 
     def positions(self, start: int, n: int) -> list[int]:
         """1-D rotary positions of sequence positions [start, start + n): each shifted by
-        the images before it (an image's own rows get its first rotary position; the model
+        the images before it (an image's own rows are shifted as its first one; the model
         replaces them with their 3-D positions)."""
         out = []
         for p in range(start, start + n):
