@@ -293,3 +293,17 @@ async def test_local_files_and_url_fetch_flags(server, tmp_path):
             resp = await client.post("/v1/chat/completions", json=body(url))
             err = await resp.json()
             assert resp.status == 400 and needle in err["error"]["message"], (url, err)
+
+
+async def test_image_flags_validate_and_tp_is_refused(llava_dir):
+    from asgl.config import ConfigError
+    from asgl.engine.contracts.errors import ModelLoadError
+
+    for flag, value in (("max_images_per_request", 0), ("max_image_pixels", -1),
+                        ("max_image_bytes_mb", 0), ("image_fetch_timeout", 0)):
+        with pytest.raises(ConfigError, match=f"--{flag.replace('_', '-')}"):
+            EngineConfig(**{flag: value})
+    engine = Engine(_config(llava_dir, tp_size=2))
+    with pytest.raises(ModelLoadError, match="--tp 1"):  # before any rank starts
+        await engine.start()
+    engine.worker.shutdown()
