@@ -162,6 +162,7 @@ SLOW_FILES = frozenset({
     "test_tp_engine.py", "test_tp_multinode.py", "test_triton_kernels.py",
     "test_watchdog.py",
     "test_vlm_lang.py",  # an in-process Runtime and an `asgl serve` of a tiny LLaVA (~60 s)
+    "test_vlm_llava.py", "test_vlm_repo_layout.py",  # HF references of 5 VLM families (~45 s)
 })
 
 

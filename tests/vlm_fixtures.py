@@ -50,8 +50,13 @@ def _perturb_norms(model: Any, seed: int) -> None:
                 p.copy_(p + 0.2 * torch.randn(p.shape, generator=g))
 
 
+# head_dim 128 (GPU attention kernels' sizes) instead of 16: 2 heads of a 256-wide decoder
+_GPU_TEXT = dict(hidden_size=256, intermediate_size=512, num_attention_heads=2,
+                 num_key_value_heads=1)
+
+
 def save_tiny_llava(path: str, *, image_size: int = 32, patch: int = 8, seed: int = 0,
-                    strategy: str = "default", kind: str = "llava") -> str:
+                    strategy: str = "default", kind: str = "llava", gpu: bool = False) -> str:
     """A LLaVA 1.5 (kind "llava") or LLaVA-NeXT (kind "next": anyres tiles over a grid of
     pinpoints, image newline) checkpoint of tiny sizes: CLIP ViT + MLP projector + Llama."""
     import torch
@@ -61,10 +66,11 @@ def save_tiny_llava(path: str, *, image_size: int = 32, patch: int = 8, seed: in
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    sizes = _GPU_TEXT if gpu else dict(hidden_size=64, intermediate_size=128,
+                                       num_attention_heads=4, num_key_value_heads=2)
+    text = LlamaConfig(vocab_size=len(tok), num_hidden_layers=2, max_position_embeddings=1024,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, **sizes)
     crop = {"height": image_size, "width": image_size}
     pinpoints = [[image_size, 2 * image_size], [2 * image_size, image_size],
                  [2 * image_size, 2 * image_size], [3 * image_size, image_size]]
@@ -115,7 +121,7 @@ def save_tiny_llava(path: str, *, image_size: int = 32, patch: int = 8, seed: in
     return path
 
 
-def save_tiny_qwen2_vl(path: str, *, seed: int = 0) -> str:
+def save_tiny_qwen2_vl(path: str, *, seed: int = 0, gpu: bool = False) -> str:
     """A Qwen2-VL checkpoint of tiny sizes (ViT with 2-D RoPE and a 2x2 patch merger,
     Qwen2 decoder with M-RoPE sections 2/3/3 of a 16-dim head), patches of 4 pixels."""
     import torch
@@ -125,14 +131,15 @@ def save_tiny_qwen2_vl(path: str, *, seed: int = 0) -> str:
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     ids = tok.convert_tokens_to_ids
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=1024, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
+    sizes = _GPU_TEXT if gpu else dict(hidden_size=64, intermediate_size=128,
+                                       num_attention_heads=4, num_key_value_heads=2)
+    text = dict(vocab_size=len(tok), num_hidden_layers=2, max_position_embeddings=1024,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                 "mrope_section": [2, 3, 3]})
-    vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2,
-                  patch_size=4, temporal_patch_size=2, spatial_merge_size=2)
+                                 "mrope_section": [16, 24, 24] if gpu else [2, 3, 3]},
+                **sizes)
+    vision = dict(depth=2, embed_dim=32, hidden_size=sizes["hidden_size"], num_heads=4,
+                  mlp_ratio=2, patch_size=4, temporal_patch_size=2, spatial_merge_size=2)
     config = Qwen2VLConfig(text_config=text, vision_config=vision,
                            image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
                            vision_start_token_id=ids("<|vision_start|>"),
