@@ -95,6 +95,13 @@ async def test_repo_layout_loads_and_matches_hf(dirs):
             agree(out.text, ref, gaps, hf[2])
             assert out.prompt_tokens == n_prompt
             assert ids.count(engine.images.image_token_id) == len(images)
+        # the image token has no logit row: what would index logits by it is refused
+        from asgl.engine.contracts.errors import InvalidRequest
+        with pytest.raises(InvalidRequest, match="outside the vocabulary"):
+            await engine.generate(prompt, {"repetition_penalty": 1.1}, image_data=images)
+        with pytest.raises(InvalidRequest, match="outside the vocabulary"):
+            await engine.generate(prompt, {}, image_data=images, return_logprob=True,
+                                  logprob_start_len=0)
     finally:
         await engine.shutdown()
 

@@ -348,6 +348,16 @@ class Engine:
         if image_data is not None:  # (the server prepares them itself: mm_inputs)
             ids, mm_inputs = await self.prepare_images(ids, image_data)
         cache_ids = mm_inputs.cache_ids(ids) if mm_inputs is not None else None
+        if mm_inputs is not None and self.images.image_token_id >= self.vocab_size:
+            # a LLaVA-repo checkpoint's image token has no logit row and no penalty slot
+            if return_logprob and logprob_start_len >= 0:
+                raise InvalidRequest("prompt logprobs over images are not supported for this "
+                                     "checkpoint (its image token is outside the vocabulary)",
+                                     "logprob_start_len")
+            if sp.repetition_penalty != 1.0:
+                raise InvalidRequest("repetition_penalty with images is not supported for "
+                                     "this checkpoint (its image token is outside the "
+                                     "vocabulary)", "repetition_penalty")
         if top_logprobs_num < 0 or top_logprobs_num > 20:
             raise InvalidRequest("top_logprobs_num must be in [0, 20]", "top_logprobs_num")
         if logprob_start_len >= len(ids):
