@@ -45,7 +45,7 @@ def reference(llava_dir, image_file):
         data = f.read()
     hf = hf_llava(llava_dir)
     prompt = f"<s>{SYSTEM} USER: <image>\nWhat is in this image? ASSISTANT:"
-    ref, gaps, _ = hf_greedy(hf, prompt, [data], MAX_NEW)
+    ref, gaps, _, _ = hf_greedy(hf, prompt, [data], MAX_NEW)
     return ref, gaps, hf[2]
 
 
