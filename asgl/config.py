@@ -97,6 +97,13 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # per-request work budgets (asgl/server/limits.py check_work); None: by device
     max_request_tokens: Optional[int] = None
     max_prompt_logprobs: Optional[int] = None
+    # images (vision-language models; asgl/server/images.py, asgl/engine/loop/mm_inputs.py)
+    max_images_per_request: int = 16
+    max_image_pixels: int = 40_000_000
+    max_image_bytes_mb: float = 20.0
+    enable_image_url_fetch: bool = False
+    image_fetch_timeout: float = 10.0
+    allowed_local_media_path: Optional[str] = None
 
     # --- liveness (asgl/engine/loop/watchdog.py) ---
     watchdog_timeout: float = 300.0
@@ -108,7 +115,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     def validate(self) -> None:
         """Reject values that cannot work, naming the option."""
         positive = ("context_length", "max_running_requests", "max_total_tokens",
-                    "max_queued_requests", "cuda_graph_max_bs", "torch_compile_max_bs")
+                    "max_queued_requests", "cuda_graph_max_bs", "torch_compile_max_bs",
+                    "max_images_per_request", "max_image_pixels", "max_image_bytes_mb",
+                    "image_fetch_timeout")
         if self.cuda_graph_max_tokens is not None and self.cuda_graph_max_tokens < 0:
             raise ConfigError("--cuda-graph-max-tokens must be >= 0 (0: decode graphs only)")
         for name in positive:
@@ -272,7 +281,9 @@ CLI_GROUPS: dict[str, str] = {
                      "incremental_streaming_output"], "API"),
     **dict.fromkeys(["max_prompt_chars", "max_stop_strings", "max_stop_string_chars",
                      "max_schema_depth", "max_schema_bytes", "max_regex_chars", "max_tools",
-                     "max_request_tokens", "max_prompt_logprobs"],
+                     "max_request_tokens", "max_prompt_logprobs", "max_images_per_request",
+                     "max_image_pixels", "max_image_bytes_mb", "enable_image_url_fetch",
+                     "image_fetch_timeout", "allowed_local_media_path"],
                     "request limits"),
     **dict.fromkeys(["max_running_requests", "chunked_prefill_size", "max_prefill_tokens",
                      "schedule_policy", "schedule_conservativeness", "disable_radix_cache",
@@ -303,6 +314,14 @@ _ALIASES: dict[str, list[str]] = {
 }
 
 _HELP: dict[str, str] = {
+    "max_images_per_request": "most images one request may carry",
+    "max_image_pixels": "most pixels (width x height) of one image, checked before decoding",
+    "max_image_bytes_mb": "largest encoded image (data URL, file or download) in MB",
+    "enable_image_url_fetch": "fetch http(s) image URLs in requests (size and time limits; "
+                              "private and loopback addresses refused); off: such URLs are a 400",
+    "image_fetch_timeout": "seconds one image download may take",
+    "allowed_local_media_path": "a directory whose files requests may name as images "
+                                "(file:// URLs or paths); default: none",
     "model_path": "HF model directory, a .gguf file, or a preset name with --load-format dummy; "
                   "default: the embedded SmolLM2-135M-Instruct",
     "tokenizer_path": "tokenizer directory (default: the model's)",

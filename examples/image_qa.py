@@ -1,6 +1,7 @@
-"""An image as input (SGLang README). It needs a vision model: asgl's runtime serves text
-models, so on it the request fails with a clear error (HTTP 400 from the server, or
-NotImplementedError from the in-process Runtime); OpenAI and Anthropic vision models work.
+"""An image as input (SGLang README). It needs a vision model (docs/vision.md: LLaVA 1.5
+served with e.g. `--chat-template vicuna_v1.1`); on a text model the request fails with a
+clear error (HTTP 400 from the server, or NotImplementedError from the in-process Runtime).
+OpenAI and Anthropic vision models work too.
 
     python examples/image_qa.py [--url http://localhost:30000] [--image cat.png]
 """

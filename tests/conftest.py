@@ -166,6 +166,8 @@ SLOW_FILES = frozenset({
     "test_watchdog.py",
     "test_mla_families.py", "test_mla_kernels.py",
     "test_moe_families.py", "test_moe_kernels.py",
+    "test_vlm_lang.py",  # an in-process Runtime and an `asgl serve` of a tiny LLaVA (~60 s)
+    "test_vlm_llava.py", "test_vlm_repo_layout.py",  # HF references of 5 VLM families (~45 s)
 })
 
 

@@ -208,7 +208,7 @@ class Executor:
         elif isinstance(op, ir.RoleEnd):
             await self._role_end(op.role)
         elif isinstance(op, ir.Image):
-            self._image(op.data)
+            self._image(op.data, await self.backend.image_token())
         elif isinstance(op, ForkOp):
             await self._fork(op.children)
         elif isinstance(op, ir.VarScopeBegin):
@@ -400,10 +400,14 @@ class Executor:
             parts.append({"type": "text", "text": text[pos:]})
         return parts
 
-    def _image(self, image: ImageData) -> None:
+    def _image(self, image: ImageData, token: Optional[str] = None) -> None:
+        """Record an image; `token` (a native backend serving a vision model: its image
+        placeholder) goes into the text where the image stands."""
         self.images.append(image)
         if self.role is not None:
             self._role_images.append((len(self.text) - self._role_start, image))
+        if token:
+            self._append(token)
 
     def _prompt(self) -> Prompt:
         return Prompt(self.text, list(self.messages), self.role,

@@ -170,8 +170,10 @@ def _from_gguf(path: str, cfg: EngineConfig) -> ModelSource:
 
 def _from_hf_dir(path: str, cfg: EngineConfig, *, trust_remote_code: bool) -> ModelSource:
     try:
-        hf_config = AutoConfig.from_pretrained(
-            path, trust_remote_code=trust_remote_code, local_files_only=True)
+        hf_config = _llava_repo_config(path)  # the LLaVA repo's layout (models/llava_repo.py)
+        if hf_config is None:
+            hf_config = AutoConfig.from_pretrained(
+                path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError) as exc:
         hf_config = _native_remote_config(path)
         if hf_config is None:
@@ -310,6 +312,13 @@ def _as_id_list(value: object) -> list[int]:
         return []
     values = value if isinstance(value, (list, tuple)) else [value]
     return list(dict.fromkeys(int(v) for v in values))
+
+
+def _llava_repo_config(path: str) -> PretrainedConfig | None:
+    from asgl.models.llava_repo import is_repo_layout, repo_hf_config
+
+    raw = _read_json(os.path.join(path, "config.json")) or {}
+    return repo_hf_config(raw, path) if is_repo_layout(raw) else None
 
 
 def _read_json(path: str) -> dict | None:

@@ -37,6 +37,12 @@ _MODELS: dict[str, tuple[str, str]] = {
     "YiForCausalLM": ("asgl.models.llama_aliases", "YiForCausalLM"),
     "GlmForCausalLM": ("asgl.models.glm", "GlmForCausalLM"),
     "Glm4ForCausalLM": ("asgl.models.glm", "Glm4ForCausalLM"),
+    "LlavaForConditionalGeneration": ("asgl.models.llava", "LlavaForConditionalGeneration"),
+    "LlavaNextForConditionalGeneration": ("asgl.models.llava_next",
+                                          "LlavaNextForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": ("asgl.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    "LlavaOnevisionForConditionalGeneration": ("asgl.models.llava_onevision",
+                                               "LlavaOnevisionForConditionalGeneration"),
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")

@@ -17,7 +17,7 @@ import asyncio
 import functools
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from asgl.engine.contracts.outputs import StreamChunk
 from asgl.engine.contracts.sampling_params import SamplingParams
@@ -33,6 +33,7 @@ class Job:
     return_logprob: bool = False
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
+    mm: Any = None  # the prompt's images (MMInputs; input_ids already expanded for them)
 
 
 class Choice:
@@ -83,6 +84,7 @@ class Generation:
         step that produced it (Engine.generate_into): the streaming routes render and write
         their events from there, with no task wake-up per request per step."""
         job, engine, metrics = self.job, self.state.engine, self.state.metrics
+        extra = {"mm_inputs": job.mm} if job.mm is not None else {}
         counted = 0
         accepted = False
 
@@ -99,7 +101,7 @@ class Generation:
             await engine.generate_into(
                 take, input_ids=job.input_ids, sampling_params=job.params, rid=job.rid,
                 return_logprob=job.return_logprob, logprob_start_len=job.logprob_start_len,
-                top_logprobs_num=job.top_logprobs_num)
+                top_logprobs_num=job.top_logprobs_num, **extra)
         finally:
             if counted:
                 metrics.generation_tokens.inc(counted)

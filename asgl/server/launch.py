@@ -98,7 +98,8 @@ def _dict_keys_in_source(module: str, variable: str) -> list[str]:
 def _builtin_template_names() -> list[str]:
     """The built-in chat template names, from asgl/engine/loop/tokenizer.py's source:
     importing it imports transformers (2+ s), too slow for an early check."""
-    return _dict_keys_in_source("asgl.engine.loop.tokenizer", "BUILTIN_CHAT_TEMPLATES")
+    return (_dict_keys_in_source("asgl.engine.loop.tokenizer", "BUILTIN_CHAT_TEMPLATES")
+            + _dict_keys_in_source("asgl.engine.loop.vlm_templates", "VLM_CHAT_TEMPLATES"))
 
 
 def check_chat_template(value: Optional[str]) -> None:

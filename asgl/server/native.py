@@ -22,6 +22,7 @@ from asgl.engine.contracts.outputs import StreamChunk
 from asgl.server import limits
 from asgl.server.errors import ApiError, bad_request
 from asgl.server.generation import Choice, Generation, Job, deliver_all, run_all
+from asgl.server.images import native_images
 from asgl.server.jsonio import json_response, read_json
 from asgl.server.prompts import tokenize_all
 from asgl.server.protocol import AbortRequest, GenerateRequest, GenerateResponse, MetaInfo
@@ -70,7 +71,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def _jobs(state: ServerState, body: GenerateRequest) -> tuple[list[Job], bool]:
     """Validate the whole request and build one Job per prompt; nothing is submitted yet.
     Returns the jobs and whether the request was a single prompt (not a batch)."""
-    for name in ("image_data", "lora_path", "modalities"):
+    for name in ("lora_path", "modalities"):
         if getattr(body, name) is not None:
             raise bad_request(f"`{name}` is not supported yet", name)
     texts: Optional[list[str]] = None
@@ -106,11 +107,12 @@ async def _jobs(state: ServerState, body: GenerateRequest) -> tuple[list[Job], b
     limits.check_sequences(sum(sp.n for sp, _ in params))
     if texts is not None:
         ids_list = await tokenize_all(state, texts, "text")
+    mms = await native_images(state, body.image_data, ids_list, single, body.video_data)
 
     jobs = []
     for k in range(count):
         sp, explicit_max = params[k]
-        ids = ids_list[k]
+        ids, mm = mms[k] if mms is not None else (ids_list[k], None)
         limits.check_prompt(state, ids, sp.max_new_tokens,
                             "max_new_tokens" if explicit_max else None, param)
         top = top_lp[k] if return_lp[k] else 0
@@ -118,7 +120,7 @@ async def _jobs(state: ServerState, body: GenerateRequest) -> tuple[list[Job], b
         limits.check_logprobs(state, top, start, len(ids))
         jobs.append(Job(rid=rids[k] or uuid.uuid4().hex, input_ids=ids, params=sp,
                         return_logprob=bool(return_lp[k]), logprob_start_len=start,
-                        top_logprobs_num=top))
+                        top_logprobs_num=top, mm=mm))
     limits.check_work(state, jobs, "max_new_tokens", "logprob_start_len")
     return jobs, single
 
@@ -261,6 +263,8 @@ async def get_model_info(request: web.Request) -> web.Response:
         "vocab_size": state.vocab_size,
         # the resolved template (tokenizer's or --chat-template), for frontend clients
         "chat_template": getattr(state.engine, "chat_template", None),
+        # a vision-language model's image placeholder (frontends put it where images go)
+        "image_token": getattr(getattr(state.engine, "images", None), "placeholder", None),
     })
 
 

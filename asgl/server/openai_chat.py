@@ -21,6 +21,7 @@ from asgl.server import limits
 from asgl.server.errors import bad_request
 from asgl.engine.contracts.outputs import StreamChunk
 from asgl.server.generation import Choice, Generation, Job, deliver_all, run_all
+from asgl.server.images import chat_images, load_all
 from asgl.server.jsonio import json_response, read_json
 from asgl.server.openai_common import (chat_logprobs, check_stream_options, finish_reason,
                                        new_id, now, response_model, sampling_params, usage)
@@ -60,18 +61,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     limits.check_sequences(sp.n)
-    messages = messages_to_dicts(req.messages)
+    images = chat_images(state)  # None: a text-only model (image parts are a 400)
+    messages = messages_to_dicts(req.messages, images)
     messages, template_tools = with_tool_prompt(messages, tools, fmt, template_text(state))
     add_gen = True if req.add_generation_prompt is None else req.add_generation_prompt
     prompt = await render_chat(state, messages, add_gen, template_tools)
     ids = await tokenize_rendered(state, prompt)
+    mm = None
+    if images is not None and images.refs:  # decoded off the loop; placeholders expanded
+        ids, mm = await state.engine.prepare_images(
+            ids, await load_all(state, images.refs), "messages", [w for _, w in images.refs])
     limits.check_prompt(state, ids, max_tokens, param if max_tokens is not None else None,
                         "messages")
     if req.logprobs:
         limits.check_logprobs(state, top_n, -1, len(ids), "top_logprobs")
     chat_id, rid = new_id("chatcmpl")
     job = Job(rid=rid, input_ids=ids, params=sp, return_logprob=bool(req.logprobs),
-              top_logprobs_num=top_n)
+              top_logprobs_num=top_n, mm=mm)
     limits.check_work(state, [job], param)
     limits.check_admission(state, sp.n)
     gen = Generation(state, job, arrival)

@@ -65,9 +65,11 @@ async def tokenize_all(state: ServerState, texts: list[str], param: str) -> list
 _ROLES = {"system", "user", "assistant", "developer", "tool"}
 
 
-def messages_to_dicts(messages: list) -> list[dict]:
+def messages_to_dicts(messages: list, images: Any = None) -> list[dict]:
     """ChatMessage structs to the plain dicts chat templates expect, text only; assistant
-    tool calls and tool results are kept in OpenAI's shape."""
+    tool calls and tool results are kept in OpenAI's shape. With `images` (a
+    server/images.py ChatImages: a vision-language model), each image_url part is recorded
+    there and stands as the model's image placeholder in the text."""
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -84,6 +86,12 @@ def messages_to_dicts(messages: list) -> list[dict]:
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
+                if part.type == "image_url" and images is not None:
+                    texts.append(images.add(part.image_url, f"{where}.content[{j}]"))
+                    continue
+                if part.type == "video_url" and images is not None:
+                    texts.append(images.add_video(part.video_url, f"{where}.content[{j}]"))
+                    continue
                 if part.type != "text" or part.text is None:
                     raise bad_request(f"{where}.content[{j}]: this model takes text only "
                                       f"(got a {part.type!r} part)", f"{where}.content")

@@ -51,8 +51,9 @@ class GenerateRequest(msgspec.Struct, **_REQ):
     top_logprobs_num: Union[int, list[int]] = 0
     return_text_in_logprobs: bool = False
     stream: bool = False
+    image_data: Any = None  # vision models: server/images.py
+    video_data: Any = None  # vision models with video: a list of frames per video
     # SGLang fields we do not implement: accepted only when absent or null
-    image_data: Any = None
     lora_path: Any = None
     modalities: Any = None
 
@@ -136,6 +137,7 @@ class ContentPart(msgspec.Struct, kw_only=True):
     type: str
     text: Optional[str] = None
     image_url: Any = None
+    video_url: Any = None  # {"url": [frame URLs]}: a video as its frames (vision models)
     input_audio: Any = None
 
 

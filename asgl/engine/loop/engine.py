@@ -36,7 +36,7 @@ from asgl.engine.loop.streams import RequestStream
 from asgl.engine.contracts.step import StepPlan
 from asgl.engine.sampling.batch import SamplingBatch
 from asgl.engine.scheduler.req import Req
-from asgl.engine.contracts.errors import EngineNotRunning, InvalidRequest
+from asgl.engine.contracts.errors import EngineNotRunning, InvalidRequest, ModelLoadError
 from asgl.engine.contracts.sampling_params import SamplingParams
 from asgl.engine.scheduler.scheduler import NEED_DRAIN, ScheduledBatch, Scheduler
 from asgl.engine.worker.device_worker import DeviceWorker
@@ -71,6 +71,7 @@ class Engine:
         self._grammar_step = None  # the submitted step's masks, filled after the next apply
         self._progress = 0  # steps applied (or failed): what the watchdog watches
         self.watchdog = None  # Watchdog (asgl/engine/loop/watchdog.py) unless turned off
+        self.images = None  # ImageInputs (engine/loop/mm_inputs.py) of a vision-language model
 
     # ------------------------------------------------------------------ life cycle
     async def start(self) -> "Engine":
@@ -91,11 +92,18 @@ class Engine:
         if cfg.is_embedding:
             return await self._start_embedding()
         # tp_size > 1: a TPModelRunner that also drives the other ranks (asgl/engine/tp.py)
+        # a vision-language model's image front (before the ranks start: it may refuse)
+        self.images = await loop.run_in_executor(None, _image_inputs, cfg, self.source)
         self.runner = await self.worker.run(create_model_runner, cfg, self.source)
         hf = self.source.hf_config
+        if self.images is not None and self.images.image_token_id is None:
+            # LLaVA-repo layout: no image token in the vocabulary; one is added (its id is
+            # past the model's vocabulary, and image rows never reach the embedding)
+            self.images.add_image_token(self.tokenizer, self.runner.vocab_size)
         on_cpu = self.runner.device.type == "cpu"
         max_running = cfg.max_running_requests or (64 if on_cpu else 1024)
-        context_len = cfg.context_length or getattr(hf, "max_position_embeddings", 4096)
+        text_hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf  # (VLMs)
+        context_len = cfg.context_length or getattr(text_hf, "max_position_embeddings", 4096)
         capacity = self.runner.kv_capacity()
         if not cfg.max_total_tokens:
             # more than every running request at full context could never be used
@@ -230,6 +238,8 @@ class Engine:
         self.worker.shutdown()
         if self.grammar_backend is not None:
             self.grammar_backend.shutdown()
+        if self.images is not None:
+            self.images.shutdown()
         self._started = False
 
     async def __aenter__(self) -> "Engine":
@@ -243,11 +253,15 @@ class Engine:
                        sampling_params: Union[SamplingParams, dict, None] = None, *,
                        input_ids: Optional[list[int]] = None, rid: Optional[str] = None,
                        return_logprob: bool = False, logprob_start_len: int = -1,
-                       top_logprobs_num: int = 0) -> Union[GenerateOutput, list[GenerateOutput]]:
-        """Generate to completion. With n > 1 in the sampling params, a list of n outputs."""
+                       top_logprobs_num: int = 0, image_data: Optional[list] = None,
+                       mm_inputs: Any = None) -> Union[GenerateOutput, list[GenerateOutput]]:
+        """Generate to completion. With n > 1 in the sampling params, a list of n outputs.
+        `image_data`: encoded images (or PIL images), one per image placeholder of the
+        prompt; `mm_inputs`: what `prepare_images` made of them (the ids given expanded)."""
         # collect: the stream folds deltas itself and wakes us once per finished choice
         stream = await self._submit(prompt, sampling_params, input_ids, rid, return_logprob,
-                                    logprob_start_len, top_logprobs_num, collect=True)
+                                    logprob_start_len, top_logprobs_num, collect=True,
+                                    image_data=image_data, mm_inputs=mm_inputs)
         try:
             while not stream.done:
                 await stream.next_chunks()
@@ -263,11 +277,13 @@ class Engine:
                               sampling_params: Union[SamplingParams, dict, None] = None, *,
                               input_ids: Optional[list[int]] = None, rid: Optional[str] = None,
                               return_logprob: bool = False, logprob_start_len: int = -1,
-                              top_logprobs_num: int = 0) -> AsyncIterator[StreamChunk]:
+                              top_logprobs_num: int = 0, image_data: Optional[list] = None,
+                              mm_inputs: Any = None) -> AsyncIterator[StreamChunk]:
         """Yield StreamChunks (deltas) as tokens are produced; the last one has finished=True
         for each of the n choices. Leaving the loop early aborts the request."""
         stream = await self._submit(prompt, sampling_params, input_ids, rid, return_logprob,
-                                    logprob_start_len, top_logprobs_num)
+                                    logprob_start_len, top_logprobs_num,
+                                    image_data=image_data, mm_inputs=mm_inputs)
         try:
             while True:
                 for chunk in await stream.next_chunks():
@@ -284,14 +300,16 @@ class Engine:
                             sampling_params: Union[SamplingParams, dict, None] = None, *,
                             input_ids: Optional[list[int]] = None, rid: Optional[str] = None,
                             return_logprob: bool = False, logprob_start_len: int = -1,
-                            top_logprobs_num: int = 0) -> None:
+                            top_logprobs_num: int = 0, image_data: Optional[list] = None,
+                            mm_inputs: Any = None) -> None:
         """Like generate_stream, but each chunk is handed to `deliver`, a plain function
         called on the event loop inside the step that produced it: no task wake-up per
         step, which is what a server streaming to hundreds of clients pays for. Returns
         once every choice has finished; an exception from `deliver` aborts this request
         (only) and is raised here; cancelling aborts too."""
         stream = await self._submit(prompt, sampling_params, input_ids, rid, return_logprob,
-                                    logprob_start_len, top_logprobs_num)
+                                    logprob_start_len, top_logprobs_num,
+                                    image_data=image_data, mm_inputs=mm_inputs)
         try:
             stream.attach(deliver)
             await stream.wait_delivered()
@@ -338,7 +356,8 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
     async def _submit(self, prompt, sampling_params, input_ids, rid, return_logprob,
-                      logprob_start_len, top_logprobs_num, collect: bool = False
+                      logprob_start_len, top_logprobs_num, collect: bool = False,
+                      image_data: Optional[list] = None, mm_inputs: Any = None
                       ) -> RequestStream:
         if not self._started or self._closing:
             raise EngineNotRunning("the engine is not running: call `await engine.start()`")
@@ -349,6 +368,19 @@ class Engine:
         sp.validate(self.vocab_size)
         compiled = await self._compile_grammar(sp)
         ids = await self._prompt_ids(prompt, input_ids)
+        if image_data is not None:  # (the server prepares them itself: mm_inputs)
+            ids, mm_inputs = await self.prepare_images(ids, image_data)
+        cache_ids = mm_inputs.cache_ids(ids) if mm_inputs is not None else None
+        if mm_inputs is not None and self.images.image_token_id >= self.vocab_size:
+            # a LLaVA-repo checkpoint's image token has no logit row and no penalty slot
+            if return_logprob and logprob_start_len >= 0:
+                raise InvalidRequest("prompt logprobs over images are not supported for this "
+                                     "checkpoint (its image token is outside the vocabulary)",
+                                     "logprob_start_len")
+            if sp.repetition_penalty != 1.0:
+                raise InvalidRequest("repetition_penalty with images is not supported for "
+                                     "this checkpoint (its image token is outside the "
+                                     "vocabulary)", "repetition_penalty")
         if top_logprobs_num < 0 or top_logprobs_num > 20:
             raise InvalidRequest("top_logprobs_num must be in [0, 20]", "top_logprobs_num")
         if logprob_start_len >= len(ids):
@@ -373,7 +405,7 @@ class Engine:
                       return_logprob=return_logprob,
                       logprob_start_len=logprob_start_len if return_logprob else -1,
                       top_logprobs_num=top_logprobs_num if return_logprob else 0,
-                      arrival_time=now)
+                      arrival_time=now, mm=mm_inputs, cache_prompt_ids=cache_ids)
             req.sink, req.sink_index = stream, i
             req.detok = detok_factory(ids) if detok_factory else None
             if compiled is not None:  # jump-forward tokens carry no logprobs
@@ -396,6 +428,20 @@ class Engine:
         self._wake.set()
         return stream
 
+    async def prepare_images(self, ids: list[int], images: list, param: str = "image_data",
+                             names: Optional[list[str]] = None) -> tuple[list[int], Any]:
+        """Decode and preprocess `images` off the loop and expand the prompt's image
+        placeholders: (expanded ids, MMInputs). InvalidRequest for a bad image, or when this
+        model takes no images."""
+        if self.images is None:
+            raise InvalidRequest("this model takes text only: images are not supported", param)
+        ids, mm = await self.images.prepare(ids, images, param, names)
+        if len(ids) >= self.context_len:
+            raise InvalidRequest(f"the prompt has {len(ids)} tokens with its images' "
+                                 f"positions, but the context length is {self.context_len} "
+                                 "(prompt + output)", param)
+        return ids, mm
+
     async def _compile_grammar(self, sp: SamplingParams) -> Any:
         """The compiled grammar of `sp`'s constraint (compiled off the loop, cached), or
         None; InvalidRequest (before anything is queued) if it cannot be enforced."""
@@ -416,7 +462,9 @@ class Engine:
             if prompt is not None:
                 raise InvalidRequest("give either a text prompt or input_ids, not both", "text")
             ids = list(input_ids)
-            bad = [t for t in ids if not isinstance(t, int) or t < 0 or t >= self.vocab_size]
+            extra = self.images.image_token_id if self.images is not None else -1
+            bad = [t for t in ids if not isinstance(t, int) or t < 0
+                   or (t >= self.vocab_size and t != extra)]
             if bad:
                 raise InvalidRequest(f"input_ids contains {bad[0]!r}, outside the vocabulary "
                                      f"of {self.vocab_size} tokens", "input_ids")
@@ -584,6 +632,24 @@ class Engine:
         return {"capacity": self.memory.capacity, "free": self.memory.available(),
                 "cached": self.memory.cached_tokens(), "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting)}
+
+
+def _image_inputs(cfg: EngineConfig, source: Any) -> Any:
+    """The image front (engine/loop/mm_inputs.py) of a vision-language model, else None."""
+    from asgl.engine.loop.mm_inputs import ImageInputs
+    from asgl.models.registry import get_model_class
+
+    if cfg.is_embedding:
+        return None
+    arch = list(getattr(source.hf_config, "architectures", None) or [])
+    images = ImageInputs.for_model(get_model_class(arch), source.hf_config,
+                                   source.weights_dir or source.model_path, cfg)
+    if images is not None and cfg.tp_size > 1:
+        images.shutdown()
+        # the step broadcast to the other ranks carries token ids, not image features
+        raise ModelLoadError(f"{arch[0]} is a vision-language model: it runs on one rank "
+                             "(--tp 1) for now")
+    return images
 
 
 def _release_device_memory() -> None:

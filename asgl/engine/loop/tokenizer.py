@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from asgl.engine.loop.vlm_templates import VLM_CHAT_TEMPLATES
+
 if TYPE_CHECKING:
     from asgl.models.loader import ModelSource
 
@@ -86,7 +88,8 @@ _MISTRAL = _CONTENT + (
 )
 
 BUILTIN_CHAT_TEMPLATES: dict[str, str] = {
-    "chatml": _CHATML, "llama-3": _LLAMA_3, "mistral": _MISTRAL}
+    "chatml": _CHATML, "llama-3": _LLAMA_3, "mistral": _MISTRAL,
+    **VLM_CHAT_TEMPLATES}  # chatml-llava, llava_llama_3, vicuna_v1.1, qwen2-vl
 
 
 def load_tokenizer(source_or_dir: "ModelSource | str",

@@ -74,7 +74,7 @@ class KVMemory:
     def match(self, req: "Req", max_len: int, *, peek: bool = False) -> MatchResult:
         """The longest cached prefix of req's tokens, at most `max_len` long. A non-peek
         match marks the path recently used (and may split a node); nothing is locked."""
-        return self.cache.match_prefix(req.fill_ids, req.cache_namespace, max_len=max_len,
+        return self.cache.match_prefix(req.key_ids, req.cache_namespace, max_len=max_len,
                                        peek=peek)
 
     def admit(self, req: "Req", match: MatchResult, need: int) -> bool:

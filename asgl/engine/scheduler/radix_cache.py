@@ -301,9 +301,10 @@ class RadixCache:
             if self.disable:
                 self.allocator.free(slots)
             else:
-                n = min(req.num_computed, len(req.fill_ids))
+                key = req.key_ids
+                n = min(req.num_computed, len(key))
                 d = _depth(req.cache_node)
-                cached = self.insert(req.fill_ids[:n], slots[:n], _namespace(req))
+                cached = self.insert(key[:n], slots[:n], _namespace(req))
                 assert cached >= d, "the request's locked prefix is not in the tree"
                 self.allocator.free(slots[d:cached])  # duplicates of cached tokens
                 self.allocator.free(slots[n:])  # computed for a token that never came
@@ -318,10 +319,11 @@ class RadixCache:
         slots; its lock moves to the new deepest node (req.cache_node), so afterwards all
         its computed tokens are tree-owned. The KV of those tokens must be written."""
         row = req.req_pool_idx
-        n = min(req.num_computed, len(req.fill_ids))
+        key = req.key_ids
+        n = min(req.num_computed, len(key))
         if self.disable or row is None or n == 0:
             return
-        key, ns, d = req.fill_ids[:n], _namespace(req), _depth(req.cache_node)
+        key, ns, d = key[:n], _namespace(req), _depth(req.cache_node)
         slots = self._row_slots(row, n)
         cached = self.insert(key, slots, ns)
         assert cached >= d, "the request's locked prefix is not in the tree"

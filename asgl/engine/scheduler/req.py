@@ -36,6 +36,10 @@ class Req:
     arrival_time: float = 0.0
     cache_namespace: Optional[str] = None  # prefix-cache namespace (LoRA adapter, images)
     first_scheduled_time: Optional[float] = None
+    # images (engine/contracts/multimodal.py MMInputs), and the prompt as the radix cache
+    # keys it (image positions by their image's digest); None for text-only requests
+    mm: Any = None
+    cache_prompt_ids: Optional[list[int]] = None
 
     output_ids: list[int] = field(default_factory=list)
     state: ReqState = ReqState.WAITING
@@ -73,6 +77,13 @@ class Req:
     @property
     def fill_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def key_ids(self) -> list[int]:
+        """fill_ids as the radix cache keys them (images by their digest)."""
+        if self.cache_prompt_ids is None:
+            return self.prompt_ids + self.output_ids
+        return self.cache_prompt_ids + self.output_ids
 
     @property
     def seq_len(self) -> int:

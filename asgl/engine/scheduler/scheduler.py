@@ -87,7 +87,7 @@ def _shares_uncached_prefix(key: list[int], cached: int,
     if len(key) - cached < SHARED_PREFIX_MIN:
         return False
     probe = key[cached:cached + SHARED_PREFIX_MIN]
-    return any(r.fill_ids[cached:cached + SHARED_PREFIX_MIN] == probe for r, _ in admitted)
+    return any(r.key_ids[cached:cached + SHARED_PREFIX_MIN] == probe for r, _ in admitted)
 
 
 def _known_ids(req: Req, start: int, n: int) -> list[int]:
@@ -249,7 +249,7 @@ class Scheduler:
                 break
             if len(self.running) >= self.max_running or mem.rows_available() == 0:
                 break
-            key = req.fill_ids
+            key = req.key_ids
             max_match = len(key) - 1  # at least one token must be computed to sample
             if req.logprob_start_len >= 0:
                 # the row before the first scored token must be computed, not cached
@@ -307,6 +307,8 @@ class Scheduler:
         offset = 0
         num_decodes = 0
         placeholders = False
+        mm_chunks: list = []  # image rows this step computes (contracts/multimodal.py)
+        rope_positions = None  # positions shifted by M-RoPE images (a copy: see below)
         for req, n in plan:
             start = req.num_computed
             p = len(req.prompt_ids)
@@ -324,6 +326,15 @@ class Scheduler:
                     ids = ids + [-1 - req.extra_sample_row]
                     placeholders = True
                 input_ids.extend(ids)
+                if req.mm is not None and start < p:
+                    mm_chunks.extend(req.mm.chunks(start, n, offset))
+            if req.mm is not None and req.mm.shift_after:
+                # M-RoPE: rotary positions differ from sequence positions after an image.
+                # A copy: `positions` was handed to memory.extend (table writes) above.
+                if rope_positions is None:
+                    rope_positions = np.array(positions, dtype=np.int64)
+                rope_positions[offset:offset + n] = req.mm.positions(start, n) \
+                    if start < p else np.arange(start, start + n) + req.mm.final_shift
             # prompt logprobs: row at position p scores prompt token p + 1
             if req.logprob_start_len >= 0:
                 lo = max(start, max(req.logprob_start_len, 1, req.prompt_lp_next) - 1)
@@ -356,10 +367,13 @@ class Scheduler:
         mode = (ForwardMode.DECODE if decode_only else
                 ForwardMode.MIXED if num_decodes else ForwardMode.EXTEND)
         forward = ForwardBatch.build(
-            mode=mode, input_ids=input_ids, positions=positions, out_cache_loc=slots,
+            mode=mode, input_ids=input_ids,
+            positions=positions if rope_positions is None else rope_positions, out_cache_loc=slots,
             req_pool_indices=rows, prefix_lens=starts, extend_lens=ns,
             logits_rows=logits_rows, sample_rows=sample_rows, device=torch.device("cpu"))
         forward.extra["placeholders"] = placeholders
+        if mm_chunks:
+            forward.extra["mm"] = mm_chunks
         if lp_rows:
             forward.prompt_lp_rows = torch.tensor(lp_rows, dtype=torch.int64)
             forward.prompt_lp_targets = torch.tensor(lp_targets, dtype=torch.int64)

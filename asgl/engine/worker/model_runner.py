@@ -102,7 +102,8 @@ class ModelRunner:
                     arch[0] if arch else "?", time.perf_counter() - t0, self.device,
                     str(self.dtype).replace("torch.", ""), self.weight_bytes / 2**30)
         self.compiled = compiled_forward(cfg, self.model, self.device)
-        self.vocab_size = int(hf_config.vocab_size)
+        text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()  # (VLMs)
+        self.vocab_size = int(text_config.vocab_size)
         self.sampler = Sampler(self._sampling_backend())
         self.attn_backend = self._create_attention_backend()
         self.kv_pool: Optional[KVPool | LatentKVPool] = None
@@ -110,6 +111,10 @@ class ModelRunner:
         self.last_next_ids: Optional[torch.Tensor] = None
         self.graph_runner = None
         self.gpu_stats = GpuStepStats()
+        self.mm_encoder = None  # vision-language models: images into input embeddings
+        if hasattr(self.model, "encode_images"):
+            from asgl.engine.worker.mm_encoder import MultimodalEncoder
+            self.mm_encoder = MultimodalEncoder(self.model, self.device, self.vocab_size)
 
     def _sampling_backend(self) -> str:
         """pytorch unless flashinfer is asked for and can run here (CUDA, importable)."""
@@ -283,7 +288,8 @@ class ModelRunner:
         self._attach(batch, self.req_to_token)
         ids = self._input_ids(batch)
         graph = self.graph_runner
-        key = graph.graph_key(batch) if graph is not None else None
+        # steps with image rows run eagerly: the graphs were captured over token ids
+        key = graph.graph_key(batch) if graph is not None and "mm" not in batch.extra else None
         if key is not None:
             graph.prepare(batch, ids, key)
         else:
@@ -329,6 +335,10 @@ class ModelRunner:
 
     def forward(self, batch: ForwardBatch, ids: torch.Tensor) -> torch.Tensor:
         """Hidden states of the batch's tokens: compiled for small batches when asked."""
+        chunks = batch.extra.get("mm")
+        if chunks:  # image rows: their features replace the image tokens' embeddings
+            embeds = self.mm_encoder.input_embeds(ids, chunks)
+            return self.model(ids, batch.positions, batch, input_embeds=embeds)
         compiled = self.compiled
         if compiled is not None and compiled.wants(batch.num_tokens):
             return compiled.forward(ids, batch.positions, batch)

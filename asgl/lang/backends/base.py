@@ -108,6 +108,11 @@ class Backend:
     async def chat_template(self) -> ChatTemplate:
         return PlainChatTemplate()
 
+    async def image_token(self) -> Optional[str]:
+        """The text an image stands as in a prompt (a native backend serving a vision
+        model: its placeholder); None where images travel as message parts."""
+        return None
+
     async def generate(self, prompt: Prompt, params: dict) -> GenResult:
         raise NotImplementedError
 

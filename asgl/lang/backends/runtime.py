@@ -11,7 +11,7 @@ import asyncio
 from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
 from asgl.lang import event_loop
-from asgl.lang.backends.base import StreamEvent
+from asgl.lang.backends.base import BackendError, StreamEvent
 from asgl.lang.backends.native import NativeBackend, NativeOutput
 from asgl.lang.chat import ChatTemplate, JinjaChatTemplate, PlainChatTemplate
 
@@ -54,11 +54,22 @@ class Runtime(NativeBackend):
             return PlainChatTemplate()
         return JinjaChatTemplate.from_tokenizer(tokenizer, template)
 
-    def _check_images(self, images: list) -> None:
-        if images:
+    async def image_token(self) -> Optional[str]:
+        images = getattr(self.engine, "images", None)
+        return images.placeholder + "\n" if images is not None else None
+
+    def _check_images(self, images: list) -> Optional[list]:
+        """The images as the engine takes them (encoded bytes), None without images."""
+        if not images:
+            return None
+        if getattr(self.engine, "images", None) is None:
             raise NotImplementedError(
                 f"image inputs need a vision model; {self.model_name} (in-process Runtime) "
                 f"takes text only")
+        if any(img.data is None for img in images):
+            raise BackendError("the in-process Runtime does not fetch image URLs: give "
+                               "image() a file, a data URL or bytes")
+        return [img.data for img in images]
 
     async def _count_tokens(self, text: str) -> int:
         return len(self.engine.tokenize(text))
@@ -67,10 +78,10 @@ class Runtime(NativeBackend):
                     logprob_start_len: Optional[int] = None, return_logprob: bool = False,
                     top_logprobs_num: int = 0, return_text: bool = False,
                     input_ids: Optional[list[list[int]]] = None) -> list[NativeOutput]:
-        self._check_images(list(images))
-        opts: dict[str, Any] = {}
+        data = self._check_images(list(images))
+        opts: dict[str, Any] = {"image_data": data} if data else {}
         if return_logprob or logprob_start_len is not None:
-            opts = dict(return_logprob=True, top_logprobs_num=top_logprobs_num,
+            opts.update(return_logprob=True, top_logprobs_num=top_logprobs_num,
                         logprob_start_len=-1 if logprob_start_len is None else logprob_start_len)
         prompts = [(t, None) for t in texts] + [(None, ids) for ids in input_ids or []]
         outs = await asyncio.gather(*(self._on_engine(self.engine.generate(
@@ -83,17 +94,17 @@ class Runtime(NativeBackend):
                       return_logprob: bool = False, logprob_start_len: Optional[int] = None,
                       top_logprobs_num: int = 0, return_text: bool = False,
                       ) -> AsyncIterator[StreamEvent]:
-        self._check_images(list(images))
+        data = self._check_images(list(images))
         logprob = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
                        top_logprobs_num=top_logprobs_num, return_text=return_text)
         if asyncio.get_running_loop() is not self._loop:
             # another loop's engine: stream it as one piece rather than bridge a generator
-            out = (await self._call([text], sampling, **logprob))[0]
+            out = (await self._call([text], sampling, images=images, **logprob))[0]
             yield StreamEvent(out.text, {**out.meta, **out.logprobs})
             return
-        opts: dict[str, Any] = {}
+        opts: dict[str, Any] = {"image_data": data} if data else {}
         if return_logprob:
-            opts = dict(return_logprob=True, top_logprobs_num=top_logprobs_num,
+            opts.update(return_logprob=True, top_logprobs_num=top_logprobs_num,
                         logprob_start_len=-1 if logprob_start_len is None else logprob_start_len)
         entries = _Entries(self.engine.tokenizer if return_text else None)
         meta: dict = {"completion_tokens": 0}

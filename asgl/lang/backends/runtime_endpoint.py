@@ -43,6 +43,10 @@ class RuntimeEndpoint(NativeBackend):
             self._model_info = await self.http.get_json("/get_model_info")
         return self._model_info
 
+    async def image_token(self) -> Optional[str]:
+        token = (await self.get_model_info()).get("image_token")
+        return token + "\n" if token else None
+
     async def chat_template(self) -> ChatTemplate:
         if self._template_task is None:  # first caller loads it; concurrent ones wait
             self._template_task = asyncio.ensure_future(self._load_template())
