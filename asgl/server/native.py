@@ -185,14 +185,15 @@ def _output(state: ServerState, gen: Generation, choice: Choice, with_text: bool
         fmt = _LogprobFormat(state, with_text)
         # incremental: the prompt's logprobs ride on the chunk that carries them (the last)
         meta.input_token_logprobs = fmt.tokens(
-            choice.input_logprobs if delta is None else delta.input_token_logprobs or [])
+            (choice.input_logprobs if delta is None else delta.input_token_logprobs) or [])
         meta.output_token_logprobs = fmt.tokens(
-            choice.logprobs if delta is None else delta.logprobs or [])
+            (choice.logprobs if delta is None else delta.logprobs) or [])
         if job.top_logprobs_num:
             meta.input_top_logprobs = fmt.tops(
-                choice.input_top_logprobs if delta is None else delta.input_top_logprobs or [])
+                (choice.input_top_logprobs if delta is None else delta.input_top_logprobs)
+                or [])
             meta.output_top_logprobs = fmt.tops(
-                choice.top_logprobs if delta is None else delta.top_logprobs or [])
+                (choice.top_logprobs if delta is None else delta.top_logprobs) or [])
     if delta is not None:
         return GenerateResponse(text=delta.text, output_ids=delta.token_ids, meta_info=meta)
     # encoded at once (the event is written inside the step): no copy of the ids
