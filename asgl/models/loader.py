@@ -173,7 +173,9 @@ def _from_hf_dir(path: str, cfg: EngineConfig, *, trust_remote_code: bool) -> Mo
         hf_config = AutoConfig.from_pretrained(
             path, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot read config.json: {exc}") from exc
+        hf_config = _plain_config(path)
+        if hf_config is None:
+            raise ModelLoadError(f"{path}: cannot read config.json: {exc}") from exc
     source = ModelSource(
         model_path=path, hf_config=hf_config,
         tokenizer_dir=path if _has_tokenizer(path) else None,
@@ -188,6 +190,27 @@ def _from_hf_dir(path: str, cfg: EngineConfig, *, trust_remote_code: bool) -> Mo
         source._tensor_counts = [len(_safetensors_header(f)) if fmt == "safetensors" else None
                                  for f in files]
     return source
+
+
+def _plain_config(path: str) -> PretrainedConfig | None:
+    """config.json as a plain `PretrainedConfig` (its fields as attributes) when transformers
+    has no class for its `model_type` but we serve its architecture: Grok-1, XVERSE-MoE and
+    DeepSeek V1 ship their config class as remote code, which we need not run. None
+    otherwise (the caller reports transformers' error)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from asgl.models.registry import supported_architectures
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            fields = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(fields, dict) or fields.get("model_type") in CONFIG_MAPPING:
+        return None
+    if not set(fields.get("architectures") or []) & set(supported_architectures()):
+        return None
+    return PretrainedConfig.from_dict(fields)
 
 
 def _from_preset(preset: presets.Preset, cfg: EngineConfig) -> ModelSource:

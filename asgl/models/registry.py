@@ -22,6 +22,10 @@ _MODELS: dict[str, tuple[str, str]] = {
     **{name: ("asgl.models.moe", name) for name in (
         "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM",
         "DbrxForCausalLM")},
+    "Grok1ModelForCausalLM": ("asgl.models.grok", "Grok1ModelForCausalLM"),
+    "Grok1ForCausalLM": ("asgl.models.grok", "Grok1ForCausalLM"),
+    "XverseMoeForCausalLM": ("asgl.models.xverse_moe", "XverseMoeForCausalLM"),
+    "DeepseekForCausalLM": ("asgl.models.deepseek", "DeepseekForCausalLM"),
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")
