@@ -162,6 +162,7 @@ SLOW_FILES = frozenset({
     "test_tp_engine.py", "test_tp_multinode.py", "test_triton_kernels.py",
     "test_watchdog.py",
     "test_moe_families.py", "test_moe_kernels.py",
+    "test_moe_families_more.py",
 })
 
 

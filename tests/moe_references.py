@@ -157,8 +157,10 @@ class Grok1Reference(_Reference):
                 self._new(f"{p}.{n}.scale", c.hidden_size, scale=0.3, offset=1.0)
             self._new(f"{p}.moe_block.gate.weight", c.num_experts, c.hidden_size, scale=0.5)
             for e in range(c.num_experts):
-                self._mlp_weights(f"{p}.moe_block.experts.{e}", c.intermediate_size,
-                                  ("linear", "linear_v", "linear_1"))
+                q = f"{p}.moe_block.experts.{e}"
+                self._mlp_weights(q, c.intermediate_size, ("linear", "linear_v", "linear_1"))
+                # GELU inputs of a few units, where its exact and tanh forms differ most
+                self.w[f"{q}.linear.weight"] *= 4.0
         self._new("model.norm.scale", c.hidden_size, scale=0.3, offset=1.0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

@@ -96,6 +96,8 @@ def test_moe_family_matches_reference_through_engine(family, tmp_path):
         assert got.shape == want.shape, (got.shape, want.shape)
         n = len(prompt) + agree
         assert rel_err(got[:n], want[:n]) < 1e-4, rel_err(got[:n], want[:n])
+        # float32 agreement is ~1e-7 here: 1e-5 still catches Grok's GELU in its tanh form
+        assert rel_err(got[:n], want[:n]) < 1e-5, rel_err(got[:n], want[:n])
 
         prompt2 = prompt[:16] + torch.randint(2, VOCAB - 1, (7,), generator=gen).tolist()
         want2_tokens, gaps2 = _hf_greedy(ref, prompt2, MAX_NEW)
