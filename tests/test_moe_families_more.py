@@ -62,8 +62,22 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_moe_family_matches_reference_through_engine(family, tmp_path):
+# + Grok-1's GELU experts in the Triton grouped GEMM (under the interpreter on the CPU)
+CASES = [(f, False) for f in FAMILIES] + [("grok1", True)]
+
+
+@pytest.mark.parametrize("family,triton_experts", CASES,
+                         ids=[f + ("-triton" if t else "") for f, t in CASES])
+def test_moe_family_matches_reference_through_engine(family, triton_experts, tmp_path,
+                                                     monkeypatch):
+    if triton_experts:
+        pytest.importorskip("triton")
+        from asgl.kernels.triton import fused_moe as kernel
+        from asgl.layers.moe import fused_moe
+        monkeypatch.setattr(fused_moe, "use_fused", lambda x: True)
+        calls, inner = [], kernel.fused_experts
+        monkeypatch.setattr(kernel, "fused_experts",
+                            lambda *a, **k: calls.append(k.get("activation")) or inner(*a, **k))
     cls, config = FAMILIES[family]
     ref = cls(config)
     gen = torch.Generator().manual_seed(7)
@@ -108,6 +122,9 @@ def test_moe_family_matches_reference_through_engine(family, tmp_path):
         want2 = _hf_logits(ref, prompt2 + out2.output_ids[:-1])[len(prompt2) - 1:]
         assert got2.shape == want2.shape
         assert rel_err(got2[:agree2 + 1], want2[:agree2 + 1]) < 1e-4
+        if triton_experts:  # every MoE layer of every step ran the kernel, with GELU
+            assert len(calls) >= 2 * (len(prompt) // CHUNK + MAX_NEW), len(calls)
+            assert set(calls) == {"gelu"}, set(calls)
     finally:
         llm.shutdown()
 
