@@ -171,3 +171,20 @@ def test_registry_names():
     assert issubclass(get_model_class(["Grok1ForCausalLM"]), grok)
     assert get_model_class(["XverseMoeForCausalLM"]).__name__ == "XverseMoeForCausalLM"
     assert get_model_class(["DeepseekForCausalLM"]).__name__ == "DeepseekForCausalLM"
+
+
+def test_plain_config_only_for_our_architectures(tmp_path):
+    """config.json of a model_type transformers lacks is read as a plain config only when we
+    serve its architecture; a known model_type stays with transformers' own class."""
+    import json
+
+    from asgl.models.loader import _plain_config
+
+    def write(**fields):
+        (tmp_path / "config.json").write_text(json.dumps(fields))
+        return _plain_config(str(tmp_path))
+
+    config = write(**FAMILIES["deepseek_v1"][1])
+    assert config.n_routed_experts == 8 and config.first_k_dense_replace == 1
+    assert write(architectures=["SomethingElseForCausalLM"], model_type="something") is None
+    assert write(architectures=["LlamaForCausalLM"], model_type="llama") is None

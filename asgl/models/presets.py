@@ -28,7 +28,8 @@ class Preset:
         # from_dict, like AutoConfig on a file: transformers normalises the RoPE fields
         # (rope_theta/rope_scaling -> rope_parameters in v5) the same way for both.
         # a model_type transformers lacks (Grok-1, DeepSeek V1: remote code) -> plain config
-        cls = CONFIG_MAPPING.get(fields["model_type"], PretrainedConfig)
+        model_type = fields["model_type"]
+        cls = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else PretrainedConfig
         config = cls.from_dict(fields)
         config.name_or_path = self.name
         return config
