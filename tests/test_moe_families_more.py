@@ -38,7 +38,8 @@ FAMILIES = {
                   "AutoModelForCausalLM": "modeling_grok1.Grok1ModelForCausalLM"},
         intermediate_size=32, num_experts=8, num_experts_per_tok=2,
         attn_output_multiplier=0.4, max_attn_value=1.0,
-        embedding_multiplier_scale=78.38367176906169, output_multiplier_scale=0.5773502691896257, rms_norm_eps=1e-5, tie_word_embeddings=True)),
+        embedding_multiplier_scale=78.38367176906169, output_multiplier_scale=0.5773502691896257,
+        rms_norm_eps=1e-5, tie_word_embeddings=True)),
     # router `mlp.router`, top-3 of 8 not renormalized, 2 shared experts fused in one MLP
     "xverse_moe": (XverseMoeReference, dict(
         _BASE, architectures=["XverseMoeForCausalLM"], model_type="xverse",
