@@ -189,3 +189,39 @@ def test_plain_config_only_for_our_architectures(tmp_path):
     assert config.n_routed_experts == 8 and config.first_k_dense_replace == 1
     assert write(architectures=["SomethingElseForCausalLM"], model_type="something") is None
     assert write(architectures=["LlamaForCausalLM"], model_type="llama") is None
+
+
+# ---------------------------------------------------------------------------- CUDA
+# Each family in bf16 on the GPU (Triton experts, CUDA graphs for decode, chunked prefill, a
+# radix hit) against the float32 reference, at head dim 128 (the FlashInfer module
+# bench/gpu_suite.sh carries prebuilt).
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gpu_bf16_matches_reference(family, tmp_path):
+    cls, config = FAMILIES[family]
+    config = {**config, "hidden_size": 1024, "num_attention_heads": 8}
+    ref = cls(config)
+    ref.save(str(tmp_path))
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(2, VOCAB - 1, (n,), generator=gen).tolist() for n in (150, 40)]
+    prompts.append(prompts[0][:120] + prompts[1][:20])  # radix hit
+    llm = make_llm(model_path=str(tmp_path), dtype="bfloat16", device="cuda",
+                   chunked_prefill_size=64, max_total_tokens=4096, context_length=512,
+                   skip_tokenizer_init=True)
+    try:
+        tap = _LogitsTap(llm.engine.runner.model)
+        params = {"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True}
+        for i, prompt in enumerate(prompts):
+            out = llm.generate(prompt, params)
+            if i == 2:
+                assert out.cached_tokens >= 64, out.cached_tokens
+            # the rows of the prompt's last token and of each decode step
+            want = _hf_logits(ref, prompt + out.output_ids[:-1])[len(prompt) - 1:]
+            got = tap.take()[-want.shape[0]:].float().cpu()
+            assert rel_err(got, want) < 5e-2, (family, i, rel_err(got, want))
+            last = want[0]
+            top2 = torch.topk(last, 2).values
+            if float(top2[0] - top2[1]) > 0.05:
+                assert out.output_ids[0] == int(last.argmax()), (family, i)
+    finally:
+        llm.shutdown()
