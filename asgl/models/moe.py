@@ -31,6 +31,7 @@ from asgl.distributed import tensor_model_parallel_all_reduce
 from asgl.layers.activation import get_act_and_mul
 from asgl.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from asgl.layers.moe import FusedMoE, MoEGate, RouterConfig, map_expert_weight
+from asgl.layers.moe.fused_moe import ACTIVATIONS
 from asgl.layers.quant import QuantizationConfig
 from asgl.models.llama import DecoderArch, LlamaForCausalLM, LlamaMLP
 
@@ -57,14 +58,18 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(self, config: Any, num_experts: int, moe_intermediate: int,
                  router: RouterConfig, quant_config: Optional[QuantizationConfig], prefix: str,
-                 shared_intermediate: int = 0, shared_gate: bool = False):
+                 shared_intermediate: int = 0, shared_gate: bool = False,
+                 activation: Optional[str] = None):
         super().__init__()
-        h, act = config.hidden_size, config.hidden_act
-        if act not in ("silu", "swish"):
-            raise ValueError(f"MoE experts with activation {act!r} are not supported")
+        # `activation`: the experts' own (Grok-1's GELU, which its config does not name)
+        h, act = config.hidden_size, activation or config.hidden_act
+        act = "silu" if act == "swish" else act
+        if act not in ACTIVATIONS:
+            raise ValueError(f"MoE experts with activation {act!r} are not supported "
+                             f"(supported: {', '.join(ACTIVATIONS)})")
         self.gate = MoEGate(h, num_experts)
-        self.experts = FusedMoE(num_experts, h, moe_intermediate, router, reduce_results=False,
-                                prefix=f"{prefix}.experts")
+        self.experts = FusedMoE(num_experts, h, moe_intermediate, router, activation=act,
+                                reduce_results=False, prefix=f"{prefix}.experts")
         self.shared_expert = (SharedExpertMLP(h, shared_intermediate, act, quant_config,
                                               f"{prefix}.shared_expert")
                               if shared_intermediate else None)

@@ -31,6 +31,10 @@ class Preset:
             config = CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
         else:  # a family whose config class ships as remote code: read as the loader does
             config = PretrainedConfig(**{k: v for k, v in fields.items() if k != "model_type"})
+        # a model_type transformers lacks (Grok-1, DeepSeek V1: remote code) -> plain config
+        model_type = fields["model_type"]
+        cls = CONFIG_MAPPING[model_type] if model_type in CONFIG_MAPPING else PretrainedConfig
+        config = cls.from_dict(fields)
         config.name_or_path = self.name
         return config
 
@@ -300,6 +304,28 @@ _PRESETS: list[Preset] = [
         "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc",
         "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 129280,
     }, ("deepseek-v3",)),
+    Preset("hpcai-tech/grok-1", {
+        "architectures": ["Grok1ModelForCausalLM"], "model_type": "grok-1",
+        "attn_output_multiplier": 0.08838834764831845, "bos_token_id": 1,
+        "embedding_multiplier_scale": 78.38367176906169, "eos_token_id": 2, "hidden_size": 6144,
+        "intermediate_size": 32768, "max_attn_value": 30.0, "max_position_embeddings": 8192,
+        "num_attention_heads": 48, "num_experts": 8, "num_experts_per_tok": 2,
+        "num_hidden_layers": 64, "num_key_value_heads": 8,
+        "output_multiplier_scale": 0.5773502691896257, "pad_token_id": 0, "rms_norm_eps": 1e-05,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16", "vocab_size": 131072,
+    }, ("grok-1",)),
+    Preset("deepseek-ai/deepseek-moe-16b-base", {
+        "architectures": ["DeepseekForCausalLM"], "model_type": "deepseek",
+        "attention_bias": False, "bos_token_id": 100000, "eos_token_id": 100001,
+        "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048,
+        "intermediate_size": 10944, "max_position_embeddings": 4096,
+        "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_routed_experts": 64,
+        "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16,
+        "num_experts_per_tok": 6, "num_hidden_layers": 28, "num_key_value_heads": 16,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000,
+        "scoring_func": "softmax", "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "vocab_size": 102400,
+    }, ("deepseek-moe-16b", "deepseek-moe-16b-base")),
     # For tests: tiny, but with the embedded SmolLM2 tokenizer's vocabulary and special ids,
     # so generated ids decode to real text.
     Preset("asgl/tiny-llama", {

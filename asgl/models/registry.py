@@ -43,6 +43,10 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2VLForConditionalGeneration": ("asgl.models.qwen2_vl", "Qwen2VLForConditionalGeneration"),
     "LlavaOnevisionForConditionalGeneration": ("asgl.models.llava_onevision",
                                                "LlavaOnevisionForConditionalGeneration"),
+    "Grok1ModelForCausalLM": ("asgl.models.grok", "Grok1ModelForCausalLM"),
+    "Grok1ForCausalLM": ("asgl.models.grok", "Grok1ForCausalLM"),
+    "XverseMoeForCausalLM": ("asgl.models.xverse_moe", "XverseMoeForCausalLM"),
+    "DeepseekForCausalLM": ("asgl.models.deepseek", "DeepseekForCausalLM"),
 }
 
 _LLAMA_EMB = ("asgl.models.llama_embedding", "LlamaEmbeddingModel")
