@@ -79,6 +79,8 @@ def sampling_params(state: ServerState, req: _SamplingFields, max_tokens: Option
         regex=req.regex,
         ebnf=req.ebnf,
         json_schema=schema,
+        stop_regex=req.stop_regex or None,
+        cache_salt=req.cache_salt,
     )
     return limits.check_sampling(state, sp, max_tokens_param=max_tokens_param
                                  if explicit_max else None, schema_param=schema_param)

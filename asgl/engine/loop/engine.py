@@ -291,6 +291,11 @@ class Engine:
         self._wake.set()
         return True
 
+    def abort_all(self) -> list[str]:
+        """Abort every request in flight (SGLang's /abort_request abort_all); their ids."""
+        rids = list(self._streams)
+        return [rid for rid in rids if self.abort(rid)]
+
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. Rendered chat prompts already hold their special tokens:
         tokenize those with add_special_tokens=False."""
@@ -351,7 +356,7 @@ class Engine:
                       return_logprob=return_logprob,
                       logprob_start_len=logprob_start_len if return_logprob else -1,
                       top_logprobs_num=top_logprobs_num if return_logprob else 0,
-                      arrival_time=now)
+                      arrival_time=now, cache_namespace=_salt_namespace(sp.cache_salt))
             req.sink, req.sink_index = stream, i
             req.detok = detok_factory(ids) if detok_factory else None
             if compiled is not None:  # jump-forward tokens carry no logprobs
@@ -418,14 +423,23 @@ class Engine:
 
     def _detok_factory(self, sp: SamplingParams):
         if self.tokenizer is None:
+            if sp.stop_regex:
+                raise InvalidRequest("stop_regex matches text: this engine has no tokenizer",
+                                     "stop_regex")
             return None
         from asgl.engine.loop.detokenizer import IncrementalDetokenizer
+        from asgl.engine.loop.stop_regex import RegexStopDetokenizer, compile_stop_regexes
+
+        pattern = compile_stop_regexes(sp.stop_regexes) if sp.stop_regex else None
 
         def make(prompt_ids: list[int]):
-            return IncrementalDetokenizer(
+            detok = IncrementalDetokenizer(
                 self.tokenizer, prompt_ids, skip_special_tokens=sp.skip_special_tokens,
                 spaces_between_special_tokens=sp.spaces_between_special_tokens,
                 stop_strings=sp.stop_strings, no_stop_trim=sp.no_stop_trim)
+            if pattern is not None:
+                detok = RegexStopDetokenizer(detok, pattern, sp.no_stop_trim)
+            return detok
         return make
 
     def _final_output(self, stream: RequestStream, i: int, text: str, ids: list[int],
@@ -562,6 +576,12 @@ class Engine:
         return {"capacity": self.memory.capacity, "free": self.memory.available(),
                 "cached": self.memory.cached_tokens(), "running": len(self.scheduler.running),
                 "waiting": len(self.scheduler.waiting)}
+
+
+def _salt_namespace(salt: Optional[str]) -> Optional[str]:
+    """The prefix-cache namespace of a cache_salt: salted requests share cached KV only
+    with requests of the same salt (and never with unsalted ones)."""
+    return None if salt is None else f"cache_salt:{salt}"
 
 
 def _release_device_memory() -> None:
