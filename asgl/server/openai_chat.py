@@ -71,7 +71,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         template_kwargs.setdefault("reasoning_effort", req.reasoning_effort)
     prompt = await render_chat(state, messages, add_gen, template_tools, cont, template_kwargs)
     reasoning = _reasoning_parser_name(state, req)
-    if reasoning and make_parser(reasoning).needs_special_tokens:  # harmony's markers
+    parsed_tools = tools is not None and tools.mode != "none"
+    if (reasoning and make_parser(reasoning).needs_special_tokens) or \
+            (parsed_tools and getattr(fmt, "needs_special_tokens", False)):
+        # the parsers read markers that are special tokens (harmony's, [TOOL_CALLS])
         sp = msgspec.structs.replace(sp, skip_special_tokens=False)
     ids = await tokenize_rendered(state, prompt)
     limits.check_prompt(state, ids, max_tokens, param if max_tokens is not None else None,
@@ -149,7 +152,7 @@ class _View:
 
     def _parser(self) -> ChoiceParser:
         reasoning = make_parser(self.reasoning, self.thinking) if self.reasoning else None
-        tools = self.fmt.parser() if self.tools is not None else None
+        tools = self.fmt.parser(self.tools.tools) if self.tools is not None else None
         return ChoiceParser(reasoning, tools)
 
     def _finish_reason(self, reason: Optional[dict], has_calls: bool) -> Optional[str]:

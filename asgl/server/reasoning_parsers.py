@@ -192,7 +192,7 @@ class HarmonyReasoningParser(ReasoningParser):
             self._route = "reasoning"
         elif recipient:
             self._route = "raw"
-            self._content(header + _H_MESSAGE)
+            self._content(_H_START + header + _H_MESSAGE)
         else:
             self._route = "content"
         self._state = "body"
