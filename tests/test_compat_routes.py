@@ -336,3 +336,47 @@ def test_unknown_fields_stay_400_naming_them(main_server):
     status, err = _post(main_server, "/generate",
                         {"text": "hi", "token_ids_logprob": [1, 2]})
     assert status == 400 and "not supported yet" in err["error"]["message"]
+
+
+# --------------------------------------------------------------------------- structural_tag
+
+COLOR = {"type": "object", "properties": {"color": {"type": "string", "enum": ["red", "blue"]}},
+         "required": ["color"]}
+
+
+def test_structural_tag_xgrammar_form(client):
+    fmt = {"type": "structural_tag", "format": {
+        "type": "tag", "begin": "<answer>", "content": {"type": "json_schema",
+                                                       "json_schema": COLOR},
+        "end": "</answer>"}}
+    r = client.chat.completions.create(model="default", messages=CHAT, max_tokens=40,
+                                       temperature=0, response_format=fmt)
+    text = r.choices[0].message.content
+    assert text.startswith("<answer>") and text.endswith("</answer>"), text
+    assert json.loads(text[len("<answer>"):-len("</answer>")])["color"] in ("red", "blue")
+    r = client.completions.create(model="default", prompt="Pick a color:", max_tokens=40,
+                                  temperature=0, extra_body={"response_format": fmt})
+    assert r.choices[0].text.startswith("<answer>{")
+
+
+def test_structural_tag_legacy_form(client):
+    from asgl.server.structural_tag import structural_tag_of
+
+    fmt = {"type": "structural_tag", "triggers": ["<answer"],
+           "structures": [{"begin": "<answer=color>", "schema": COLOR, "end": "</answer>"}]}
+    spec = json.loads(structural_tag_of(fmt))
+    assert spec["format"]["type"] == "triggered_tags"
+    assert spec["format"]["tags"][0]["content"]["json_schema"] == COLOR
+    messages = [{"role": "user", "content": "Write <answer=color> then a JSON object with a "
+                                            "color, then </answer>."}]
+    r = client.chat.completions.create(model="default", messages=messages, max_tokens=60,
+                                       temperature=0, response_format=fmt)
+    text = r.choices[0].message.content
+    if "<answer" in text:  # once triggered, the structure is enforced
+        body = text.split("<answer=color>", 1)[1]
+        assert json.loads(body.split("</answer>", 1)[0])["color"] in ("red", "blue")
+    bad = {"type": "structural_tag", "triggers": ["<x"],
+           "structures": [{"begin": "<answer>", "schema": COLOR, "end": "</answer>"}]}
+    with pytest.raises(openai.BadRequestError, match="triggers"):
+        client.chat.completions.create(model="default", messages=CHAT, max_tokens=2,
+                                       response_format=bad)

@@ -52,7 +52,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
     sp = sampling_params(state, req, max_tokens, param)
     if tools is not None and tools.constrained:  # calls only, in the parser's format
-        if sp.regex is not None or sp.json_schema is not None or sp.ebnf is not None:
+        if sp.regex is not None or sp.json_schema is not None or sp.ebnf is not None or \
+                sp.structural_tag is not None:
             raise bad_request(f"tool_choice {tools.mode!r} constrains the output to tool "
                               f"calls: it cannot be combined with response_format, regex or "
                               f"ebnf", "tool_choice")
