@@ -11,7 +11,7 @@ from typing import Any, Optional
 from aiohttp import web
 
 from asgl.config import EngineConfig
-from asgl.server import embeddings, lang_routes, native, tokenize_routes
+from asgl.server import embeddings, lang_routes, native, responses_api, tokenize_routes
 from asgl.server.metrics import CONTENT_TYPE, Metrics
 from asgl.server.middleware import auth_middleware, error_middleware, metrics_middleware
 from asgl.server.openai_chat import chat_completions
@@ -91,6 +91,7 @@ def build_app(engine: Any, config: EngineConfig, model_name: Optional[str] = Non
     app.router.add_get("/v1/models/", list_models)  # clients that join base_url + "/"
     app.router.add_get("/v1/models/{model}", retrieve_model_or_alias)
     tokenize_routes.add_routes(app)  # /tokenize, /detokenize (+ /v1/)
+    responses_api.add_routes(app)  # /v1/responses
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/openapi.json", openapi_json)
     return app
