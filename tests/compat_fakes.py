@@ -62,7 +62,8 @@ class ScriptedEngine:
         self.vocab_size = len(self.tokenizer)
         self.chat_template = None
         self.script = script
-        self.scheduler = SimpleNamespace(waiting=[], running=[])
+        self.scheduler = SimpleNamespace(waiting=[], running=[], stats=SimpleNamespace(
+            cached_tokens=0, prompt_tokens=0, num_retractions=0))
         self.runner = SimpleNamespace(device=SimpleNamespace(type="cpu"))
         self.prompts: list[str] = []  # rendered prompts, as the engine saw them
         self.params: list = []

@@ -70,8 +70,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
 def build_app(engine: Any, config: EngineConfig, model_name: Optional[str] = None) -> web.Application:
     get_format(config.tool_call_parser)  # an unknown --tool-call-parser fails at start
     check_reasoning_parser(config.reasoning_parser)  # so does an unknown --reasoning-parser
-    metrics = Metrics(lambda: engine)
     model_name = model_name or served_model_name(config, engine)
+    metrics = Metrics(lambda: engine, config.metrics_prefix, model_name)
     config = with_model_path(config, engine)
     state = ServerState(engine=engine, config=config, metrics=metrics,
                         model_name=model_name,
