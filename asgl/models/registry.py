@@ -28,6 +28,8 @@ _EMBEDDING_MODELS: dict[str, tuple[str, str]] = {
     "BertModel": _BERT,
     "BertForMaskedLM": _BERT,
     "BertForPreTraining": _BERT,
+    "BertForSequenceClassification": ("asgl.models.bert_classifier",  # cross-encoders
+                                      "BertForSequenceClassification"),
     "LlamaModel": _LLAMA_EMB,
     "LlamaForCausalLM": _LLAMA_EMB,
     "MistralModel": _LLAMA_EMB,  # e5-mistral

@@ -11,7 +11,8 @@ from typing import Any, Optional
 from aiohttp import web
 
 from asgl.config import EngineConfig
-from asgl.server import embeddings, lang_routes, native, responses_api, tokenize_routes
+from asgl.server import (embeddings, lang_routes, native, rerank, responses_api,
+                         tokenize_routes)
 from asgl.server.metrics import CONTENT_TYPE, Metrics
 from asgl.server.middleware import auth_middleware, error_middleware, metrics_middleware
 from asgl.server.openai_chat import chat_completions
@@ -92,6 +93,7 @@ def build_app(engine: Any, config: EngineConfig, model_name: Optional[str] = Non
     app.router.add_get("/v1/models/{model}", retrieve_model_or_alias)
     tokenize_routes.add_routes(app)  # /tokenize, /detokenize (+ /v1/)
     responses_api.add_routes(app)  # /v1/responses
+    rerank.add_routes(app)  # /v1/rerank, /v1/score (cross-encoders)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/openapi.json", openapi_json)
     return app
