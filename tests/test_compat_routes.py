@@ -380,3 +380,22 @@ def test_structural_tag_legacy_form(client):
     with pytest.raises(openai.BadRequestError, match="triggers"):
         client.chat.completions.create(model="default", messages=CHAT, max_tokens=2,
                                        response_format=bad)
+
+
+def test_frontend_sends_stop_regex(client, main_server):
+    """The frontend's gen(stop_regex=...) through RuntimeEndpoint (SGLang's /generate
+    client) and through the OpenAI backend: the same cut as the server's own route."""
+    import asgl.lang as sgl
+
+    prompt = "List three fruits: apple, banana,"
+    base = _greedy(client, prompt).choices[0].text
+    pattern = base.split()[1][:2] + r"\w*"
+    start = base.index(base.split()[1][:2])
+
+    @sgl.function
+    def fruits(s):
+        s += prompt + sgl.gen("out", max_tokens=12, temperature=0, stop_regex=pattern)
+
+    for backend in (sgl.RuntimeEndpoint(main_server.url),
+                    sgl.OpenAI("default", base_url=main_server.base_url, api_key="EMPTY")):
+        assert fruits.run(backend=backend)["out"] == base[:start], backend
