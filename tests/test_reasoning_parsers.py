@@ -175,3 +175,43 @@ async def test_extra_message_keys_reach_the_template():
     finally:
         await client.close()
         await server.close()
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+def _accepts(tokenizer, spec: str, text: str) -> bool:
+    import xgrammar as xgr
+
+    compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer))
+    matcher = xgr.GrammarMatcher(compiler.compile_structural_tag(spec))
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return all(matcher.accept_token(t) for t in ids) and matcher.is_terminated()  # complete
+
+
+@pytest.mark.parametrize("name", ["deepseek-r1", "qwen3"])
+async def test_grammar_applies_after_the_reasoning(name):
+    opened = name == "qwen3"  # qwen3's output opens <think> itself
+    think = ("<think>" if opened else "") + "Let me see: a is 4.</think>\n\n"
+    engine = ScriptedEngine(lambda prompt: think + '{"a": 4}')
+    engine.supports_grammar = True
+    server, client = await _client(engine, reasoning_parser=name)
+    try:
+        r = await client.chat.completions.create(
+            model="m", messages=MESSAGES, response_format={
+                "type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}})
+        assert r.choices[0].message.content == '{"a": 4}'
+        sp = engine.params[-1]
+        assert sp.json_schema is None and sp.structural_tag is not None
+        tok = engine.tokenizer
+        assert _accepts(tok, sp.structural_tag, think + '{"a": 4}')  # free thinking, then JSON
+        assert not _accepts(tok, sp.structural_tag, think + '{"a": "four"}')  # JSON enforced
+        assert _accepts(tok, sp.structural_tag, '{"a": 4}') == opened  # may it skip thinking
+        # thinking turned off: the constraint applies from the first token, as before
+        await client.chat.completions.create(
+            model="m", messages=MESSAGES, response_format={"type": "json_object"},
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        assert engine.params[-1].json_schema is not None
+    finally:
+        await client.close()
+        await server.close()

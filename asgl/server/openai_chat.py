@@ -31,6 +31,7 @@ from asgl.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   ChatCompletionResponse, Delta, DeltaFunctionCall,
                                   DeltaToolCall, FunctionCall, ToolCall)
 from asgl.server.sse import SSEWriter, stream_events
+from asgl.server.reasoning_grammar import after_reasoning
 from asgl.server.reasoning_parsers import make_parser
 from asgl.server.state import ServerState, get_state
 from asgl.server.tool_calls import (CallDelta, ToolFormat, ToolSetup, get_format,
@@ -77,6 +78,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             (parsed_tools and getattr(fmt, "needs_special_tokens", False)):
         # the parsers read markers that are special tokens (harmony's, [TOOL_CALLS])
         sp = msgspec.structs.replace(sp, skip_special_tokens=False)
+    sp = after_reasoning(sp, reasoning, _thinking(template_kwargs))  # reasoning_grammar.py
     ids = await tokenize_rendered(state, prompt)
     limits.check_prompt(state, ids, max_tokens, param if max_tokens is not None else None,
                         "messages")

@@ -37,6 +37,7 @@ from asgl.server.jsonio import json_response, read_json
 from asgl.server.openai_common import response_model, sampling_params
 from asgl.server.prompts import messages_to_dicts, render_chat, template_text, tokenize_rendered
 from asgl.server.protocol import ChatCompletionRequest, ChatMessage
+from asgl.server.reasoning_grammar import after_reasoning
 from asgl.server.reasoning_parsers import make_parser
 from asgl.server.sse import SSEWriter, stream_events
 from asgl.server.state import ServerState, get_state
@@ -219,6 +220,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     if reasoning and make_parser(reasoning).needs_special_tokens or \
             (tools is not None and getattr(fmt, "needs_special_tokens", False)):
         sp = msgspec.structs.replace(sp, skip_special_tokens=False)
+    sp = after_reasoning(sp, reasoning, None)  # a grammar applies to the answer only
     rid = uuid.uuid4().hex
     job = Job(rid=rid, input_ids=ids, params=sp)
     limits.check_work(state, [job], "max_output_tokens")
