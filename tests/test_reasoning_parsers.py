@@ -215,3 +215,16 @@ async def test_grammar_applies_after_the_reasoning(name):
     finally:
         await client.close()
         await server.close()
+
+
+async def test_grammar_with_harmony_is_refused_not_broken():
+    engine = ScriptedEngine(lambda prompt: "x")
+    engine.supports_grammar = True
+    server, client = await _client(engine, reasoning_parser="gpt-oss")
+    try:
+        with pytest.raises(openai.BadRequestError, match="not supported yet"):
+            await client.chat.completions.create(model="m", messages=MESSAGES,
+                                                 response_format={"type": "json_object"})
+    finally:
+        await client.close()
+        await server.close()

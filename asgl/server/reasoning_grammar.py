@@ -7,7 +7,7 @@ The constraint becomes one xgrammar structural tag: free text up to the family's
 with the start tag or skip thinking altogether (qwen3, glm45, kimi) may also answer at
 once; those whose template opened the reasoning (deepseek-r1, qwen3-thinking) must close
 it first. gpt-oss's harmony channels are not wrapped (not yet: its markers are special
-tokens); a request that turned thinking off is not wrapped either.
+tokens: such a request is a 400); a request that turned thinking off is not wrapped.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Optional
 import msgspec
 
 from asgl.engine.contracts.sampling_params import SamplingParams
+from asgl.server.errors import bad_request
 
 # parser -> (start tag the output may open with, "" when the prompt opened it; end tag)
 _THINK = {
@@ -48,6 +49,10 @@ def after_reasoning(sp: SamplingParams, parser: Optional[str],
                     thinking: Optional[bool]) -> SamplingParams:
     """`sp` with its constraint moved after the reasoning (unchanged when there is no
     constraint, no think-tag parser, or thinking is off)."""
+    if parser == "gpt-oss" and _inner(sp) is not None:
+        raise bad_request("a grammar (response_format, regex, ebnf, tool_choice required) "
+                          "with --reasoning-parser gpt-oss is not supported yet: the harmony "
+                          "channels would be constrained too", "response_format")
     if parser not in _THINK or thinking is False:
         return sp
     inner = _inner(sp)
