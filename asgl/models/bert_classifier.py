@@ -1,5 +1,5 @@
-"""BERT cross-encoders (BertForSequenceClassification: ms-marco MiniLM rerankers, bge-reranker
-base checkpoints of the BERT family): the encoder of bert.py with token types, BERT's
+"""BERT-family cross-encoders (BertForSequenceClassification: ms-marco MiniLM rerankers;
+XLMRobertaForSequenceClassification: bge-reranker): the encoder of bert.py with token types, BERT's
 pooler (dense + tanh on [CLS]) and the classification head, as HF transformers' modelling
 (transformers/models/bert/modeling_bert.py: BertEmbeddings, BertPooler,
 BertForSequenceClassification) defines them.
@@ -31,6 +31,7 @@ class BertForSequenceClassification(BertModel):
         self.pooler = nn.Linear(h, h)
         self.classifier = nn.Linear(h, self.num_labels)
         self.sep_token_id: Optional[int] = getattr(config, "sep_token_id", None)
+        self.position_offset = 0  # RoBERTa's positions start after its padding index
 
     def token_types(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """1 after a sequence's first [SEP], else 0 (sequences are packed; each starts at
@@ -52,7 +53,7 @@ class BertForSequenceClassification(BertModel):
         e = self.embeddings
         x = e.word_embeddings(input_ids) + e.token_type_embeddings(
             self.token_types(input_ids, positions))
-        x = e.LayerNorm(x + e.position_embeddings(positions))
+        x = e.LayerNorm(x + e.position_embeddings(positions + self.position_offset))
         for layer in self.layers:
             x = layer(x, batch)
         return x
@@ -70,6 +71,36 @@ class BertForSequenceClassification(BertModel):
                     yield hf_name, name, tensor, None
                 else:
                     ours = _our_name(hf_name)
+                    if ours is not None:
+                        yield hf_name, ours[0], tensor, ours[1]
+        assign_weights(self, mapped())
+
+
+class XLMRobertaForSequenceClassification(BertForSequenceClassification):
+    """XLM-RoBERTa cross-encoders (bge-reranker-base / -large, mxbai-rerank): BERT's layers,
+    positions counted from padding_idx + 1, no token types (all 0), and RoBERTa's head
+    (`classifier.dense` + tanh + `classifier.out_proj` on <s>), as HF transformers'
+    modeling_xlm_roberta.py (XLMRobertaEmbeddings, XLMRobertaClassificationHead) has them."""
+
+    def __init__(self, config: Any, quant_config: Optional[QuantizationConfig] = None):
+        super().__init__(config, quant_config)
+        self.position_offset = int(getattr(config, "pad_token_id", 1)) + 1
+        self.max_positions -= self.position_offset
+
+    def token_types(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(input_ids)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        def mapped():
+            for hf_name, tensor in weights:
+                name = hf_name.removeprefix("roberta.")
+                if name.startswith("classifier.dense."):
+                    yield hf_name, "pooler." + name[len("classifier.dense."):], tensor, None
+                elif name.startswith("classifier.out_proj."):
+                    yield hf_name, "classifier." + name[len("classifier.out_proj."):], \
+                        tensor, None
+                elif not name.startswith("pooler."):  # unused by the classifier
+                    ours = _our_name(name)
                     if ours is not None:
                         yield hf_name, ours[0], tensor, ours[1]
         assign_weights(self, mapped())

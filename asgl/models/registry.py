@@ -30,6 +30,8 @@ _EMBEDDING_MODELS: dict[str, tuple[str, str]] = {
     "BertForPreTraining": _BERT,
     "BertForSequenceClassification": ("asgl.models.bert_classifier",  # cross-encoders
                                       "BertForSequenceClassification"),
+    "XLMRobertaForSequenceClassification": ("asgl.models.bert_classifier",
+                                            "XLMRobertaForSequenceClassification"),
     "LlamaModel": _LLAMA_EMB,
     "LlamaForCausalLM": _LLAMA_EMB,
     "MistralModel": _LLAMA_EMB,  # e5-mistral
