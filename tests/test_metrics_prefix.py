@@ -28,15 +28,19 @@ SGLANG_TPOT = [0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.
 # examples/online_serving/prometheus_grafana dashboard)
 DASHBOARD = {
     "sglang": ["sglang:prompt_tokens_total", "sglang:generation_tokens_total",
-               "sglang:time_to_first_token_seconds_bucket", "sglang:e2e_request_latency_seconds_bucket",
+               "sglang:time_to_first_token_seconds_bucket",
+               "sglang:e2e_request_latency_seconds_bucket",
                "sglang:time_per_output_token_seconds_bucket", "sglang:num_running_reqs",
                "sglang:num_queue_reqs", "sglang:token_usage", "sglang:cache_hit_rate",
                "sglang:num_used_tokens"],
     "vllm": ["vllm:prompt_tokens_total", "vllm:generation_tokens_total",
-             "vllm:time_to_first_token_seconds_bucket", "vllm:e2e_request_latency_seconds_bucket",
-             "vllm:time_per_output_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+             "vllm:time_to_first_token_seconds_bucket",
+             "vllm:e2e_request_latency_seconds_bucket",
+             "vllm:time_per_output_token_seconds_bucket",
+             "vllm:inter_token_latency_seconds_bucket",
              "vllm:request_queue_time_seconds_bucket", "vllm:num_requests_running",
-             "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
+             "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+             "vllm:gpu_cache_usage_perc",
              "vllm:request_success_total", "vllm:prefix_cache_queries_total",
              "vllm:prefix_cache_hits_total"],
 }
@@ -85,8 +89,8 @@ async def test_dashboard_series_with_model_name(prefix):
         ok = samples["vllm:request_success_total"]
         assert [(s.labels["finished_reason"], s.value) for s in ok] == [("stop", 1.0)]
     else:
-        tpot = [float(s.labels["le"]) for s in samples["sglang:time_per_output_token_seconds_bucket"]
-                if s.labels["le"] != "+Inf"]
+        rows = samples["sglang:time_per_output_token_seconds_bucket"]
+        tpot = [float(s.labels["le"]) for s in rows if s.labels["le"] != "+Inf"]
         assert tpot == SGLANG_TPOT
 
 

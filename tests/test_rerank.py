@@ -1,8 +1,8 @@
 """Issue 24, part 6: /v1/rerank and /v1/score on a cross-encoder. A tiny random
 BertForSequenceClassification or XLMRobertaForSequenceClassification (HF transformers,
-float32, saved with save_pretrained and the embedded all-MiniLM tokenizer) is served by the engine; its scores must equal
-sentence-transformers' CrossEncoder on the same weights (sigmoid of the one logit), and
-rerank must order the documents by them.
+float32, saved with save_pretrained and the embedded all-MiniLM tokenizer) is served by
+the engine; its scores must equal sentence-transformers' CrossEncoder on the same weights
+(sigmoid of the one logit), and rerank must order the documents by them.
 """
 
 from __future__ import annotations

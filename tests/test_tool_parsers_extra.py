@@ -27,7 +27,8 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"tz": {"type": "string"}}}}}
 TOOLS = [WEATHER, TIME]
-DS = {"B": "<\uff5ctool\u2581calls\u2581begin\uff5c>", "E": "<\uff5ctool\u2581calls\u2581end\uff5c>",
+DS = {"B": "<\uff5ctool\u2581calls\u2581begin\uff5c>",
+      "E": "<\uff5ctool\u2581calls\u2581end\uff5c>",
       "b": "<\uff5ctool\u2581call\u2581begin\uff5c>", "e": "<\uff5ctool\u2581call\u2581end\uff5c>",
       "s": "<\uff5ctool\u2581sep\uff5c>"}
 

@@ -62,9 +62,6 @@ async def tokenize_all(state: ServerState, texts: list[str], param: str) -> list
     return list(await asyncio.gather(*(tokenize(state, t, param) for t in texts)))
 
 
-_ROLES = {"system", "user", "assistant", "developer", "tool"}
-
-
 def messages_to_dicts(messages: list, extras: Optional[list[dict]] = None) -> list[dict]:
     """ChatMessage structs to the plain dicts chat templates expect, text only; assistant
     tool calls and tool results are kept in OpenAI's shape. A role other than OpenAI's, and

@@ -36,7 +36,7 @@ from asgl.server.generation import Generation, Job, merged_events, run_all
 from asgl.server.jsonio import json_response, read_json
 from asgl.server.openai_common import response_model, sampling_params
 from asgl.server.prompts import messages_to_dicts, render_chat, template_text, tokenize_rendered
-from asgl.server.protocol import ChatCompletionRequest, ChatMessage
+from asgl.server.protocol import ChatCompletionRequest
 from asgl.server.reasoning_grammar import after_reasoning
 from asgl.server.reasoning_parsers import make_parser
 from asgl.server.sse import SSEWriter, stream_events
