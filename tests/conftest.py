@@ -151,6 +151,7 @@ def make_llm(**options):
 # in the default tier unless named here: add it when it takes more than ~20 s alone
 # (docs/testing.md). Naming files or node ids on the command line runs them whatever tier.
 SLOW_FILES = frozenset({
+    "test_compat_routes.py", "test_rerank.py",
     "test_cuda_graph_shapes.py", "test_dp_engine.py", "test_embeddings.py",
     "test_embeddings_server.py", "test_gpu_path_cpu.py", "test_grammar_engine.py",
     "test_grammar_tools.py", "test_isolation.py", "test_lang_readme.py",

@@ -5,8 +5,9 @@ content either way), then through /v1/chat/completions with the openai client
 chat_template_kwargs.enable_thinking, reasoning_effort reaching the template).
 
 vLLM's and SGLang's own parsers do not import on this CPU-only machine (vllm needs a CUDA
-build of torch; sglang's srt pulls its kernels), so there is no differential test here;
-the expected splits are written from the formats' documentation.
+build of torch; sglang 0.5.23's srt.parser.reasoning_parser imports srt.utils, which needs
+its runtime dependencies, pybase64 first), so there is no differential test here; the
+expected splits are written from the formats' documentation.
 """
 
 from __future__ import annotations

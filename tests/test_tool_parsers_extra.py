@@ -5,7 +5,8 @@ through /v1/chat/completions with the openai client; an unknown --tool-call-pars
 start-up error before any model loads.
 
 vLLM's and SGLang's parsers do not import on this CPU-only machine (vllm needs a CUDA
-torch, sglang's srt its kernels), so there is no differential test against them here.
+torch; sglang 0.5.23's srt modules need its runtime dependencies, pybase64 first), so
+there is no differential test against them here.
 """
 
 from __future__ import annotations
