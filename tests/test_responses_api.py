@@ -155,3 +155,22 @@ def test_live_response_equals_chat(main_server: ServerProcess):
     again = client.responses.create(model="default", previous_response_id=r.id,
                                     input="Another one?", max_output_tokens=4, temperature=0)
     assert again.usage.input_tokens > r.usage.input_tokens + r.usage.output_tokens
+
+
+async def test_text_format_and_instructions_per_turn():
+    engine, server, client = await _serve(lambda p: '{"city": "Paris"}')
+    engine.supports_grammar = True
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    try:
+        r = await client.responses.create(
+            model="m", input="Where?", instructions="Answer in JSON.",
+            text={"format": {"type": "json_schema", "name": "place", "schema": schema}})
+        assert json.loads(engine.params[-1].json_schema) == schema  # the grammar it asked for
+        assert r.output_text == '{"city": "Paris"}'
+        await client.responses.create(model="m", input="And then?", previous_response_id=r.id)
+        prompt = engine.prompts[-1]
+        assert "Where?" in prompt and '{"city": "Paris"}' in prompt and "And then?" in prompt
+        assert "Answer in JSON." not in prompt  # instructions are not carried over
+    finally:
+        await client.close()
+        await server.close()
