@@ -174,3 +174,18 @@ async def test_text_format_and_instructions_per_turn():
     finally:
         await client.close()
         await server.close()
+
+
+async def test_bad_items_are_400_not_500():
+    engine, server, client = await _serve(lambda p: "x")
+    try:
+        for body in ({"input": [{"role": 5, "content": "hi"}]},
+                     {"input": [{"type": "function_call_output", "call_id": "c"}]},
+                     {"input": [{"type": "image", "url": "x"}]},
+                     {"input": "hi", "tools": [{"type": "web_search"}]},
+                     {"input": "hi", "background": True}):
+            with pytest.raises(openai.BadRequestError):
+                await client.responses.create(model="m", **body)
+    finally:
+        await client.close()
+        await server.close()

@@ -193,14 +193,14 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     # instructions apply to this turn only: a continuation does not inherit them
     system = [{"role": "system", "content": req.instructions}] if req.instructions else []
     conversation_for_model = system + conversation
-    chat = msgspec.convert({
+    chat = _as_chat({
         "messages": [_message_struct_fields(m) for m in conversation_for_model],
         "model": req.model, "max_completion_tokens": req.max_output_tokens,
         "temperature": req.temperature, "top_p": req.top_p, "seed": req.seed,
         "top_k": req.top_k, "stop": req.stop, "tools": _chat_tools(req.tools),
         "tool_choice": _chat_tool_choice(req.tool_choice),
         "parallel_tool_calls": req.parallel_tool_calls,
-        "response_format": _response_format(req.text)}, ChatCompletionRequest)
+        "response_format": _response_format(req.text)})
     tools = ToolSetup.from_request(chat.tools, chat.tool_choice, chat.parallel_tool_calls,
                                    config=state.config)
     fmt = get_format(state.config.tool_call_parser)
@@ -246,6 +246,17 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     response = view.final()
     remember(response)
     return json_response(response)
+
+
+def _as_chat(fields: dict) -> ChatCompletionRequest:
+    """The chat request a Responses request amounts to; a field of the wrong type (an
+    input item's role, a tool's parameters) is a 400 naming where it came from."""
+    try:
+        return msgspec.convert(fields, ChatCompletionRequest)
+    except msgspec.ValidationError as e:
+        where = str(e).rsplit("`$.", 1)[-1].rstrip("`") if "`$." in str(e) else "input"
+        param = "input" if where.startswith("messages") else where.split(".")[0]
+        raise bad_request(f"{param}: {e}", param) from None
 
 
 def _message_struct_fields(m: dict) -> dict:

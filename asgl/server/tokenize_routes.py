@@ -19,6 +19,7 @@ from aiohttp import web
 from asgl.server import compat
 from asgl.server.errors import bad_request
 from asgl.server.jsonio import json_response, read_json
+from asgl.server.limits import check_prompt_chars
 from asgl.server.prompts import (check_template_kwargs, messages_to_dicts, render_chat,
                                  template_text)
 from asgl.server.protocol import ChatMessage
@@ -70,6 +71,8 @@ async def tokenize(request: web.Request) -> web.Response:
                               "chat_template_kwargs and tools go with messages", "prompt")
         text = req.prompt
         special = req.add_special_tokens is not False
+    for t in text if isinstance(text, list) else [text]:  # bounded like any prompt
+        check_prompt_chars(state, len(t), "prompt")
     if isinstance(text, list):  # SGLang: a batch of prompts
         tokens = [tokenizer.encode(t, add_special_tokens=special) for t in text]
         count: Any = [len(t) for t in tokens]
