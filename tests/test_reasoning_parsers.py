@@ -229,3 +229,32 @@ async def test_grammar_with_harmony_is_refused_not_broken():
     finally:
         await client.close()
         await server.close()
+
+
+async def test_reasoning_then_tool_calls():
+    """Calls are read from the answer only: a call written inside the thinking is not one."""
+    text = ("<think>\nMaybe <tool_call>{\"name\": \"no\", \"arguments\": {}}</tool_call>? "
+            "No: call the weather tool.\n</think>\n\n<tool_call>\n{\"name\": \"get_weather\", "
+            "\"arguments\": {\"city\": \"Paris\"}}\n</tool_call>")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    engine = ScriptedEngine(lambda prompt: text)
+    server, client = await _client(engine, reasoning_parser="qwen3", tool_call_parser="hermes")
+    try:
+        r = await client.chat.completions.create(model="m", messages=MESSAGES, tools=tools)
+        msg = r.choices[0].message
+        assert msg.model_extra["reasoning_content"].startswith("Maybe <tool_call>")
+        assert [(c.function.name, c.function.arguments) for c in msg.tool_calls] == [
+            ("get_weather", '{"city": "Paris"}')]
+        assert r.choices[0].finish_reason == "tool_calls" and msg.content is None
+        stream = await client.chat.completions.create(model="m", messages=MESSAGES,
+                                                      tools=tools, stream=True)
+        thought, names = "", []
+        async for chunk in stream:
+            for ch in chunk.choices:
+                thought += ch.delta.model_extra.get("reasoning_content") or ""
+                names += [d.function.name for d in ch.delta.tool_calls or [] if d.id]
+        assert thought == msg.model_extra["reasoning_content"] and names == ["get_weather"]
+    finally:
+        await client.close()
+        await server.close()
