@@ -30,17 +30,17 @@ import msgspec
 from aiohttp import web
 
 from asgl.server import limits
-from asgl.server.chat_parsing import ChoiceParser
 from asgl.server.errors import ApiError, bad_request
-from asgl.server.generation import Generation, Job, merged_events, run_all
+from asgl.server.generation import Generation, Job, run_all
 from asgl.server.jsonio import json_response, read_json
-from asgl.server.openai_common import response_model, sampling_params
+from asgl.server.openai_common import sampling_params
 from asgl.server.prompts import messages_to_dicts, render_chat, template_text, tokenize_rendered
 from asgl.server.protocol import ChatCompletionRequest
 from asgl.server.reasoning_grammar import after_reasoning
 from asgl.server.reasoning_parsers import make_parser
 from asgl.server.sse import SSEWriter, stream_events
-from asgl.server.state import ServerState, get_state
+from asgl.server.responses_view import ResponseView
+from asgl.server.state import get_state
 from asgl.server.tool_calls import ToolSetup, get_format, with_tool_prompt
 
 MAX_STORED = 1024  # responses kept for previous_response_id / GET (the oldest go first)
@@ -226,7 +226,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     limits.check_work(state, [job], "max_output_tokens")
     limits.check_admission(state, 1)
     gen = Generation(state, job, arrival)
-    view = _ResponseView(state, req, gen, f"resp_{rid}", tools, fmt, reasoning)
+    view = ResponseView(state, req, gen, f"resp_{rid}", tools, fmt, reasoning)
     store = req.store is not False
 
     def remember(response: dict) -> None:
@@ -262,150 +262,6 @@ def _as_chat(fields: dict) -> ChatCompletionRequest:
 def _message_struct_fields(m: dict) -> dict:
     return {k: v for k, v in m.items() if k in ("role", "content", "tool_calls",
                                                   "tool_call_id", "name")}
-
-
-class _ResponseView:
-    def __init__(self, state: ServerState, req: ResponsesRequest, gen: Generation,
-                 resp_id: str, tools: Optional[ToolSetup], fmt: Any,
-                 reasoning: Optional[str]):
-        self.state, self.req, self.gen, self.id = state, req, gen, resp_id
-        self.tools = tools if tools is not None and tools.mode != "none" else None
-        self.fmt, self.reasoning = fmt, reasoning
-        self.created = int(time.time())
-        self.model = response_model(state, req.model)
-        self.msg_id = f"msg_{uuid.uuid4().hex}"
-        self.parser = ChoiceParser(make_parser(reasoning) if reasoning else None,
-                                   fmt.parser(self.tools.tools) if self.tools else None)
-        self._calls_out: list[dict] = []
-
-    def output_messages(self) -> list[dict]:
-        """This response as chat messages, for a continuation."""
-        msg: dict = {"role": "assistant", "content": self.parser.content or None}
-        if self.parser.calls:
-            msg["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-                "name": c.name, "arguments": c.arguments}} for c in self.parser.calls]
-        return [msg]
-
-    def _output(self) -> list[dict]:
-        items: list[dict] = []
-        if self.parser.reasoning:
-            items.append({"type": "reasoning", "id": f"rs_{self.id[5:]}", "summary": [],
-                          "content": [{"type": "reasoning_text",
-                                       "text": self.parser.reasoning}]})
-        if self.parser.content or not self.parser.calls:
-            items.append(self._message(self.parser.content, "completed"))
-        for c in self.parser.calls:
-            items.append({"type": "function_call", "id": f"fc_{c.id}", "call_id": c.id,
-                          "name": c.name, "arguments": c.arguments, "status": "completed"})
-        return items
-
-    def _message(self, text: str, status: str) -> dict:
-        return {"type": "message", "id": self.msg_id, "status": status, "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": [],
-                             "logprobs": []}] if status == "completed" or text else []}
-
-    def _response(self, status: str, output: list[dict]) -> dict:
-        choice = self.gen.choices[0]
-        reason = (choice.finish_reason or {}).get("type")
-        incomplete = None
-        if status == "completed" and reason == "length":
-            status, incomplete = "incomplete", {"reason": "max_output_tokens"}
-        prompt = len(self.gen.job.input_ids)
-        out_tokens = len(choice.output_ids)
-        req = self.req
-        return {
-            "id": self.id, "object": "response", "created_at": self.created,
-            "status": status, "error": None, "incomplete_details": incomplete,
-            "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
-            "model": self.model, "output": output,
-            "parallel_tool_calls": req.parallel_tool_calls is not False,
-            "previous_response_id": req.previous_response_id,
-            "reasoning": {"effort": (req.reasoning or {}).get("effort"), "summary": None},
-            "store": req.store is not False,
-            "temperature": 1.0 if req.temperature is None else req.temperature,
-            "text": req.text or {"format": {"type": "text"}},
-            "tool_choice": req.tool_choice if req.tool_choice is not None else "auto",
-            "tools": req.tools or [], "top_p": 1.0 if req.top_p is None else req.top_p,
-            "truncation": req.truncation or "disabled", "user": req.user,
-            "metadata": req.metadata or {},
-            "usage": None if status == "in_progress" else {
-                "input_tokens": prompt,
-                "input_tokens_details": {"cached_tokens": choice.cached_tokens},
-                "output_tokens": out_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": prompt + out_tokens},
-        }
-
-    def final(self) -> dict:
-        self.parser.feed(self.gen.choices[0].text)
-        self.parser.finish()
-        return self._response("completed", self._output())
-
-    async def stream(self, sse: SSEWriter) -> dict:
-        seq = 0
-
-        async def send(event: dict) -> None:
-            nonlocal seq
-            event["sequence_number"] = seq
-            seq += 1
-            await sse.send_raw(f"event: {event['type']}\n".encode() + b"data: "
-                               + msgspec.json.encode(event) + b"\n\n")
-
-        await send({"type": "response.created",
-                    "response": self._response("in_progress", [])})
-        await send({"type": "response.in_progress",
-                    "response": self._response("in_progress", [])})
-        text_open = False
-        index = 0  # output index of the message item
-        reasoning_seen = False
-        async for _, chunk in merged_events([self.gen]):
-            thought, text, calls = self.parser.feed(chunk.text)
-            if chunk.finished:
-                t2, x2, c2 = self.parser.finish()
-                thought, text, calls = thought + t2, text + x2, calls + c2
-            if thought:
-                reasoning_seen = True
-                await send({"type": "response.reasoning_text.delta", "item_id":
-                            f"rs_{self.id[5:]}", "output_index": 0, "content_index": 0,
-                            "delta": thought})
-            if text:
-                if not text_open:
-                    text_open = True
-                    index = 1 if reasoning_seen or self.parser.reasoning else 0
-                    await send({"type": "response.output_item.added", "output_index": index,
-                                "item": self._message("", "in_progress")})
-                    await send({"type": "response.content_part.added",
-                                "item_id": self.msg_id, "output_index": index,
-                                "content_index": 0, "part": {"type": "output_text",
-                                                             "text": "", "annotations": []}})
-                await send({"type": "response.output_text.delta", "item_id": self.msg_id,
-                            "output_index": index, "content_index": 0, "delta": text,
-                            "logprobs": []})
-        output = self._output()
-        if text_open:
-            await send({"type": "response.output_text.done", "item_id": self.msg_id,
-                        "output_index": index, "content_index": 0,
-                        "text": self.parser.content, "logprobs": []})
-            await send({"type": "response.content_part.done", "item_id": self.msg_id,
-                        "output_index": index, "content_index": 0,
-                        "part": {"type": "output_text", "text": self.parser.content,
-                                 "annotations": []}})
-        for k, item in enumerate(output):
-            if item["type"] == "function_call":
-                await send({"type": "response.output_item.added", "output_index": k,
-                            "item": {**item, "arguments": "", "status": "in_progress"}})
-                await send({"type": "response.function_call_arguments.delta",
-                            "item_id": item["id"], "output_index": k,
-                            "delta": item["arguments"]})
-                await send({"type": "response.function_call_arguments.done",
-                            "item_id": item["id"], "output_index": k,
-                            "arguments": item["arguments"]})
-            if item["type"] != "message" or text_open:
-                await send({"type": "response.output_item.done", "output_index": k,
-                            "item": item})
-        response = self._response("completed", output)
-        await send({"type": "response.completed", "response": response})
-        return response
 
 
 async def get_response(request: web.Request) -> web.Response:

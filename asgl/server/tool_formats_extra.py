@@ -18,6 +18,8 @@ from typing import Any, Optional
 from asgl.server.errors import bad_request
 from asgl.server.tool_parsers import ToolCallParser
 from asgl.server import tool_parsers_extra as p
+from asgl.server.tool_parsers_harmony import HarmonyToolParser
+from asgl.server.tool_parsers_pythonic import PythonicParser
 
 _MAX_WS = 2  # as tool_calls.py: whitespace runs inside constrained arguments
 
@@ -154,7 +156,7 @@ class Glm45Format(ExtraFormat):
 
 class PythonicFormat(ExtraFormat):
     name = "pythonic"
-    parser_class = p.PythonicParser
+    parser_class = PythonicParser
     example = "[NAME(key=value, ...)]"
 
     def render_call(self, name: str, arguments: str) -> str:
@@ -168,7 +170,7 @@ class PythonicFormat(ExtraFormat):
 class GptOssFormat(ExtraFormat):
     name = "gpt-oss"
     needs_special_tokens = True  # harmony's markers are special tokens
-    parser_class = p.HarmonyToolParser
+    parser_class = HarmonyToolParser
     example = "<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>ARGS<|call|>"
 
 
