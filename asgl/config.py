@@ -80,6 +80,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     log_requests: bool = False
     max_request_body_mb: float = 32.0
     tool_call_parser: Optional[str] = None
+    reasoning_parser: Optional[str] = None
+    metrics_prefix: Literal["asgl", "sglang", "vllm"] = "asgl"
     shutdown_timeout: float = 30.0
     # a streamed choice's chunks are delivered every `stream_interval` tokens (its first
     # token and its end at once); native /generate streams deltas, not the output so far
@@ -277,8 +279,9 @@ CLI_GROUPS: dict[str, str] = {
     **dict.fromkeys(["host", "port", "api_key", "admin_api_key", "max_request_body_mb",
                      "max_queued_requests", "shutdown_timeout", "watchdog_timeout",
                      "exit_on_stall"], "serving"),
-    **dict.fromkeys(["served_model_name", "tool_call_parser", "stream_interval",
-                     "incremental_streaming_output"], "API"),
+    **dict.fromkeys(["served_model_name", "tool_call_parser", "reasoning_parser",
+                     "metrics_prefix", "stream_interval", "incremental_streaming_output"],
+                    "API"),
     **dict.fromkeys(["max_prompt_chars", "max_stop_strings", "max_stop_string_chars",
                      "max_schema_depth", "max_schema_bytes", "max_regex_chars", "max_tools",
                      "max_request_tokens", "max_prompt_logprobs", "max_images_per_request",
@@ -376,7 +379,12 @@ _HELP: dict[str, str] = {
                      "(/flush_cache, /abort_request, ...); --api-key no longer opens them",
     "log_level": "logging level",
     "max_request_body_mb": "largest accepted request body",
-    "tool_call_parser": "tool-call format of the model (hermes, llama3)",
+    "tool_call_parser": "tool-call format of the model (hermes, llama3, mistral, qwen3_coder, "
+                        "deepseekv3, deepseekv31, pythonic, gpt-oss, kimi_k2, glm45)",
+    "reasoning_parser": "split reasoning from content in chat answers (deepseek-r1, qwen3, "
+                        "qwen3-thinking, gpt-oss, kimi, glm45): reasoning_content",
+    "metrics_prefix": "metric names and labels of /metrics as SGLang's (sglang:) or vLLM's "
+                      "(vllm:) dashboards query them",
     "shutdown_timeout": "seconds in-flight requests may run on after SIGTERM/SIGINT; then "
                         "they end with finish_reason abort",
     "stream_interval": "streamed tokens per event: a choice's chunks are held until this "

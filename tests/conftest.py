@@ -152,7 +152,7 @@ def make_llm(**options):
 # (docs/testing.md). Naming files or node ids on the command line runs them whatever tier.
 SLOW_FILES = frozenset({
     "test_attention_variants.py", "test_cuda_graph_shapes.py", "test_dp_engine.py",
-    "test_embeddings.py",
+    "test_embeddings.py", "test_compat_routes.py", "test_rerank.py",
     "test_embeddings_server.py", "test_gpu_path_cpu.py", "test_grammar_engine.py",
     "test_grammar_tools.py", "test_isolation.py", "test_lang_readme.py",
     "test_lang_select.py", "test_loop_device_tensors.py", "test_model_families.py",

@@ -27,14 +27,16 @@ def gen(name: Optional[str] = None, max_tokens: Optional[int] = None, *,
         choices: Optional[list[str]] = None, dtype: Any = None,
         return_logprob: Optional[bool] = None, logprob_start_len: Optional[int] = None,
         top_logprobs_num: Optional[int] = None, return_text_in_logprobs: Optional[bool] = None,
-        choices_method: Any = None) -> Union[ir.Gen, ir.Select]:
+        choices_method: Any = None,
+        stop_regex: Union[str, list[str], None] = None) -> Union[ir.Gen, ir.Select]:
     """Generate text into the state (and into `s[name]`). With `choices`, a `select`.
 
     `dtype=int|float|str|bool` constrains the text to SGLang's regex for the type (ir.py)
     where the backend takes a regex, else parses the value out of the answer (base.py).
     `return_logprob=True` (with `top_logprobs_num`, `logprob_start_len`) puts SGLang's
     `output_token_logprobs` / `output_top_logprobs` / `input_token_logprobs` in
-    `s.get_meta_info(name)`."""
+    `s.get_meta_info(name)`. `stop_regex` (SGLang's) ends the text where a pattern
+    matches, on backends whose server implements it (asgl's, SGLang's)."""
     if choices is not None:
         return select(name, choices, temperature=temperature or 0.0,
                       choices_method=choices_method)
@@ -53,7 +55,7 @@ def gen(name: Optional[str] = None, max_tokens: Optional[int] = None, *,
         repetition_penalty=repetition_penalty, ignore_eos=ignore_eos, seed=seed, regex=regex,
         json_schema=json_schema, return_logprob=return_logprob,
         logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
-        return_text_in_logprobs=return_text_in_logprobs))
+        return_text_in_logprobs=return_text_in_logprobs, stop_regex=stop_regex))
     if "regex" in params and "json_schema" in params:
         raise ValueError("give at most one of regex and json_schema")
     if typed is not None and "json_schema" in params:

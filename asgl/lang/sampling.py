@@ -16,7 +16,7 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 SAMPLING_KEYS = ("max_new_tokens", "min_new_tokens", "stop", "stop_token_ids", "temperature",
                  "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
-                 "repetition_penalty", "ignore_eos", "seed")
+                 "repetition_penalty", "ignore_eos", "seed", "stop_regex")
 CONSTRAINT_KEYS = ("regex", "json_schema")
 # Request options rather than sampling: what logprobs to report (SGLang's names). Backends
 # take them out of the params (native.py) or refuse them (BackendError naming the option).

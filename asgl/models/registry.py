@@ -56,6 +56,10 @@ _EMBEDDING_MODELS: dict[str, tuple[str, str]] = {
     "BertModel": _BERT,
     "BertForMaskedLM": _BERT,
     "BertForPreTraining": _BERT,
+    "BertForSequenceClassification": ("asgl.models.bert_classifier",  # cross-encoders
+                                      "BertForSequenceClassification"),
+    "XLMRobertaForSequenceClassification": ("asgl.models.bert_classifier",
+                                            "XLMRobertaForSequenceClassification"),
     "LlamaModel": _LLAMA_EMB,
     "LlamaForCausalLM": _LLAMA_EMB,
     "MistralModel": _LLAMA_EMB,  # e5-mistral

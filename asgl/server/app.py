@@ -11,7 +11,8 @@ from typing import Any, Optional
 from aiohttp import web
 
 from asgl.config import EngineConfig
-from asgl.server import embeddings, lang_routes, native
+from asgl.server import (embeddings, lang_routes, native, rerank, responses_api,
+                         tokenize_routes)
 from asgl.server.metrics import CONTENT_TYPE, Metrics
 from asgl.server.middleware import auth_middleware, error_middleware, metrics_middleware
 from asgl.server.openai_chat import chat_completions
@@ -22,6 +23,7 @@ from asgl.server.openapi import openapi_json
 from asgl.server.protocol import ModelCard
 from asgl.server.state import STATE, ServerState, get_state
 from asgl.server.tokens import TokenTexts
+from asgl.server.reasoning_parsers import check_name as check_reasoning_parser
 from asgl.server.tool_calls import get_format
 
 
@@ -68,8 +70,9 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 def build_app(engine: Any, config: EngineConfig, model_name: Optional[str] = None) -> web.Application:
     get_format(config.tool_call_parser)  # an unknown --tool-call-parser fails at start
-    metrics = Metrics(lambda: engine)
+    check_reasoning_parser(config.reasoning_parser)  # so does an unknown --reasoning-parser
     model_name = model_name or served_model_name(config, engine)
+    metrics = Metrics(lambda: engine, config.metrics_prefix, model_name)
     config = with_model_path(config, engine)
     state = ServerState(engine=engine, config=config, metrics=metrics,
                         model_name=model_name,
@@ -86,7 +89,11 @@ def build_app(engine: Any, config: EngineConfig, model_name: Optional[str] = Non
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/", list_models)  # clients that join base_url + "/"
     app.router.add_get("/v1/models/{model}", retrieve_model_or_alias)
+    tokenize_routes.add_routes(app)  # /tokenize, /detokenize (+ /v1/)
+    responses_api.add_routes(app)  # /v1/responses
+    rerank.add_routes(app)  # /v1/rerank, /v1/score (cross-encoders)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/openapi.json", openapi_json)
     return app

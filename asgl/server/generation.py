@@ -40,7 +40,7 @@ class Choice:
     """One generated sequence, assembled from stream deltas."""
     __slots__ = ("index", "parts", "output_ids", "finish_reason", "logprobs", "top_logprobs",
                  "prompt_tokens", "cached_tokens", "input_logprobs", "input_top_logprobs",
-                 "last_token_time")
+                 "last_token_time", "first_token_time")
 
     def __init__(self, index: int, prompt_tokens: int):
         self.index = index
@@ -54,6 +54,7 @@ class Choice:
         self.input_logprobs: Optional[list] = None  # (logprob | None, token_id) per prompt token
         self.input_top_logprobs: Optional[list] = None
         self.last_token_time: Optional[float] = None
+        self.first_token_time: Optional[float] = None
 
     @property
     def text(self) -> str:
@@ -122,6 +123,8 @@ class Generation:
             if choice.last_token_time is not None:
                 metrics.itl.observe((now - choice.last_token_time) / len(chunk.token_ids))
             choice.last_token_time = now
+            if choice.first_token_time is None:
+                choice.first_token_time = now
             choice.output_ids.extend(chunk.token_ids)
         if chunk.text:
             choice.parts.append(chunk.text)
@@ -137,8 +140,13 @@ class Generation:
             choice.input_top_logprobs = chunk.input_top_logprobs
         if chunk.finished:
             choice.finish_reason = chunk.finish_reason
+            metrics = self.state.metrics
             if chunk.queue_time is not None:
-                self.state.metrics.queue_time.observe(chunk.queue_time)
+                metrics.queue_time.observe(chunk.queue_time)
+            metrics.finished.labels((chunk.finish_reason or {}).get("type", "stop")).inc()
+            if len(choice.output_ids) > 1:  # time per output token after the first
+                metrics.tpot.observe((choice.last_token_time - choice.first_token_time)
+                                     / (len(choice.output_ids) - 1))
             self.num_finished += 1
             if self.done:
                 self.state.metrics.e2e.observe(now - self.arrival)

@@ -59,6 +59,7 @@ def preflight(config: EngineConfig, bind: bool = True) -> Optional[socket.socket
     Raises ConfigError naming the flag. Imports nothing heavy (no torch, no transformers):
     an error here comes in well under 2 s."""
     check_tool_call_parser(config.tool_call_parser)
+    check_reasoning_parser(config.reasoning_parser)
     check_chat_template(config.chat_template)
     check_model_path(config)
     return bind_socket(config.host, config.port) if bind else None
@@ -80,6 +81,15 @@ def check_tool_call_parser(name: Optional[str]) -> None:
     if name is not None and name not in formats and name not in aliases:
         raise ConfigError(f"unknown --tool-call-parser {name!r} (known: "
                           f"{', '.join(sorted(set(formats) | set(aliases)))})")
+
+
+def check_reasoning_parser(name: Optional[str]) -> None:
+    from asgl.server.reasoning_parsers import check_name  # no heavy imports
+
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _dict_keys_in_source(module: str, variable: str) -> list[str]:

@@ -5,51 +5,74 @@ Two kinds: what the server observes per request (status counts, token counters, 
 histograms: recorded by `generation.Generation` and the metrics middleware), and what the
 engine knows now (running/queued requests, KV pool usage, prefix-cache hit rate), read
 from the engine only when scraped, so serving pays nothing for them.
+
+`--metrics-prefix` picks the names, labels and histogram buckets (metrics_profiles.py):
+`asgl` (ours, unlabelled), or SGLang's (`sglang:`) or vLLM's (`vllm:`) as their Grafana
+dashboards query them, every series labelled with `model_name` (and vLLM's `engine`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_P = "asgl:"
+from asgl.server.metrics_profiles import PROFILES, Profile
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
-_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1,
-                0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _Labelled:
+    """A metric with labels of its own whose profile labels (model_name) are fixed:
+    `.labels(route, status)` as before, the profile's values appended."""
+
+    def __init__(self, metric: Any, base: tuple[str, ...]):
+        self._metric, self._base = metric, base
+
+    def labels(self, *values: str) -> Any:
+        return self._metric.labels(*values, *self._base)
 
 
 class Metrics:
-    def __init__(self, engine_getter: Callable[[], Any] | None = None):
+    def __init__(self, engine_getter: Callable[[], Any] | None = None, prefix: str = "asgl",
+                 model_name: str = ""):
+        self.profile = p = PROFILES[prefix]
+        self.base_labels = dict(p.base_labels(model_name))
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(f"{_P}http_requests", "HTTP requests by route and status "
-                                "(499: the client went away first)", ["route", "status"],
-                                registry=r)
-        self.in_flight = Gauge(f"{_P}http_requests_in_flight", "HTTP requests being handled",
-                               registry=r)
-        self.prompt_tokens = Counter(f"{_P}prompt_tokens", "prompt tokens of admitted requests",
-                                     registry=r)
-        self.generation_tokens = Counter(f"{_P}generation_tokens", "tokens generated",
-                                         registry=r)
-        self.ttft = Histogram(f"{_P}time_to_first_token_seconds", "request arrival to first "
-                              "output token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram(f"{_P}inter_token_latency_seconds", "gap between consecutive "
-                             "output tokens of one sequence", buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram(f"{_P}e2e_request_latency_seconds", "request arrival to its last "
-                             "token", buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_time = Histogram(f"{_P}queue_time_seconds", "time a sequence waited before "
-                                    "the scheduler first admitted it", buckets=_LATENCY_BUCKETS,
-                                    registry=r)
-        self.rejected = Counter(f"{_P}rejected_requests", "requests refused before reaching the "
-                                "engine, by reason", ["reason"], registry=r)
+        names, base = list(self.base_labels), tuple(self.base_labels.values())
+
+        def make(kind, key: str, doc: str, labels: tuple[str, ...] = (), buckets=None) -> Any:
+            kwargs = {"buckets": buckets} if buckets is not None else {}
+            metric = kind(p.name(key), doc, [*labels, *names], registry=r, **kwargs)
+            if labels:
+                return _Labelled(metric, base) if base else metric
+            return metric.labels(*base) if base else metric
+
+        self.requests = make(Counter, "http_requests", "HTTP requests by route and status "
+                             "(499: the client went away first)", ("route", "status"))
+        self.in_flight = make(Gauge, "http_requests_in_flight", "HTTP requests being handled")
+        self.prompt_tokens = make(Counter, "prompt_tokens", "prompt tokens of admitted "
+                                  "requests")
+        self.generation_tokens = make(Counter, "generation_tokens", "tokens generated")
+        self.ttft = make(Histogram, "ttft", "request arrival to first output token",
+                         buckets=p.ttft_buckets)
+        self.itl = make(Histogram, "itl", "gap between consecutive output tokens of one "
+                        "sequence", buckets=p.itl_buckets)
+        self.tpot = make(Histogram, "tpot", "a sequence's mean time per output token after "
+                         "its first", buckets=p.itl_buckets)
+        self.e2e = make(Histogram, "e2e", "request arrival to its last token",
+                        buckets=p.e2e_buckets)
+        self.queue_time = make(Histogram, "queue_time", "time a sequence waited before the "
+                               "scheduler first admitted it", buckets=p.e2e_buckets)
+        self.finished = make(Counter, "request_success", "finished sequences by reason",
+                             ("finished_reason",))
+        self.rejected = make(Counter, "rejected_requests", "requests refused before reaching "
+                             "the engine, by reason", ("reason",))
         if engine_getter is not None:
-            r.register(_EngineCollector(engine_getter))
+            r.register(_EngineCollector(engine_getter, p, self.base_labels))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -58,8 +81,11 @@ class Metrics:
 class _EngineCollector(Collector):
     """Gauges read from the engine at scrape time."""
 
-    def __init__(self, engine_getter: Callable[[], Any]):
+    def __init__(self, engine_getter: Callable[[], Any], profile: Profile,
+                 base: dict[str, str]):
         self._engine = engine_getter
+        self._p = profile
+        self._base = base
 
     def describe(self) -> list:
         return []  # values depend on a live engine: don't collect at registration
@@ -70,35 +96,47 @@ class _EngineCollector(Collector):
             return
         sched = engine.scheduler
         mem = engine.memory_state()
-        yield _gauge("num_running_reqs", "sequences in the running batch", len(sched.running))
-        yield _gauge("num_queue_reqs", "sequences waiting to be admitted", len(sched.waiting))
         capacity = max(1, mem["capacity"])
-        used = capacity - mem["free"] - mem["cached"]
-        kv = GaugeMetricFamily(f"{_P}kv_cache_tokens", "KV pool slots by state",
-                               labels=["state"])
-        kv.add_metric(["free"], mem["free"])
-        kv.add_metric(["cached"], mem["cached"])
-        kv.add_metric(["used"], max(0, used))
-        yield kv
-        yield _gauge("kv_cache_capacity_tokens", "KV pool size in tokens", mem["capacity"])
-        yield _gauge("kv_cache_usage_ratio", "share of KV slots not free (in use or cached)",
-                     (capacity - mem["free"]) / capacity)
+        used = max(0, capacity - mem["free"] - mem["cached"])
         stats = sched.stats
-        yield _gauge("cache_hit_rate", "share of admitted prompt tokens served from the prefix "
-                     "cache", stats.cached_tokens / stats.prompt_tokens if stats.prompt_tokens
-                     else 0.0)
-        queries = CounterMetricFamily(f"{_P}prefix_cache_queried_tokens", "prompt tokens "
-                                      "looked up in the prefix cache")
-        queries.add_metric([], stats.prompt_tokens)
-        yield queries
-        hits = CounterMetricFamily(f"{_P}prefix_cache_hit_tokens", "prompt tokens found in the "
-                                   "prefix cache")
-        hits.add_metric([], stats.cached_tokens)
-        yield hits
-        retractions = CounterMetricFamily(f"{_P}retractions", "sequences retracted for memory")
-        retractions.add_metric([], stats.num_retractions)
-        yield retractions
+        hit_rate = stats.cached_tokens / stats.prompt_tokens if stats.prompt_tokens else 0.0
+        values = {
+            "num_running_reqs": (len(sched.running), "sequences in the running batch"),
+            "num_queue_reqs": (len(sched.waiting), "sequences waiting to be admitted"),
+            "kv_cache_capacity_tokens": (mem["capacity"], "KV pool size in tokens"),
+            "kv_cache_usage_ratio": ((capacity - mem["free"]) / capacity,
+                                     "share of KV slots not free (in use or cached)"),
+            "kv_used_ratio": (used / capacity, "share of KV slots held by running requests"),
+            "num_used_tokens": (used, "KV slots held by running requests"),
+            "cache_hit_rate": (hit_rate, "share of admitted prompt tokens served from the "
+                                         "prefix cache"),
+        }
+        for key, (value, doc) in values.items():
+            for name in self._p.gauge_names(key):
+                yield self._gauge(name, doc, value)
+        if self._p.kv_states:
+            kv = GaugeMetricFamily(self._p.name("kv_cache_tokens"), "KV pool slots by state",
+                                   labels=["state", *self._base])
+            for state, n in (("free", mem["free"]), ("cached", mem["cached"]),
+                             ("used", used)):
+                kv.add_metric([state, *self._base.values()], n)
+            yield kv
+        for key, value, doc in (
+                ("prefix_cache_queries", stats.prompt_tokens, "prompt tokens looked up in the "
+                                                              "prefix cache"),
+                ("prefix_cache_hits", stats.cached_tokens, "prompt tokens found in the prefix "
+                                                           "cache"),
+                ("retractions", stats.num_retractions, "sequences retracted for memory")):
+            family = CounterMetricFamily(self._p.name(key), doc, labels=list(self._base))
+            family.add_metric(list(self._base.values()), value)
+            yield family
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(name, doc, labels=list(self._base))
+        family.add_metric(list(self._base.values()), value)
+        return family
 
 
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(f"{_P}{name}", doc, value=value)
+def metrics_for(engine_getter: Callable[[], Any], prefix: Optional[str],
+                model_name: str) -> Metrics:
+    return Metrics(engine_getter, prefix or "asgl", model_name)

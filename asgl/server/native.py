@@ -71,7 +71,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def _jobs(state: ServerState, body: GenerateRequest) -> tuple[list[Job], bool]:
     """Validate the whole request and build one Job per prompt; nothing is submitted yet.
     Returns the jobs and whether the request was a single prompt (not a batch)."""
-    for name in ("lora_path", "modalities"):
+    for name in ("lora_path", "modalities", "token_ids_logprob"):
         if getattr(body, name) is not None:
             raise bad_request(f"`{name}` is not supported yet", name)
     texts: Optional[list[str]] = None
@@ -94,6 +94,8 @@ async def _jobs(state: ServerState, body: GenerateRequest) -> tuple[list[Job], b
     for k, raw in enumerate(_per_prompt(body.sampling_params, count, "sampling_params")):
         sp, explicit_max = _sampling_params(state, raw,
                                             f"sampling_params{'' if single else f'[{k}]'}")
+        if body.cache_salt is not None:  # top level, as SGLang's and vLLM's clients send it
+            sp = msgspec.structs.replace(sp, cache_salt=body.cache_salt)
         params.append((limits.check_sampling(
             state, sp, max_tokens_param="max_new_tokens" if explicit_max else None),
             explicit_max))
@@ -279,13 +281,16 @@ async def get_server_info(request: web.Request) -> web.Response:
             info[key] = "<redacted>"
     engine = state.engine
     stats = getattr(getattr(engine, "scheduler", None), "stats", None)
+    memory = engine.memory_state()
     info.update({
         "version": asgl.__version__,
+        # SGLang's name for the KV pool's size in tokens (its clients size batches by it)
+        "max_total_num_tokens": memory.get("capacity"),
         "context_len": state.context_len,
         "vocab_size": state.vocab_size,
         "uptime_s": round(time.time() - state.started_at, 3),
         "draining": state.draining,
-        "memory_state": engine.memory_state(),
+        "memory_state": memory,
         "scheduler_stats": dict(vars(stats))
         if stats is not None else None,
     })
@@ -312,7 +317,15 @@ async def flush_cache(request: web.Request) -> web.Response:
 async def abort_request(request: web.Request) -> web.Response:
     state = get_state(request)
     body = await read_json(request, AbortRequest)
+    if body.abort_all:
+        abort_all = getattr(state.engine, "abort_all", None)
+        if abort_all is None:
+            raise bad_request("abort_all is not supported by this engine", "abort_all")
+        aborted = abort_all()
+        return json_response({"success": True, "aborted": aborted})
     rids = [body.rid] if isinstance(body.rid, str) else body.rid
+    if not rids or rids == [""]:
+        raise bad_request("give rid (one id or a list), or abort_all: true", "rid")
     aborted = [rid for rid in rids if state.engine.abort(rid)]
     return json_response({"success": bool(aborted), "aborted": aborted})
 
@@ -323,6 +336,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/health_generate", health_generate)
     app.router.add_get("/get_model_info", get_model_info)
     app.router.add_get("/get_server_info", get_server_info)
+    app.router.add_get("/server_info", get_server_info)  # SGLang's newer name
+    app.router.add_get("/health/", health)
     app.router.add_post("/flush_cache", flush_cache)
     app.router.add_get("/flush_cache", flush_cache)  # older SGLang clients use GET
     app.router.add_post("/abort_request", abort_request)

@@ -17,7 +17,8 @@ import msgspec
 from aiohttp import web
 from msgspec import UNSET
 
-from asgl.server import limits
+from asgl.server import compat, limits
+from asgl.server.chat_parsing import ChoiceParser
 from asgl.server.errors import bad_request
 from asgl.engine.contracts.outputs import StreamChunk
 from asgl.server.generation import Choice, Generation, Job, deliver_all, run_all
@@ -25,13 +26,15 @@ from asgl.server.images import chat_images, load_all
 from asgl.server.jsonio import json_response, read_json
 from asgl.server.openai_common import (chat_logprobs, check_stream_options, finish_reason,
                                        new_id, now, response_model, sampling_params, usage)
-from asgl.server.prompts import (messages_to_dicts, render_chat, template_text,
-                                 tokenize_rendered)
+from asgl.server.prompts import (check_template_kwargs, messages_to_dicts, render_chat,
+                                 template_text, tokenize_rendered)
 from asgl.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice,
                                   ChatCompletionChunk, ChatCompletionRequest,
                                   ChatCompletionResponse, Delta, DeltaFunctionCall,
                                   DeltaToolCall, FunctionCall, ToolCall)
 from asgl.server.sse import SSEWriter, stream_events
+from asgl.server.reasoning_grammar import after_reasoning
+from asgl.server.reasoning_parsers import make_parser
 from asgl.server.state import ServerState, get_state
 from asgl.server.tool_calls import (CallDelta, ToolFormat, ToolSetup, get_format,
                                     with_tool_prompt)
@@ -42,6 +45,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = get_state(request)
     req = await read_json(request, ChatCompletionRequest)
     _refuse_unsupported(req)
+    extras = compat.message_extras(await request.read())
     tools = ToolSetup.from_request(req.tools, req.tool_choice, req.parallel_tool_calls,
                                    config=state.config)
     fmt = get_format(state.config.tool_call_parser)
@@ -51,7 +55,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         max_tokens, param = req.max_completion_tokens, "max_completion_tokens"
     sp = sampling_params(state, req, max_tokens, param)
     if tools is not None and tools.constrained:  # calls only, in the parser's format
-        if sp.regex is not None or sp.json_schema is not None or sp.ebnf is not None:
+        if sp.regex is not None or sp.json_schema is not None or sp.ebnf is not None or \
+                sp.structural_tag is not None:
             raise bad_request(f"tool_choice {tools.mode!r} constrains the output to tool "
                               f"calls: it cannot be combined with response_format, regex or "
                               f"ebnf", "tool_choice")
@@ -62,10 +67,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     limits.check_sequences(sp.n)
     images = chat_images(state)  # None: a text-only model (image parts are a 400)
-    messages = messages_to_dicts(req.messages, images)
+    messages = messages_to_dicts(req.messages, images, extras)
     messages, template_tools = with_tool_prompt(messages, tools, fmt, template_text(state))
-    add_gen = True if req.add_generation_prompt is None else req.add_generation_prompt
-    prompt = await render_chat(state, messages, add_gen, template_tools)
+    add_gen, cont = compat.continue_final(messages, req.continue_final_message,
+                                          req.add_generation_prompt)
+    template_kwargs = check_template_kwargs(req.chat_template_kwargs)
+    if req.reasoning_effort is not None:  # gpt-oss's template reads it
+        template_kwargs.setdefault("reasoning_effort", req.reasoning_effort)
+    prompt = await render_chat(state, messages, add_gen, template_tools, cont, template_kwargs)
+    reasoning = _reasoning_parser_name(state, req)
+    parsed_tools = tools is not None and tools.mode != "none"
+    if (reasoning and make_parser(reasoning).needs_special_tokens) or \
+            (parsed_tools and getattr(fmt, "needs_special_tokens", False)):
+        # the parsers read markers that are special tokens (harmony's, [TOOL_CALLS])
+        sp = msgspec.structs.replace(sp, skip_special_tokens=False)
+    sp = after_reasoning(sp, reasoning, _thinking(template_kwargs))  # reasoning_grammar.py
     ids = await tokenize_rendered(state, prompt)
     mm = None
     if images is not None and images.refs:  # decoded off the loop; placeholders expanded
@@ -82,6 +98,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     limits.check_admission(state, sp.n)
     gen = Generation(state, job, arrival)
     view = _View(state, req, gen, chat_id, tools, fmt)
+    view.reasoning, view.echo = reasoning, compat.echo_prefix(messages, req.echo)
+    view.thinking = _thinking(template_kwargs)
     if req.stream:
         return await stream_events(request, lambda sse: view.stream(sse, include_usage))
     await run_all([gen])
@@ -96,7 +114,10 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
                           "functions")
     if req.modalities not in (None, ["text"]) or req.audio is not None:
         raise bad_request("only text output is supported", "modalities")
-    for name in ("prediction", "reasoning_effort", "web_search_options"):
+    if req.reasoning_effort not in (None, "minimal", "low", "medium", "high"):
+        raise bad_request(f"reasoning_effort must be 'minimal', 'low', 'medium' or 'high', got "
+                          f"{req.reasoning_effort!r}", "reasoning_effort")
+    for name in ("prediction", "web_search_options"):
         if getattr(req, name) is not None:
             raise bad_request(f"{name} is not supported", name)
     if req.store:
@@ -104,7 +125,26 @@ def _refuse_unsupported(req: ChatCompletionRequest) -> None:
     # metadata, service_tier and user change nothing here: accepted
 
 
+def _reasoning_parser_name(state: ServerState, req: ChatCompletionRequest) -> Optional[str]:
+    """--reasoning-parser unless the request keeps reasoning in the content (SGLang's
+    separate_reasoning=false)."""
+    return None if req.separate_reasoning is False else state.config.reasoning_parser
+
+
+def _thinking(template_kwargs: dict) -> Optional[bool]:
+    """Whether the request turned thinking on or off in the template (Qwen3's
+    enable_thinking, DeepSeek V3.1's thinking); None: the template's default."""
+    for key in ("enable_thinking", "thinking"):
+        if isinstance(template_kwargs.get(key), bool):
+            return template_kwargs[key]
+    return None
+
+
 class _View:
+    reasoning: Optional[str] = None  # the reasoning parser's name
+    echo = ""  # vLLM's chat echo: the continued assistant message, shown first
+    thinking: Optional[bool] = None
+
     def __init__(self, state: ServerState, req: ChatCompletionRequest, gen: Generation,
                  chat_id: str, tools: Optional[ToolSetup] = None,
                  fmt: Optional[ToolFormat] = None):
@@ -118,6 +158,12 @@ class _View:
         # tool calls are parsed unless tool_choice is "none"
         self.tools = tools if tools is not None and tools.mode != "none" else None
         self.fmt = fmt
+        self.continuous = compat.continuous_usage(req)
+
+    def _parser(self) -> ChoiceParser:
+        reasoning = make_parser(self.reasoning, self.thinking) if self.reasoning else None
+        tools = self.fmt.parser(self.tools.tools) if self.tools is not None else None
+        return ChoiceParser(reasoning, tools)
 
     def _finish_reason(self, reason: Optional[dict], has_calls: bool) -> Optional[str]:
         text = finish_reason(reason)
@@ -131,23 +177,30 @@ class _View:
         if self.logprobs:
             logprobs = chat_logprobs(self.state.token_texts, c.logprobs, c.top_logprobs,
                                      self.top_n)
-        message = AssistantMessage(content=c.text)
+        message = AssistantMessage(content=self.echo + c.text)
         reason = finish_reason(c.finish_reason)
-        if self.tools is not None:  # the same parser as a stream's: the same calls
-            parser = self.fmt.parser()
+        if self.tools is not None or self.reasoning:  # the same parser as a stream's
+            parser = self._parser()
             parser.feed(c.text)
             parser.finish()
+            if parser.calls or self.reasoning:
+                message = AssistantMessage(content=(self.echo + parser.content) or None)
+            if self.reasoning:
+                message.reasoning_content = parser.reasoning or None
             if parser.calls:
-                message = AssistantMessage(content=parser.content or None, tool_calls=[
-                    ToolCall(id=t.id, function=FunctionCall(t.name, t.arguments))
-                    for t in parser.calls])
-            reason = self._finish_reason(c.finish_reason, bool(parser.calls))
+                message.tool_calls = [ToolCall(id=t.id, function=FunctionCall(t.name,
+                                                                              t.arguments))
+                                      for t in parser.calls]
+            if self.tools is not None:
+                reason = self._finish_reason(c.finish_reason, bool(parser.calls))
         return ChatChoice(index=c.index, message=message, logprobs=logprobs,
-                          finish_reason=reason)
+                          finish_reason=reason,
+                          matched_stop=compat.matched_stop(c.finish_reason))
 
     def _chunk(self, choice: ChatChunkChoice, include_usage: bool) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   choices=[choice], usage=None if include_usage else UNSET)
+                                   choices=[choice], usage=compat.chunk_usage(
+                                       include_usage, self.continuous, [self.gen]))
 
     async def stream(self, sse: SSEWriter, include_usage: bool) -> None:
         started: set[int] = set()
@@ -158,27 +211,34 @@ class _View:
             if i not in started:
                 started.add(i)
                 sse.emit(self._chunk(ChatChunkChoice(
-                    index=i, delta=Delta(role="assistant", content="")), include_usage))
-                if self.tools is not None:
-                    parsers[i] = self.fmt.parser()
-            text, calls = chunk.text, []
+                    index=i, delta=Delta(role="assistant", content=self.echo)),
+                    include_usage))
+                if self.tools is not None or self.reasoning:
+                    parsers[i] = self._parser()
+            text, calls, thought = chunk.text, [], ""
             reason = finish_reason(chunk.finish_reason)
-            if self.tools is not None:
+            if i in parsers:
                 parser = parsers[i]
-                text, calls = parser.feed(chunk.text) if chunk.text else ("", [])
+                thought, text, calls = parser.feed(chunk.text)
                 if chunk.finished:
-                    more_text, more_calls = parser.finish()
-                    text, calls = text + more_text, calls + more_calls
-                    reason = self._finish_reason(chunk.finish_reason, bool(parser.calls))
-            if not (text or calls or chunk.finished or (self.logprobs and chunk.logprobs)):
+                    more_thought, more_text, more_calls = parser.finish()
+                    thought, text = thought + more_thought, text + more_text
+                    calls = calls + more_calls
+                    if self.tools is not None:
+                        reason = self._finish_reason(chunk.finish_reason, bool(parser.calls))
+            if not (text or calls or thought or chunk.finished or
+                    (self.logprobs and chunk.logprobs)):
                 return
             logprobs = None
             if self.logprobs and chunk.logprobs:
                 logprobs = chat_logprobs(self.state.token_texts, chunk.logprobs,
                                          chunk.top_logprobs or [], self.top_n)
-            delta = Delta(content=text or None, tool_calls=[_delta(c) for c in calls] or None)
+            delta = Delta(content=text or None, reasoning_content=thought or None,
+                          tool_calls=[_delta(c) for c in calls] or None)
             sse.emit(self._chunk(ChatChunkChoice(
-                index=i, delta=delta, logprobs=logprobs, finish_reason=reason), include_usage))
+                index=i, delta=delta, logprobs=logprobs, finish_reason=reason,
+                matched_stop=compat.matched_stop(chunk.finish_reason) if chunk.finished
+                else UNSET), include_usage))
 
         await deliver_all([self.gen], on_chunk)
         if include_usage:

@@ -19,6 +19,7 @@ from asgl.server.protocol import (ChoiceLogprobs, CompletionLogprobs, ModelCard,
                                   PromptTokensDetails, TokenLogprob, TopLogprob, Usage,
                                   _SamplingFields)
 from asgl.server.state import ServerState, get_state
+from asgl.server.structural_tag import structural_tag_of
 from asgl.server.tokens import TokenTexts
 
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
@@ -56,6 +57,9 @@ def sampling_params(state: ServerState, req: _SamplingFields, max_tokens: Option
     whether `max_tokens` is the client's (else a default, which the engine caps)."""
     if max_tokens is not None and max_tokens < 0:
         raise bad_request(f"{max_tokens_param} must be >= 0, got {max_tokens}", max_tokens_param)
+    tag = structural_tag_of(req.response_format)  # structural_tag.py
+    if tag is not None:
+        req = msgspec.structs.replace(req, response_format=None)
     schema, schema_param = _json_schema(state, req)
     sp = SamplingParams(
         max_new_tokens=max_tokens,
@@ -79,6 +83,9 @@ def sampling_params(state: ServerState, req: _SamplingFields, max_tokens: Option
         regex=req.regex,
         ebnf=req.ebnf,
         json_schema=schema,
+        stop_regex=req.stop_regex or None,
+        cache_salt=req.cache_salt,
+        structural_tag=tag,
     )
     return limits.check_sampling(state, sp, max_tokens_param=max_tokens_param
                                  if explicit_max else None, schema_param=schema_param)
@@ -103,7 +110,8 @@ def _json_schema(state: ServerState, req: _SamplingFields) -> tuple[Optional[str
                                   "object", "response_format")
         elif kind != "text":
             raise bad_request(f"response_format type {kind!r} is not supported (use 'text', "
-                              f"'json_object' or 'json_schema')", "response_format")
+                              f"'json_object', 'json_schema' or 'structural_tag')",
+                              "response_format")
     param = "response_format"
     if req.json_schema is not None:
         if schema is not None:

@@ -13,7 +13,7 @@ from typing import Optional
 from aiohttp import web
 from msgspec import UNSET
 
-from asgl.server import limits
+from asgl.server import compat, limits
 from asgl.server.errors import bad_request
 from asgl.engine.contracts.outputs import StreamChunk
 from asgl.server.generation import Choice, Generation, Job, deliver_all, run_all
@@ -107,6 +107,7 @@ class _View:
         self.model = response_model(state, req.model)
         self.echo = echo
         self.logprobs = req.logprobs is not None
+        self.continuous = compat.continuous_usage(req)
 
     def prompt_text(self, k: int) -> str:
         if self.texts is not None:
@@ -123,7 +124,8 @@ class _View:
                 pairs, tops = _with_prompt(c, pairs, tops)
             logprobs, _ = completion_logprobs(self.state.token_texts, pairs, tops, 0)
         return CompletionChoice(index=k * n + c.index, text=prefix + c.text, logprobs=logprobs,
-                                finish_reason=finish_reason(c.finish_reason))
+                                finish_reason=finish_reason(c.finish_reason),
+                                matched_stop=compat.matched_stop(c.finish_reason))
 
     async def stream(self, sse: SSEWriter, include_usage: bool) -> None:
         offsets: dict[int, int] = {}  # choice index -> text offset of its next token
@@ -148,9 +150,12 @@ class _View:
                     self.state.token_texts, pairs, tops, offsets[index])
             sse.emit(CompletionResponse(
                 id=self.id, created=self.created, model=self.model,
-                choices=[CompletionChoice(index=index, text=text, logprobs=logprobs,
-                                          finish_reason=finish_reason(chunk.finish_reason))],
-                usage=None if include_usage else UNSET))
+                choices=[CompletionChoice(
+                    index=index, text=text, logprobs=logprobs,
+                    finish_reason=finish_reason(chunk.finish_reason),
+                    matched_stop=compat.matched_stop(chunk.finish_reason) if chunk.finished
+                    else UNSET)],
+                usage=compat.chunk_usage(include_usage, self.continuous, self.gens)))
 
         await deliver_all(self.gens, on_chunk)
         if include_usage:

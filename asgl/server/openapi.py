@@ -15,7 +15,10 @@ from asgl.server.jsonio import json_response
 from asgl.server.embeddings import EmbeddingRequest, EncodeRequest
 from asgl.server.protocol import (AbortRequest, ChatCompletionRequest, CompletionRequest,
                                   GenerateRequest)
+from asgl.server.rerank import RerankRequest, ScoreRequest
+from asgl.server.responses_api import ResponsesRequest
 from asgl.server.state import ServerState, get_state
+from asgl.server.tokenize_routes import DetokenizeRequest, TokenizeRequest
 
 # (method, path, request struct or None, summary)
 ROUTES = [
@@ -32,6 +35,13 @@ ROUTES = [
     ("get", "/get_model_info", None, "model facts"),
     ("get", "/get_server_info", None, "configuration and live engine state"),
     ("get", "/metrics", None, "Prometheus metrics"),
+    # SGLang / vLLM compatibility (docs/compatibility.md)
+    ("post", "/tokenize", TokenizeRequest, "text or chat messages to token ids"),
+    ("post", "/detokenize", DetokenizeRequest, "token ids to text"),
+    ("post", "/v1/responses", ResponsesRequest, "OpenAI Responses API"),
+    ("post", "/v1/rerank", RerankRequest, "rerank documents (cross-encoders, --is-embedding)"),
+    ("post", "/v1/score", ScoreRequest, "score text pairs (cross-encoders, --is-embedding)"),
+    ("get", "/server_info", None, "SGLang's name for /get_server_info"),
 ]
 
 _REF = "#/components/schemas/{name}"

@@ -62,14 +62,14 @@ async def tokenize_all(state: ServerState, texts: list[str], param: str) -> list
     return list(await asyncio.gather(*(tokenize(state, t, param) for t in texts)))
 
 
-_ROLES = {"system", "user", "assistant", "developer", "tool"}
-
-
-def messages_to_dicts(messages: list, images: Any = None) -> list[dict]:
+def messages_to_dicts(messages: list, images: Any = None,
+                      extras: Optional[list[dict]] = None) -> list[dict]:
     """ChatMessage structs to the plain dicts chat templates expect, text only; assistant
     tool calls and tool results are kept in OpenAI's shape. With `images` (a
     server/images.py ChatImages: a vision-language model), each image_url part is recorded
-    there and stands as the model's image placeholder in the text."""
+    there and stands as the model's image placeholder in the text. A role other than
+    OpenAI's, and `extras` (per message, keys the struct does not name), go to the template
+    as given, as vLLM does: the template renders them or rejects them (a 400)."""
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -79,9 +79,8 @@ def messages_to_dicts(messages: list, images: Any = None) -> list[dict]:
         if m.tool_calls and m.role != "assistant":
             raise bad_request(f"{where}: only assistant messages have tool_calls",
                               f"{where}.tool_calls")
-        if m.role not in _ROLES:
-            raise bad_request(f"{where}: unknown role {m.role!r} (expected one of "
-                              f"{sorted(_ROLES)})", f"{where}.role")
+        if not m.role:
+            raise bad_request(f"{where}: role must not be empty", f"{where}.role")
         content = m.content
         if isinstance(content, list):
             texts = []
@@ -109,6 +108,11 @@ def messages_to_dicts(messages: list, images: Any = None) -> list[dict]:
                                  for j, c in enumerate(m.tool_calls)]
         if m.tool_call_id is not None:
             msg["tool_call_id"] = m.tool_call_id
+        if getattr(m, "reasoning_content", None) is not None:
+            msg["reasoning_content"] = m.reasoning_content
+        if extras and i < len(extras):
+            for key, value in extras[i].items():
+                msg.setdefault(key, value)
         out.append(msg)
     if not out:
         raise bad_request("messages must not be empty", "messages")
@@ -137,23 +141,49 @@ def template_text(state: ServerState) -> str:
 
 
 def _render(tokenizer: Any, messages: list[dict], template: Optional[str],
-            add_generation_prompt: bool, tools: Optional[list[dict]] = None) -> str:
+            add_generation_prompt: bool, tools: Optional[list[dict]] = None,
+            continue_final_message: bool = False, template_kwargs: Optional[dict] = None
+            ) -> str:
     from asgl.engine.loop.tokenizer import apply_chat_template
     return apply_chat_template(tokenizer, messages, chat_template=template,
-                               add_generation_prompt=add_generation_prompt, tools=tools)
+                               add_generation_prompt=add_generation_prompt, tools=tools,
+                               continue_final_message=continue_final_message,
+                               **(template_kwargs or {}))
+
+
+# Template variables that chat_template_kwargs may not set: the renderer's own arguments.
+_RESERVED_TEMPLATE_VARS = frozenset({"messages", "tools", "add_generation_prompt",
+                                     "continue_final_message", "chat_template", "tokenize",
+                                     "documents", "return_dict", "conversation"})
+
+
+def check_template_kwargs(kwargs: Optional[dict], param: str = "chat_template_kwargs") -> dict:
+    """chat_template_kwargs as template variables; the renderer's own arguments are refused
+    (all of them named) rather than silently overriding the request."""
+    if not kwargs:
+        return {}
+    bad = sorted(set(kwargs) & _RESERVED_TEMPLATE_VARS)
+    if bad:
+        raise bad_request(f"{param} may not set {', '.join(bad)}: give them as request "
+                          f"fields", param)
+    return dict(kwargs)
 
 
 async def render_chat(state: ServerState, messages: list[dict],
-                      add_generation_prompt: bool, tools: Optional[list[dict]] = None) -> str:
+                      add_generation_prompt: bool, tools: Optional[list[dict]] = None,
+                      continue_final_message: bool = False,
+                      template_kwargs: Optional[dict] = None) -> str:
     engine = state.engine
     if engine.tokenizer is None:
         raise bad_request("chat needs a tokenizer; this server runs without one", "messages")
     template = getattr(engine, "chat_template", None) or state.config.chat_template
-    size = sum(len(m["content"]) for m in messages)
+    size = sum(len(m["content"]) if isinstance(m.get("content"), str) else 0
+               for m in messages)
     check_prompt_chars(state, size, "messages")  # before rendering, as before tokenizing
     try:
         return await _maybe_offload(size, _render, engine.tokenizer, messages, template,
-                                    add_generation_prompt, tools)
+                                    add_generation_prompt, tools, continue_final_message,
+                                    template_kwargs)
     except Exception as e:  # a template may reject a conversation (e.g. roles out of order)
         if _is_template_error(e):
             raise bad_request(f"the chat template rejected these messages: {e}",

@@ -56,10 +56,13 @@ class GenerateRequest(msgspec.Struct, **_REQ):
     # SGLang fields we do not implement: accepted only when absent or null
     lora_path: Any = None
     modalities: Any = None
+    token_ids_logprob: Any = None  # compat.py refuses it: not supported yet
+    cache_salt: Optional[str] = None  # also accepted inside sampling_params
 
 
 class AbortRequest(msgspec.Struct, **_REQ):
-    rid: Union[str, list[str]]
+    rid: Union[str, list[str]] = ""
+    abort_all: bool = False  # SGLang: abort every request in flight
 
 
 class MetaInfo(msgspec.Struct):
@@ -89,6 +92,7 @@ class GenerateResponse(msgspec.Struct):
 class StreamOptions(msgspec.Struct, **_REQ):
     include_usage: Optional[bool] = None
     include_obfuscation: Optional[bool] = None  # accepted; we never pad chunks
+    continuous_usage_stats: Optional[bool] = None  # vLLM: usage so far on every chunk
 
 
 class _SamplingFields(msgspec.Struct, **_REQ):
@@ -122,6 +126,8 @@ class _SamplingFields(msgspec.Struct, **_REQ):
     json_schema: Union[str, dict[str, Any], None] = None  # SGLang / vLLM extension
     # {"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema"}}
     response_format: Optional[dict[str, Any]] = None
+    stop_regex: Union[str, list[str], None] = None  # SGLang extension
+    cache_salt: Optional[str] = None  # vLLM extension: a private prefix-cache namespace
 
 
 class CompletionRequest(_SamplingFields, **_REQ):
@@ -141,13 +147,16 @@ class ContentPart(msgspec.Struct, kw_only=True):
     input_audio: Any = None
 
 
-class ChatMessage(msgspec.Struct, **_REQ):
+class ChatMessage(msgspec.Struct, kw_only=True):
+    """Unknown keys are allowed (vLLM passes them to the template: compat.py reads them
+    from the body); unknown roles too, when the template renders them."""
     role: str
     content: Union[str, list[ContentPart], None] = None
     name: Optional[str] = None
     tool_calls: Optional[list[Any]] = None
     tool_call_id: Optional[str] = None
     refusal: Optional[str] = None
+    reasoning_content: Optional[str] = None
 
 
 class ChatCompletionRequest(_SamplingFields, **_REQ):
@@ -169,6 +178,11 @@ class ChatCompletionRequest(_SamplingFields, **_REQ):
     reasoning_effort: Optional[str] = None
     service_tier: Optional[str] = None
     web_search_options: Any = None
+    # vLLM / SGLang extensions (compat.py)
+    continue_final_message: Optional[bool] = None
+    echo: Optional[bool] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    separate_reasoning: Optional[bool] = None
 
 
 # --------------------------------------------------------------------------- OpenAI responses
@@ -197,6 +211,8 @@ class CompletionChoice(msgspec.Struct):
     text: str
     logprobs: Optional[CompletionLogprobs]
     finish_reason: Optional[str]
+    # SGLang: the stop string or token id that ended the choice (None: no stop matched)
+    matched_stop: Union[int, str, None, UnsetType] = UNSET
 
 
 class CompletionResponse(msgspec.Struct, kw_only=True):
@@ -243,6 +259,7 @@ class AssistantMessage(msgspec.Struct, kw_only=True):
     content: Optional[str]
     refusal: Optional[str] = None
     tool_calls: Union[list[ToolCall], UnsetType] = UNSET
+    reasoning_content: Union[str, None, UnsetType] = UNSET  # with --reasoning-parser
 
 
 class ChatChoice(msgspec.Struct):
@@ -250,6 +267,7 @@ class ChatChoice(msgspec.Struct):
     message: AssistantMessage
     logprobs: Optional[ChoiceLogprobs]
     finish_reason: Optional[str]
+    matched_stop: Union[int, str, None, UnsetType] = UNSET  # SGLang
 
 
 class ChatCompletionResponse(msgspec.Struct, kw_only=True):
@@ -278,6 +296,7 @@ class DeltaToolCall(msgspec.Struct, omit_defaults=True, kw_only=True):
 class Delta(msgspec.Struct, omit_defaults=True):
     role: Optional[str] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None  # with --reasoning-parser
     tool_calls: Optional[list[DeltaToolCall]] = None
 
 
@@ -286,6 +305,7 @@ class ChatChunkChoice(msgspec.Struct):
     delta: Delta
     logprobs: Optional[ChoiceLogprobs] = None
     finish_reason: Optional[str] = None
+    matched_stop: Union[int, str, None, UnsetType] = UNSET  # SGLang, on the last chunk
 
 
 class ChatCompletionChunk(msgspec.Struct, kw_only=True):

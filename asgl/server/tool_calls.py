@@ -12,6 +12,8 @@
 Formats (`--tool-call-parser`):
   hermes (Qwen, Hermes, ChatML):  <tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>
   llama3 (Llama 3.1 JSON):        {"name": "f", "parameters": {...}}  (calls joined by "; ")
+  mistral, qwen3_coder, deepseekv3, deepseekv31, kimi_k2, glm45, pythonic, gpt-oss:
+                                  tool_formats_extra.py
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from asgl.config import EngineConfig
 from asgl.engine.grammar.specs import normalize_json_schema
 from asgl.engine.contracts.errors import InvalidRequest
 from asgl.server.errors import bad_request
+from asgl.server.tool_formats_extra import EXTRA_FORMATS
 from asgl.server.tool_parsers import (CallDelta, JsonCallParser, TaggedCallParser,
                                       ToolCallParser)
 
@@ -175,7 +178,7 @@ class ToolFormat:
             "type": "tags_with_separator", "tags": tags, "separator": self.separator,
             "at_least_one": True, "stop_after_first": single}})
 
-    def parser(self) -> "ToolCallParser":
+    def parser(self, tools: Optional[list] = None) -> "ToolCallParser":
         raise NotImplementedError
 
 
@@ -196,7 +199,7 @@ class HermesFormat(ToolFormat):
                 "inside <tool_call></tool_call> tags:\n<tool_call>\n"
                 '{"name": <function name>, "arguments": <arguments object>}\n</tool_call>')
 
-    def parser(self) -> "ToolCallParser":
+    def parser(self, tools: Optional[list] = None) -> "ToolCallParser":
         return TaggedCallParser("<tool_call>", "</tool_call>")
 
 
@@ -218,13 +221,22 @@ class Llama3Format(ToolFormat):
                 'object {"name": function name, "parameters": object of argument names and '
                 'values}; separate several calls with "; ".\n\n' + listed)
 
-    def parser(self) -> "ToolCallParser":
+    def parser(self, tools: Optional[list] = None) -> "ToolCallParser":
         return JsonCallParser()
 
 
-FORMATS: dict[str, ToolFormat] = {"hermes": HermesFormat(), "llama3": Llama3Format()}
+FORMATS: dict[str, ToolFormat] = {
+    "hermes": HermesFormat(), "llama3": Llama3Format(),
+    # tool_formats_extra.py (listed here by name: launch.py's preflight reads these keys)
+    "mistral": EXTRA_FORMATS["mistral"], "qwen3_coder": EXTRA_FORMATS["qwen3_coder"],
+    "deepseekv3": EXTRA_FORMATS["deepseekv3"], "deepseekv31": EXTRA_FORMATS["deepseekv31"],
+    "kimi_k2": EXTRA_FORMATS["kimi_k2"], "glm45": EXTRA_FORMATS["glm45"],
+    "pythonic": EXTRA_FORMATS["pythonic"], "gpt-oss": EXTRA_FORMATS["gpt-oss"]}
 _ALIASES = {"qwen": "hermes", "qwen25": "hermes", "chatml": "hermes", "llama": "llama3",
-            "llama31": "llama3", "llama3_json": "llama3"}
+            "llama31": "llama3", "llama3_json": "llama3", "llama4_pythonic": "pythonic",
+            "qwen3-coder": "qwen3_coder", "deepseek_v3": "deepseekv3",
+            "deepseek_v31": "deepseekv31", "openai": "gpt-oss", "gpt_oss": "gpt-oss",
+            "kimi-k2": "kimi_k2", "glm4_moe": "glm45", "glm4.5": "glm45"}
 
 
 def get_format(name: Optional[str]) -> ToolFormat:

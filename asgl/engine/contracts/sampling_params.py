@@ -47,12 +47,23 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     json_schema: Optional[str] = None
     ebnf: Optional[str] = None
     structural_tag: Optional[str] = None  # xgrammar's structural tag format, as JSON text
+    # SGLang's stop_regex: generation stops where one of these matches (loop/stop_regex.py)
+    stop_regex: Union[str, list[str], None] = None
+    # salts the prefix-cache key: requests with different salts never share cached KV
+    # (vLLM's cache_salt, against timing attacks across tenants)
+    cache_salt: Optional[str] = None
 
     @property
     def stop_strings(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def stop_regexes(self) -> list[str]:
+        if self.stop_regex is None:
+            return []
+        return [self.stop_regex] if isinstance(self.stop_regex, str) else list(self.stop_regex)
 
     @property
     def is_greedy(self) -> bool:
@@ -119,16 +130,35 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             if tid < 0 or (vocab_size is not None and tid >= vocab_size):
                 raise bad(f"stop_token_ids contains {tid}, outside the vocabulary", "stop_token_ids")
         if self.logit_bias:
-            for k, v in self.logit_bias.items():
-                try:
-                    tid = int(k)
-                except (TypeError, ValueError):
-                    raise bad(f"logit_bias key {k!r} is not a token id", "logit_bias") from None
-                if tid < 0 or (vocab_size is not None and tid >= vocab_size):
-                    raise bad(f"logit_bias token {tid} is outside the vocabulary", "logit_bias")
-                if not (-100.0 <= float(v) <= 100.0):
-                    raise bad(f"logit_bias values must be in [-100, 100], got {v}", "logit_bias")
+            _check_logit_bias(self.logit_bias, vocab_size)
+        if self.cache_salt is not None and not self.cache_salt:
+            raise bad("cache_salt must be a non-empty string", "cache_salt")
         constraints = [x for x in (self.regex, self.json_schema, self.ebnf, self.structural_tag)
                        if x is not None]
         if len(constraints) > 1:
             raise bad("give at most one of regex, json_schema, ebnf, structural_tag", "regex")
+
+
+def _check_logit_bias(bias: dict, vocab_size: int | None) -> None:
+    """Every bad key at once (not only the first), so a client fixes them in one round."""
+    not_ids, outside, bad_values = [], [], []
+    for k, v in bias.items():
+        try:
+            tid = int(k)
+        except (TypeError, ValueError):
+            not_ids.append(repr(k))
+            continue
+        if tid < 0 or (vocab_size is not None and tid >= vocab_size):
+            outside.append(str(tid))
+        if not (-100.0 <= float(v) <= 100.0):
+            bad_values.append(f"{k}: {v}")
+    problems = []
+    if not_ids:
+        problems.append(f"key(s) {', '.join(not_ids)} are not token ids")
+    if outside:
+        problems.append(f"token(s) {', '.join(outside)} are outside the vocabulary"
+                        + (f" of {vocab_size}" if vocab_size is not None else ""))
+    if bad_values:
+        problems.append(f"values must be in [-100, 100] ({', '.join(bad_values)})")
+    if problems:
+        raise InvalidRequest("logit_bias: " + "; ".join(problems), "logit_bias")

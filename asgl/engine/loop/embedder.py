@@ -189,6 +189,9 @@ class Embedder:
         on_cuda = resolve_device(cfg).type == "cuda"
         runner_cfg = cfg.replace(attention_backend=encoder_attention_backend(cfg, on_cuda))
         runner = await worker.run(ModelRunner, runner_cfg, source)
+        if hasattr(runner.model, "sep_token_id") and tokenizer is not None and \
+                tokenizer.sep_token_id is not None:  # a cross-encoder's token types
+            runner.model.sep_token_id = tokenizer.sep_token_id
         model_dir = source.model_path if os.path.isdir(source.model_path) else None
         pooling = PoolingConfig.discover(model_dir, source.hf_config,
                                          getattr(runner.model, "default_pooling", "lasttoken"))

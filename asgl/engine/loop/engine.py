@@ -330,6 +330,11 @@ class Engine:
         self._wake.set()
         return True
 
+    def abort_all(self) -> list[str]:
+        """Abort every request in flight (SGLang's /abort_request abort_all); their ids."""
+        rids = list(self._streams)
+        return [rid for rid in rids if self.abort(rid)]
+
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. Rendered chat prompts already hold their special tokens:
         tokenize those with add_special_tokens=False."""
@@ -405,7 +410,8 @@ class Engine:
                       return_logprob=return_logprob,
                       logprob_start_len=logprob_start_len if return_logprob else -1,
                       top_logprobs_num=top_logprobs_num if return_logprob else 0,
-                      arrival_time=now, mm=mm_inputs, cache_prompt_ids=cache_ids)
+                      arrival_time=now, mm=mm_inputs, cache_prompt_ids=cache_ids,
+                      cache_namespace=_salt_namespace(sp.cache_salt))
             req.sink, req.sink_index = stream, i
             req.detok = detok_factory(ids) if detok_factory else None
             if compiled is not None:  # jump-forward tokens carry no logprobs
@@ -488,14 +494,23 @@ class Engine:
 
     def _detok_factory(self, sp: SamplingParams):
         if self.tokenizer is None:
+            if sp.stop_regex:
+                raise InvalidRequest("stop_regex matches text: this engine has no tokenizer",
+                                     "stop_regex")
             return None
         from asgl.engine.loop.detokenizer import IncrementalDetokenizer
+        from asgl.engine.loop.stop_regex import RegexStopDetokenizer, compile_stop_regexes
+
+        pattern = compile_stop_regexes(sp.stop_regexes) if sp.stop_regex else None
 
         def make(prompt_ids: list[int]):
-            return IncrementalDetokenizer(
+            detok = IncrementalDetokenizer(
                 self.tokenizer, prompt_ids, skip_special_tokens=sp.skip_special_tokens,
                 spaces_between_special_tokens=sp.spaces_between_special_tokens,
                 stop_strings=sp.stop_strings, no_stop_trim=sp.no_stop_trim)
+            if pattern is not None:
+                detok = RegexStopDetokenizer(detok, pattern, sp.no_stop_trim)
+            return detok
         return make
 
     def _final_output(self, stream: RequestStream, i: int, text: str, ids: list[int],
@@ -650,6 +665,12 @@ def _image_inputs(cfg: EngineConfig, source: Any) -> Any:
         raise ModelLoadError(f"{arch[0]} is a vision-language model: it runs on one rank "
                              "(--tp 1) for now")
     return images
+
+
+def _salt_namespace(salt: Optional[str]) -> Optional[str]:
+    """The prefix-cache namespace of a cache_salt: salted requests share cached KV only
+    with requests of the same salt (and never with unsalted ones)."""
+    return None if salt is None else f"cache_salt:{salt}"
 
 
 def _release_device_memory() -> None:

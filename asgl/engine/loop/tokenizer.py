@@ -155,9 +155,12 @@ def resolve_chat_template(cfg_value: str | None, source: "ModelSource | None") -
 
 def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[str, Any]],
                         chat_template: str | None = None, add_generation_prompt: bool = True,
-                        tools: list[dict[str, Any]] | None = None) -> str:
+                        tools: list[dict[str, Any]] | None = None,
+                        continue_final_message: bool = False, **template_kwargs: Any) -> str:
     """Render `messages` to prompt text with `chat_template` (name, file or Jinja text) or, if
-    None, the tokenizer's template. Raises ValueError when there is no template."""
+    None, the tokenizer's template. Raises ValueError when there is no template.
+    `continue_final_message`: end inside the last (assistant) message, without its end of
+    turn; `template_kwargs` become template variables (enable_thinking, reasoning_effort)."""
     template = _template_text(chat_template) if chat_template is not None \
         else tokenizer.chat_template
     if not template:
@@ -165,7 +168,9 @@ def apply_chat_template(tokenizer: PreTrainedTokenizerBase, messages: Sequence[d
                          f"file or one of {', '.join(BUILTIN_CHAT_TEMPLATES)}")
     return tokenizer.apply_chat_template(
         list(messages), chat_template=template, tools=tools,
-        add_generation_prompt=add_generation_prompt, tokenize=False)
+        add_generation_prompt=add_generation_prompt, tokenize=False,
+        **({"continue_final_message": True} if continue_final_message else {}),
+        **template_kwargs)
 
 
 def _template_text(value: str) -> str:

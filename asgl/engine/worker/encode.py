@@ -27,6 +27,10 @@ def encode_batch(runner: Any, modes: Sequence[str], normalize: bool, seqs: list[
             extend_lens=lens, logits_rows=[], sample_rows=[], device=runner.device,
             attn_backend=runner.attn_backend)
         hidden = runner.model(batch.input_ids, batch.positions, batch)
+        classify = getattr(runner.model, "classify", None)
+        if classify is not None:  # a cross-encoder: its head's logits, as they are
+            starts = torch.cumsum(batch.extend_lens, 0) - batch.extend_lens
+            return [row.tolist() for row in classify(hidden[starts]).float()]
         pooled = pool(hidden.float(), batch.extend_lens, batch.positions, modes)
         return finish(pooled, dims, normalize)
 

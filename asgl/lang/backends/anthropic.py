@@ -42,6 +42,8 @@ class Anthropic(Backend):
         if "regex" in params or "json_schema" in params:
             raise BackendError("the Anthropic API has no regex / json_schema constraints",
                                param="regex" if "regex" in params else "json_schema")
+        if "stop_regex" in params:
+            raise BackendError("the Anthropic API has no stop_regex", param="stop_regex")
         if params.get("return_logprob") or params.get("logprob_start_len") is not None:
             raise BackendError("gen(return_logprob=True): the Anthropic API returns no "
                                "logprobs", param="return_logprob")

@@ -27,7 +27,8 @@ _OPENAI_NAMES = {"max_new_tokens": "max_tokens", "stop": "stop", "temperature": 
 # the rest, as vLLM / SGLang / asgl name them
 _EXTRA_NAMES = {"min_new_tokens": "min_tokens", "top_k": "top_k", "min_p": "min_p",
                 "repetition_penalty": "repetition_penalty", "ignore_eos": "ignore_eos",
-                "stop_token_ids": "stop_token_ids", "regex": "regex"}
+                "stop_token_ids": "stop_token_ids", "regex": "regex",
+                "stop_regex": "stop_regex"}  # SGLang's and asgl's OpenAI routes take it
 
 
 class OpenAI(Backend):
