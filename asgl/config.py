@@ -34,6 +34,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     skip_tokenizer_init: bool = False
     is_embedding: bool = False
     revision: Optional[str] = None
+    gguf_file: Optional[str] = None
 
     # --- device and memory ---
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -80,6 +81,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_request_body_mb: float = 32.0
     tool_call_parser: Optional[str] = None
     shutdown_timeout: float = 30.0
+    file_storage_path: Optional[str] = None
+    max_batch_in_flight: int = 8
 
     # --- request limits (each refused with a 400 naming the flag, before anything is queued) ---
     max_prompt_chars: Optional[int] = None
@@ -103,7 +106,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     def validate(self) -> None:
         """Reject values that cannot work, naming the option."""
         positive = ("context_length", "max_running_requests", "max_total_tokens",
-                    "max_queued_requests", "cuda_graph_max_bs", "torch_compile_max_bs")
+                    "max_queued_requests", "cuda_graph_max_bs", "torch_compile_max_bs",
+                    "max_batch_in_flight")
         if self.cuda_graph_max_tokens is not None and self.cuda_graph_max_tokens < 0:
             raise ConfigError("--cuda-graph-max-tokens must be >= 0 (0: decode graphs only)")
         for name in positive:
@@ -257,10 +261,11 @@ GROUP_ORDER = ["model", "serving", "API", "request limits", "scheduling", "memor
 CLI_GROUPS: dict[str, str] = {
     **dict.fromkeys(["model_path", "tokenizer_path", "load_format", "dtype", "quantization",
                      "context_length", "trust_remote_code", "chat_template", "revision",
+                     "gguf_file",
                      "skip_tokenizer_init", "is_embedding", "device"], "model"),
     **dict.fromkeys(["host", "port", "api_key", "admin_api_key", "max_request_body_mb",
                      "max_queued_requests", "shutdown_timeout", "watchdog_timeout",
-                     "exit_on_stall"], "serving"),
+                     "exit_on_stall", "file_storage_path", "max_batch_in_flight"], "serving"),
     **dict.fromkeys(["served_model_name", "tool_call_parser"], "API"),
     **dict.fromkeys(["max_prompt_chars", "max_stop_strings", "max_stop_string_chars",
                      "max_schema_depth", "max_schema_bytes", "max_regex_chars", "max_tools",
@@ -295,9 +300,15 @@ _ALIASES: dict[str, list[str]] = {
 }
 
 _HELP: dict[str, str] = {
-    "model_path": "HF model directory, a .gguf file, or a preset name with --load-format dummy; "
+    "model_path": "HF model directory, a .gguf file, a hub id ORG/NAME[:QUANT] (downloaded), "
+                  "or a preset name with --load-format dummy; "
                   "default: the embedded SmolLM2-135M-Instruct",
     "tokenizer_path": "tokenizer directory (default: the model's)",
+    "revision": "branch, tag or commit of a hub --model-path (ORG/NAME)",
+    "gguf_file": "the .gguf file of a hub repo (or of a local directory) to serve",
+    "file_storage_path": "directory of /v1/files and /v1/batches (default: the user's cache "
+                         "dir, asgl/files)",
+    "max_batch_in_flight": "most /v1/batches lines running at once (online requests go first)",
     "load_format": "how to read weights; 'dummy' makes random weights for a preset config",
     "dtype": "weight and activation dtype; auto = bfloat16 on CUDA, float32 on the CPU",
     "kv_cache_dtype": "KV cache dtype; auto = the model dtype",
