@@ -352,6 +352,8 @@ async def _serve_until_stopped(engine: Any, config: EngineConfig, sock: socket.s
         site = web.SockSite(runner, sock)
         await site.start()
         port = sock.getsockname()[1]
+        from asgl.server.batch_api import start_runner
+        await start_runner(app, sock)  # /v1/batches resumed and run through this socket
         logger.info(phases.summary())
         logger.info(ready_message(config.host, port, app[state_key].model_name,
                                   engine.context_len))
