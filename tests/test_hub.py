@@ -227,3 +227,46 @@ def test_presets_keep_their_names_and_preflight_takes_hub_ids(hub_env):
         check_model_path(EngineConfig(model_path="./missing/model"))
     assert warn_no_effect_flags(EngineConfig(model_path="org/tiny", revision="v2")) is None
     assert "--revision" in warn_no_effect_flags(EngineConfig(revision="v2"))
+
+
+# --------------------------------------------------------------------------- ModelScope
+def test_serve_from_modelscope_with_revision(repos, tmp_path, monkeypatch):
+    """SGLANG_USE_MODELSCOPE=true: the same repo through the `modelscope` client and a
+    stand-in of ModelScope's API; --revision v2 serves v2's weights."""
+    pytest.importorskip("modelscope")
+    from modelscope_standin import StandinModelScope
+
+    repo_table, expected = repos
+    monkeypatch.setenv("SGLANG_USE_MODELSCOPE", "true")
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms-cache"))
+    with StandinModelScope(repo_table) as ms:
+        monkeypatch.setenv("MODELSCOPE_ENDPOINT", ms.url)
+        server = _serve(["--model-path", "org/tiny", "--revision", "v2"])
+        try:
+            assert _generate(server) == expected["v2"]
+            assert "model org/tiny@v2: fetching weights, config and tokenizer from " \
+                   "ModelScope" in server.log()
+        finally:
+            server.stop()
+        assert any("Revision=v2&FilePath=model.safetensors" in r for r in ms.requests)
+        assert not any("README.md" in r for r in ms.requests)
+        from asgl.models import hub
+
+        main_dir = hub.download(hub.parse_hub_id("org/tiny"))
+        v2_dir = hub.download(hub.parse_hub_id("org/tiny"), "v2")
+        assert main_dir != v2_dir and os.path.isfile(os.path.join(main_dir, "model.safetensors"))
+        assert os.path.getsize(os.path.join(main_dir, "model.safetensors")) == \
+            os.path.getsize(os.path.join(v2_dir, "model.safetensors"))
+
+
+def test_modelscope_without_the_package_is_a_clear_error(monkeypatch):
+    import sys
+
+    from asgl.engine.contracts.errors import ModelLoadError
+    from asgl.models import hub
+
+    monkeypatch.setenv("ASGL_USE_MODELSCOPE", "1")
+    monkeypatch.setitem(sys.modules, "modelscope.hub.snapshot_download", None)
+    with pytest.raises(ModelLoadError, match=r"modelscope package is not installed: pip "
+                                             r"install 'asgl\[modelscope\]'"):
+        hub.download(hub.parse_hub_id("org/tiny"))
