@@ -23,6 +23,7 @@ from asgl.server.batch_store import ENDPOINTS, BatchStore, read_lines
 from asgl.server.errors import ApiError, bad_request
 from asgl.server.file_store import MAX_BATCH_LINES, FileStore
 from asgl.server.jsonio import json_response
+from asgl.server.launch import _in_flight
 from asgl.server.state import STATE
 
 RUNNER = web.AppKey("asgl_batches", BatchRunner)
@@ -110,7 +111,8 @@ def add_routes(app: web.Application, config: EngineConfig) -> None:
     files = FileStore(config.file_storage_path)
     files_api.add_routes(app, files)
     runner = BatchRunner(files, BatchStore(files.root), config.max_batch_in_flight,
-                         api_key=config.api_key, draining=lambda: app[STATE].draining)
+                         api_key=config.api_key, draining=lambda: app[STATE].draining,
+                         engine_requests=lambda: len(_in_flight(app[STATE].engine)))
     app[RUNNER] = runner
     app.router.add_post("/v1/batches", create_batch)
     app.router.add_get("/v1/batches", list_batches)

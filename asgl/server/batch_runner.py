@@ -3,7 +3,10 @@ batch line is validated, admitted and answered exactly as the same request sent 
 (and `asgl run-batch` does the same through an app on a private port).
 
 Online traffic is not starved: at most `--max-batch-in-flight` batch lines (over all
-batches) are in the engine at once, so online requests always find room beside them.
+batches) are in the engine at once, so online requests always find room beside them, and
+while online requests are in the engine no new batch line starts beyond one (their
+prefills would share the online request's step); one always may, so a batch progresses
+under any online load.
 
 Durability: each finished line is appended to the batch's results log before it counts
 (batch_store.py). On a restart, batches that were running are resumed and only their
@@ -37,13 +40,16 @@ class _Unfinished(Exception):
 class BatchRunner:
     def __init__(self, files: FileStore, store: BatchStore, max_in_flight: int,
                  api_key: Optional[str] = None,
-                 draining: Callable[[], bool] = lambda: False):
+                 draining: Callable[[], bool] = lambda: False,
+                 engine_requests: Callable[[], int] = lambda: 0):
         self.files, self.store = files, store
         self.max_in_flight = max_in_flight
         self.api_key = api_key
         self.draining = draining
+        self.engine_requests = engine_requests  # requests in the engine, batch lines too
         self.base_url: Optional[str] = None
-        self._slots: Optional[asyncio.Semaphore] = None
+        self._in_flight = 0
+        self._slot_freed: Optional[asyncio.Event] = None
         self._session: Optional[aiohttp.ClientSession] = None
         self._runs: dict[str, asyncio.Task] = {}
         self._cancelled: set[str] = set()
@@ -54,7 +60,7 @@ class BatchRunner:
         """Begin serving batches through `base_url` (this server); resume the ones that were
         running when the server last stopped."""
         self.base_url = base_url.rstrip("/")
-        self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._slot_freed = asyncio.Event()
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         for batch in self.store.list():
             if batch["status"] in ACTIVE:
@@ -114,12 +120,12 @@ class BatchRunner:
                 for line in lines:
                     if line.index in done:
                         continue
-                    await self._slots.acquire()
+                    await self._take_slot()
                     if self.draining():
-                        self._slots.release()
+                        self._release_slot()
                         break
                     task = asyncio.ensure_future(self._line(batch, line, done, log))
-                    task.add_done_callback(lambda _: self._slots.release())
+                    task.add_done_callback(lambda _: self._release_slot())
                     running.append(task)
                 await asyncio.gather(*running)
         except asyncio.CancelledError:
@@ -133,6 +139,22 @@ class BatchRunner:
         if self.draining() and batch_id not in self._cancelled:
             return
         self._finalize(batch_id, lines)
+
+    async def _take_slot(self) -> None:
+        while True:
+            online = self.engine_requests() > self._in_flight
+            if self._in_flight < (1 if online else self.max_in_flight):
+                self._in_flight += 1
+                return
+            self._slot_freed.clear()
+            try:  # online requests come and go unannounced: look again soon
+                await asyncio.wait_for(self._slot_freed.wait(), 0.02)
+            except asyncio.TimeoutError:
+                pass
+
+    def _release_slot(self) -> None:
+        self._in_flight -= 1
+        self._slot_freed.set()
 
     async def _line(self, batch: dict, line: Line, done: dict, log) -> None:
         rid = f"batch_req_{uuid.uuid4().hex[:24]}"
