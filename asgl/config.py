@@ -82,7 +82,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     tool_call_parser: Optional[str] = None
     shutdown_timeout: float = 30.0
     file_storage_path: Optional[str] = None
-    max_batch_in_flight: int = 8
+    max_batch_in_flight: Optional[int] = None
 
     # --- request limits (each refused with a 400 naming the flag, before anything is queued) ---
     max_prompt_chars: Optional[int] = None
@@ -308,7 +308,8 @@ _HELP: dict[str, str] = {
     "gguf_file": "the .gguf file of a hub repo (or of a local directory) to serve",
     "file_storage_path": "directory of /v1/files and /v1/batches (default: the user's cache "
                          "dir, asgl/files)",
-    "max_batch_in_flight": "most /v1/batches lines running at once (online requests go first)",
+    "max_batch_in_flight": "most /v1/batches lines in the engine at once, beside online "
+                           "requests (default: 2 on the CPU, 32 on a GPU)",
     "load_format": "how to read weights; 'dummy' makes random weights for a preset config",
     "dtype": "weight and activation dtype; auto = bfloat16 on CUDA, float32 on the CPU",
     "kv_cache_dtype": "KV cache dtype; auto = the model dtype",

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-max-tokens", type=int, default=16)
     parser.add_argument("--probes", type=int, default=20)
     parser.add_argument("--gap", type=float, default=0.2, help="seconds between probes")
-    parser.add_argument("--server-args", default="--max-batch-in-flight 8",
+    parser.add_argument("--server-args", default="",
                         help="extra `asgl serve` flags")
     args = parser.parse_args(argv)
 
