@@ -8,7 +8,8 @@ It answers what `snapshot_download` / `hf_hub_download` call:
   `Range` support, so an interrupted download resumes),
 and the hub's error shapes (`X-Error-Code`: RepoNotFound, RevisionNotFound, GatedRepo,
 EntryNotFound), so the client raises the same exception types as against the real hub.
-Every request is recorded in `requests` ("METHOD path").
+Every request is recorded in `requests` ("METHOD path"); `cut` breaks a file's first
+download off midway, to check that the client resumes it (with a Range request).
 """
 
 from __future__ import annotations
@@ -56,9 +57,12 @@ def _sha256(path: str) -> str:
 class StandinHub:
     """`with StandinHub(repos) as hub:` serves on 127.0.0.1:<free port>; `hub.url`."""
 
-    def __init__(self, repos: dict[str, Repo]):
+    def __init__(self, repos: dict[str, Repo], cut: Optional[dict[str, int]] = None):
         self.repos = repos
+        # path in repo -> bytes: the first GET of that file breaks off after so many bytes
+        self.cut = dict(cut or {})
         self.requests: list[str] = []
+        self.ranges: list[tuple[str, int]] = []  # (path, first byte) of each Range request
         self._digests: dict[str, str] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -150,9 +154,12 @@ class StandinHub:
                     return self._error(404, "EntryNotFound", f"{rel} not in {repo_id}")
                 size = os.path.getsize(local)
                 start, status = 0, 200
-                rng = re.match(r"bytes=(\d+)-$", self.headers.get("Range", ""))
+                rng = re.match(r"bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
                 if rng and not head:
                     start, status = int(rng[1]), 206
+                    hub.ranges.append((rel, start))
+                    if rng[2]:  # bytes=a-b: this stand-in serves ranges to the file's end
+                        assert int(rng[2]) == size - 1, self.headers["Range"]
                 self.send_response(status)
                 self.send_header("X-Repo-Commit", found.commit)
                 self.send_header("ETag", f'"{hub.digest(local)}"')
@@ -165,6 +172,12 @@ class StandinHub:
                     return
                 with open(local, "rb") as f:
                     f.seek(start)
+                    if rel in hub.cut:  # a connection lost mid-file, once
+                        self.wfile.write(f.read(hub.cut.pop(rel)))
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                        return
                     for block in iter(lambda: f.read(1 << 20), b""):
                         self.wfile.write(block)
 

@@ -267,3 +267,19 @@ def test_embeddings_batch_on_an_embedding_server(tmp_path):
             assert max(abs(a - b) for a, b in zip(got, online)) < 1e-5
     finally:
         server.stop()
+
+
+def test_docs_example_runs(server):
+    """docs/batch.md's Python example, as written but for the port."""
+    import contextlib
+    import re
+
+    with open(os.path.join(REPO, "docs", "batch.md")) as f:
+        code = re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code.replace("http://127.0.0.1:30000", server.url), "docs/batch.md",
+                     "exec"), {})
+    printed = out.getvalue().splitlines()
+    assert printed[0] == "BatchRequestCounts(completed=2, failed=0, total=2)"
+    assert [line.split()[0] for line in printed[1:]] == ["q0", "q1"]

@@ -270,3 +270,29 @@ def test_modelscope_without_the_package_is_a_clear_error(monkeypatch):
     with pytest.raises(ModelLoadError, match=r"modelscope package is not installed: pip "
                                              r"install 'asgl\[modelscope\]'"):
         hub.download(hub.parse_hub_id("org/tiny"))
+
+
+def test_interrupted_download_resumes(repos, tmp_path, monkeypatch):
+    """The connection drops 11 MB into the 12.6 MB model.safetensors: the client keeps what
+    it wrote (whole 10 MiB chunks) and asks for the rest with a Range request; the file is
+    whole (its safetensors header checks out against its size)."""
+    from huggingface_hub import constants
+
+    from asgl.models import hub
+    from asgl.models.loader import _safetensors_header
+
+    source = repos[0]["org/tiny"].revisions["main"].files["model.safetensors"]
+    assert os.path.getsize(source) > 11_000_000 > constants.DOWNLOAD_CHUNK_SIZE
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with StandinHub(repos[0], cut={"model.safetensors": 11_000_000}) as standin:
+        monkeypatch.setenv("HF_ENDPOINT", standin.url)
+        local = hub.download(hub.parse_hub_id("org/tiny"))
+        gets = [r for r in standin.requests if r.startswith("GET") and
+                r.endswith("model.safetensors")]
+        resumed = list(standin.ranges)
+    assert len(gets) == 2  # the cut one and the resumed one
+    assert resumed == [("model.safetensors", constants.DOWNLOAD_CHUNK_SIZE)]
+    path = os.path.join(local, "model.safetensors")
+    assert os.path.getsize(path) == os.path.getsize(source)
+    assert _safetensors_header(path)
