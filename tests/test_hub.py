@@ -41,12 +41,12 @@ def _tiny_llama(seed: int):
 
 
 def _greedy(model, ids: list[int]) -> list[int]:
-    ids = list(ids)
+    prompt_len, ids = len(ids), list(ids)
     with torch.no_grad():
         for _ in range(NEW_TOKENS):
             logits = model(torch.tensor([ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
-    return ids[len(PROMPT_IDS):]
+    return ids[prompt_len:]
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def repos(tmp_path_factory, smol_conversion):
             "org/smol-gguf": Repo({"main": Revision(commit_sha("gguf"), gguf)})}, expected
 
 
-def _generate(server: ServerProcess) -> list[int]:
-    body = json.dumps({"input_ids": PROMPT_IDS, "sampling_params": {
+def _generate(server: ServerProcess, ids: list[int] = PROMPT_IDS) -> list[int]:
+    body = json.dumps({"input_ids": ids, "sampling_params": {
         "max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}}).encode()
     req = urllib.request.Request(server.url + "/generate", data=body,
                                  headers={"Content-Type": "application/json"})
@@ -207,6 +207,30 @@ def test_gguf_repo_by_tag_and_by_file(hub_env, smol_conversion, monkeypatch):
 
     with pytest.raises(ModelLoadError, match="no .gguf file matches the tag 'Q2_K'"):
         resolve_model(EngineConfig(model_path="org/smol-gguf:Q2_K"))
+
+
+def test_serve_gguf_repo_by_tag(repos, smol_conversion, hf_smol, tmp_path, monkeypatch):
+    """`asgl serve --model-path org/smol-gguf:Q4_1`: the one GGUF file is fetched from the
+    stand-in and served; greedy tokens equal HF transformers' on the same file."""
+    from conftest import reference_threads
+
+    root, _, _ = smol_conversion
+    model, tokenizer = hf_smol
+    ids = tokenizer("The capital of France is").input_ids
+    with reference_threads():
+        expected = _greedy(model, ids)
+    monkeypatch.setenv("ASGL_CACHE_DIR", str(root))  # the session's conversion: no redo
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with StandinHub(repos[0]) as standin:
+        monkeypatch.setenv("HF_ENDPOINT", standin.url)
+        server = _serve(["--model-path", "org/smol-gguf:Q4_1"])
+        try:
+            assert _generate(server, ids) == expected
+            assert server.get_json("/v1/models")["data"][0]["id"] == "org/smol-gguf"
+        finally:
+            server.stop()
+        assert not any("Q8_0" in r for r in standin.requests)
 
 
 def test_presets_keep_their_names_and_preflight_takes_hub_ids(hub_env):
