@@ -23,7 +23,6 @@ from asgl.server.batch_store import ENDPOINTS, BatchStore, read_lines
 from asgl.server.errors import ApiError, bad_request
 from asgl.server.file_store import MAX_BATCH_LINES, FileStore
 from asgl.server.jsonio import json_response
-from asgl.server.launch import _in_flight
 from asgl.server.state import STATE
 
 RUNNER = web.AppKey("asgl_batches", BatchRunner)
@@ -115,7 +114,7 @@ def add_routes(app: web.Application, config: EngineConfig) -> None:
     cap = config.max_batch_in_flight or (2 if app[STATE].on_cpu else 32)
     runner = BatchRunner(files, BatchStore(files.root), cap,
                          api_key=config.api_key, draining=lambda: app[STATE].draining,
-                         engine_requests=lambda: len(_in_flight(app[STATE].engine)))
+                         engine_requests=lambda: _engine_requests(app[STATE].engine))
     app[RUNNER] = runner
     app.router.add_post("/v1/batches", create_batch)
     app.router.add_get("/v1/batches", list_batches)
@@ -126,6 +125,15 @@ def add_routes(app: web.Application, config: EngineConfig) -> None:
         await runner.stop()
 
     app.on_cleanup.append(stop_runner)
+
+
+def _engine_requests(engine: object) -> int:
+    """Requests in the engine (Engine keeps them in `_streams`, DPEngine in `_requests`, as
+    launch.py's drain reads them; importing launch here would close an import cycle)."""
+    table = getattr(engine, "_streams", None)
+    if table is None:
+        table = getattr(engine, "_requests", None) or {}
+    return len(table)
 
 
 async def start_runner(app: web.Application, sock: socket.socket) -> None:

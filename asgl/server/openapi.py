@@ -32,6 +32,17 @@ ROUTES = [
     ("get", "/get_model_info", None, "model facts"),
     ("get", "/get_server_info", None, "configuration and live engine state"),
     ("get", "/metrics", None, "Prometheus metrics"),
+    # the Files and Batch APIs (docs/batch.md): OpenAI's shapes, multipart upload
+    ("post", "/v1/files", None, "upload a file (multipart: file, purpose)"),
+    ("get", "/v1/files", None, "list files"),
+    ("get", "/v1/files/{file_id}", None, "a file's object"),
+    ("delete", "/v1/files/{file_id}", None, "delete a file"),
+    ("get", "/v1/files/{file_id}/content", None, "a file's bytes"),
+    ("post", "/v1/batches", None, "create a batch (input_file_id, endpoint, "
+                                  "completion_window)"),
+    ("get", "/v1/batches", None, "list batches"),
+    ("get", "/v1/batches/{batch_id}", None, "a batch's status and counts"),
+    ("post", "/v1/batches/{batch_id}/cancel", None, "cancel a batch"),
 ]
 
 _REF = "#/components/schemas/{name}"
