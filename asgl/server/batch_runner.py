@@ -52,6 +52,7 @@ class BatchRunner:
         self._slot_freed: Optional[asyncio.Event] = None
         self._session: Optional[aiohttp.ClientSession] = None
         self._runs: dict[str, asyncio.Task] = {}
+        self._live: dict[str, dict] = {}  # the batch object a running _run saves
         self._cancelled: set[str] = set()
         self._stopping = False
 
@@ -86,7 +87,8 @@ class BatchRunner:
         task.add_done_callback(lambda _: self._runs.pop(batch_id, None))
 
     async def cancel(self, batch_id: str) -> dict:
-        batch = self.store.get(batch_id)
+        # the running batch's own object, so a line finishing now does not save it back
+        batch = self._live.get(batch_id) or self.store.get(batch_id)
         if batch["status"] in ("validating", "in_progress", "finalizing"):
             batch["status"], batch["cancelling_at"] = "cancelling", int(time.time())
             self.store.save(batch)
@@ -113,6 +115,7 @@ class BatchRunner:
             batch["status"], batch["in_progress_at"] = "in_progress", int(time.time())
         batch["request_counts"] = _counts(len(lines), done)
         self.store.save(batch)
+        self._live[batch_id] = batch
         running: list[asyncio.Task] = []
         log = self.store.open_results(batch_id)
         try:
@@ -136,6 +139,7 @@ class BatchRunner:
                 return  # stays in_progress on disk: resumed at the next start
         finally:
             log.close()
+            self._live.pop(batch_id, None)
         if self.draining() and batch_id not in self._cancelled:
             return
         self._finalize(batch_id, lines)
