@@ -111,7 +111,7 @@ def add_routes(app: web.Application, config: EngineConfig) -> None:
     files_api.add_routes(app, files)
     # A CPU step's time grows with its rows (on a 2-core CPU, 2 batch lines kept online
     # TTFT within 2x of idle, 8 did not); a GPU decodes 32 rows nearly as fast as one.
-    cap = config.max_batch_in_flight or (2 if app[STATE].on_cpu else 32)
+    cap = config.max_batch_in_flight or (2 if _on_cpu(app[STATE]) else 32)
     runner = BatchRunner(files, BatchStore(files.root), cap,
                          api_key=config.api_key, draining=lambda: app[STATE].draining,
                          engine_requests=lambda: _engine_requests(app[STATE].engine))
@@ -125,6 +125,16 @@ def add_routes(app: web.Application, config: EngineConfig) -> None:
         await runner.stop()
 
     app.on_cleanup.append(stop_runner)
+
+
+def _on_cpu(state) -> bool:
+    """ServerState.on_cpu, which falls back to --device when the engine has no runner (the
+    data-parallel front), where "auto" means the GPU if there is one."""
+    if getattr(state.engine, "runner", None) is None and state.config.device == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return state.on_cpu
 
 
 def _engine_requests(engine: object) -> int:
