@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import aiohttp
 from aiohttp import web
@@ -93,3 +94,87 @@ def test_default_storage_follows_the_cache_dir(tmp_path, monkeypatch):
     store = FileStore()
     assert store.dir == tmp_path / "files" / "files" and BatchStore(store.root).dir == \
         tmp_path / "files" / "batches"
+
+
+# ------------------------------------------------------------------ the runner, on a stub
+class _Stub:
+    """A chat route that echoes the user's text after a short wait, counting how many
+    requests it holds at once."""
+
+    def __init__(self):
+        self.now = self.most = 0
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(0.02)
+        finally:
+            self.now -= 1
+        text = body["messages"][0]["content"]
+        return web.json_response({"choices": [{"index": 0, "finish_reason": "stop",
+                                               "message": {"role": "assistant",
+                                                           "content": text.upper()}}]})
+
+
+def _run_batch(tmp_path, n: int, cap: int, online: bool = False, expired: bool = False):
+    from asgl.server.batch_api import create_batch_record
+    from asgl.server.batch_runner import BatchRunner
+
+    stub = _Stub()
+    files = FileStore(str(tmp_path))
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"messages": [{"role": "user", "content": f"line {i}"}]}}
+             for i in range(n)]
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    file_id = files.create(data, "in.jsonl", "batch")["id"]
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", stub.chat)
+        async with TestServer(app) as server:
+            runner = BatchRunner(files, BatchStore(files.root), cap)
+            if online:  # an online request is always in the engine besides the lines
+                runner.engine_requests = lambda: runner._in_flight + 1
+            batch = create_batch_record(runner, {"input_file_id": file_id,
+                                                 "endpoint": "/v1/chat/completions"})
+            if expired:
+                batch["expires_at"] = int(time.time()) - 1
+                runner.store.save(batch)
+            await runner.start(str(server.make_url("")))
+            done = await runner.wait(batch["id"])
+            await runner.stop()
+            return done
+
+    batch = asyncio.run(main())
+    return batch, files, stub
+
+
+def _content(files: FileStore, file_id: str) -> list[dict]:
+    return [json.loads(x) for x in files.lines(file_id)]
+
+
+def test_runner_caps_lines_in_flight_and_keeps_input_order(tmp_path):
+    batch, files, stub = _run_batch(tmp_path, 12, cap=3)
+    assert batch["status"] == "completed" and batch["request_counts"] == {
+        "total": 12, "completed": 12, "failed": 0}
+    assert stub.most == 3
+    out = _content(files, batch["output_file_id"])
+    assert [r["custom_id"] for r in out] == [f"c{i}" for i in range(12)]
+    assert out[5]["response"]["body"]["choices"][0]["message"]["content"] == "LINE 5"
+    assert all(batch[k] for k in ("in_progress_at", "finalizing_at", "completed_at"))
+
+
+def test_runner_starts_one_line_at_a_time_while_online_requests_run(tmp_path):
+    batch, _, stub = _run_batch(tmp_path, 6, cap=4, online=True)
+    assert batch["status"] == "completed" and stub.most == 1
+
+
+def test_runner_expires_a_batch_past_its_window(tmp_path):
+    batch, files, stub = _run_batch(tmp_path, 3, cap=2, expired=True)
+    assert batch["status"] == "expired" and batch["expired_at"]
+    assert stub.most == 0 and batch["output_file_id"] is None
+    errors = _content(files, batch["error_file_id"])
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+        ("c0", "batch_expired"), ("c1", "batch_expired"), ("c2", "batch_expired")]

@@ -117,6 +117,7 @@ class BatchRunner:
         self.store.save(batch)
         self._live[batch_id] = batch
         running: list[asyncio.Task] = []
+        expired = False
         log = self.store.open_results(batch_id)
         try:
             if batch["status"] == "in_progress":
@@ -126,6 +127,10 @@ class BatchRunner:
                     await self._take_slot()
                     if self.draining():
                         self._release_slot()
+                        break
+                    if time.time() > batch["expires_at"]:  # the completion window is over
+                        self._release_slot()
+                        expired = True
                         break
                     task = asyncio.ensure_future(self._line(batch, line, done, log))
                     task.add_done_callback(lambda _: self._release_slot())
@@ -142,7 +147,7 @@ class BatchRunner:
             self._live.pop(batch_id, None)
         if self.draining() and batch_id not in self._cancelled:
             return
-        self._finalize(batch_id, lines)
+        self._finalize(batch_id, lines, expired)
 
     async def _take_slot(self) -> None:
         while True:
@@ -195,7 +200,7 @@ class BatchRunner:
         counts["completed" if ok else "failed"] += 1
         self.store.save(batch)
 
-    def _finalize(self, batch_id: str, lines: list[Line]) -> None:
+    def _finalize(self, batch_id: str, lines: list[Line], expired: bool = False) -> None:
         batch = self.store.get(batch_id)
         cancelled = batch_id in self._cancelled or batch["status"] == "cancelling"
         if not cancelled:
@@ -204,6 +209,12 @@ class BatchRunner:
         done = self.store.results(batch_id)
         ok = [done[i][1] for i in sorted(done) if done[i][0]]
         failed = [done[i][1] for i in sorted(done) if not done[i][0]]
+        if expired and not cancelled:  # as OpenAI reports the lines a window left undone
+            failed += [{"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": x.custom_id,
+                        "response": None, "error": {
+                            "code": "batch_expired", "message": "This request could not be "
+                            "executed before the completion window expired."}}
+                       for x in lines if x.index not in done]
         name = batch["id"]
         if ok:
             batch["output_file_id"] = self._write(f"{name}_output.jsonl", ok)
@@ -213,6 +224,8 @@ class BatchRunner:
         now = int(time.time())
         if cancelled:
             batch["status"], batch["cancelled_at"] = "cancelled", now
+        elif expired:
+            batch["status"], batch["expired_at"] = "expired", now
         else:
             batch["status"], batch["completed_at"] = "completed", now
         self.store.save(batch)
