@@ -28,6 +28,7 @@ _LANG = ["Anthropic", "BackendError", "OpenAI", "Runtime", "RuntimeEndpoint", "a
          "greedy_token_selection", "image", "select", "set_default_backend", "system",
          "system_begin", "system_end", "token_length_normalized",
          "unconditional_likelihood_normalized", "user", "user_begin", "user_end"]
+_LANG += ["LiteLLM", "VertexAI"]
 _LAZY.update({name: "asgl.lang" for name in _LANG})
 
 __all__ = ["Engine", "EngineConfig", "GenerateOutput", "InvalidRequest", "LLM",
@@ -61,3 +62,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
                            set_default_backend, system, system_begin, system_end,
                            token_length_normalized, unconditional_likelihood_normalized,
                            user, user_begin, user_end)
+    from asgl.lang import LiteLLM, VertexAI

@@ -57,6 +57,16 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_batch(args: argparse.Namespace) -> int:
+    from asgl.server.launch import preflight
+    from asgl.server.run_batch import run_batch
+
+    cfg = EngineConfig.from_namespace(args)
+    _setup_logging(cfg.log_level if args.log_level != "info" else "warning")
+    preflight(cfg, bind=False)
+    return run_batch(cfg, args.input_file, args.output_file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from asgl import __version__
     from asgl.bench import BENCHES
@@ -79,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     EngineConfig.add_cli_args(gen, groups=[g for g in GROUP_ORDER
                                            if g not in SERVER_ONLY_GROUPS])
     gen.set_defaults(func=_generate)
+    batch = sub.add_parser("run-batch", help="run an OpenAI batch file offline (as vllm "
+                           "run-batch)", usage="%(prog)s -i IN.jsonl -o OUT.jsonl [options]")
+    batch.add_argument("-i", "--input-file", required=True, help="batch input (JSONL)")
+    batch.add_argument("-o", "--output-file", required=True, help="results (JSONL)")
+    EngineConfig.add_cli_args(batch, groups=[g for g in GROUP_ORDER
+                                             if g not in ("serving", "API")])
+    batch.set_defaults(func=_run_batch)
     bench = sub.add_parser("bench", help="benchmarks: " + ", ".join(BENCHES),
                            usage="%(prog)s {" + ",".join(BENCHES) + "} [options]",
                            description="`asgl bench NAME --help` shows each one's options.")

@@ -35,6 +35,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     is_embedding: bool = False
     revision: Optional[str] = None
     model_impl: Literal["auto", "native", "sglang", "transformers"] = "auto"
+    gguf_file: Optional[str] = None
 
     # --- device and memory ---
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -87,6 +88,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # token and its end at once); native /generate streams deltas, not the output so far
     stream_interval: int = 1
     incremental_streaming_output: bool = False
+    file_storage_path: Optional[str] = None
+    max_batch_in_flight: Optional[int] = None
 
     # --- request limits (each refused with a 400 naming the flag, before anything is queued) ---
     max_prompt_chars: Optional[int] = None
@@ -119,7 +122,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
         positive = ("context_length", "max_running_requests", "max_total_tokens",
                     "max_queued_requests", "cuda_graph_max_bs", "torch_compile_max_bs",
                     "max_images_per_request", "max_image_pixels", "max_image_bytes_mb",
-                    "image_fetch_timeout")
+                    "image_fetch_timeout", "max_batch_in_flight")
         if self.cuda_graph_max_tokens is not None and self.cuda_graph_max_tokens < 0:
             raise ConfigError("--cuda-graph-max-tokens must be >= 0 (0: decode graphs only)")
         for name in positive:
@@ -275,10 +278,10 @@ GROUP_ORDER = ["model", "serving", "API", "request limits", "scheduling", "memor
 CLI_GROUPS: dict[str, str] = {
     **dict.fromkeys(["model_path", "tokenizer_path", "load_format", "dtype", "quantization",
                      "context_length", "trust_remote_code", "chat_template", "revision",
-                     "skip_tokenizer_init", "is_embedding", "device", "model_impl"], "model"),
+                     "skip_tokenizer_init", "is_embedding", "device", "model_impl", "gguf_file"], "model"),
     **dict.fromkeys(["host", "port", "api_key", "admin_api_key", "max_request_body_mb",
                      "max_queued_requests", "shutdown_timeout", "watchdog_timeout",
-                     "exit_on_stall"], "serving"),
+                     "exit_on_stall", "file_storage_path", "max_batch_in_flight"], "serving"),
     **dict.fromkeys(["served_model_name", "tool_call_parser", "reasoning_parser",
                      "metrics_prefix", "stream_interval", "incremental_streaming_output"],
                     "API"),
@@ -325,9 +328,16 @@ _HELP: dict[str, str] = {
     "image_fetch_timeout": "seconds one image download may take",
     "allowed_local_media_path": "a directory whose files requests may name as images "
                                 "(file:// URLs or paths); default: none",
-    "model_path": "HF model directory, a .gguf file, or a preset name with --load-format dummy; "
+    "model_path": "HF model directory, a .gguf file, a hub id ORG/NAME[:QUANT] (downloaded), "
+                  "or a preset name with --load-format dummy; "
                   "default: the embedded SmolLM2-135M-Instruct",
     "tokenizer_path": "tokenizer directory (default: the model's)",
+    "revision": "branch, tag or commit of a hub --model-path (ORG/NAME)",
+    "gguf_file": "the .gguf file of a hub repo (or of a local directory) to serve",
+    "file_storage_path": "directory of /v1/files and /v1/batches (default: the user's cache "
+                         "dir, asgl/files)",
+    "max_batch_in_flight": "most /v1/batches lines in the engine at once, beside online "
+                           "requests (default: 2 on the CPU, 32 on a GPU)",
     "load_format": "how to read weights; 'dummy' makes random weights for a preset config",
     "dtype": "weight and activation dtype; auto = bfloat16 on CUDA, float32 on the CPU",
     "kv_cache_dtype": "KV cache dtype; auto = the model dtype",

@@ -169,6 +169,7 @@ SLOW_FILES = frozenset({
     "test_vlm_lang.py",  # an in-process Runtime and an `asgl serve` of a tiny LLaVA (~60 s)
     "test_vlm_llava.py", "test_vlm_repo_layout.py",  # HF references of 5 VLM families (~45 s)
     "test_moe_families_more.py",
+    "test_hub.py", "test_batch_api.py",
 })
 
 

@@ -10,6 +10,7 @@ from asgl.lang.api import (Program, assistant, assistant_begin, assistant_end, f
                            system_begin, system_end, user, user_begin, user_end)
 from asgl.lang.backends import (Anthropic, Backend, BackendError, OpenAI, Runtime,
                                 RuntimeEndpoint)
+from asgl.lang.backends import LiteLLM, VertexAI
 from asgl.lang.choices import (greedy_token_selection, token_length_normalized,
                                unconditional_likelihood_normalized)
 from asgl.lang.executor import ProgramError
@@ -22,4 +23,4 @@ __all__ = ["Anthropic", "Backend", "BackendError", "ForkGroup", "OpenAI", "Progr
            "gen_string", "get_default_backend", "global_config", "greedy_token_selection",
            "image", "select", "set_default_backend", "system", "system_begin", "system_end",
            "token_length_normalized", "unconditional_likelihood_normalized", "user",
-           "user_begin", "user_end"]
+           "user_begin", "user_end", "LiteLLM", "VertexAI"]

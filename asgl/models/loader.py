@@ -9,10 +9,13 @@
 - a path that exists: an HF model directory (config.json + *.safetensors, or *.bin), a `.gguf`
   file, or a directory holding exactly one `.gguf` (converted once, see `gguf_loader`);
 - with `--load-format dummy`, a preset name from `presets.py` (published configs, random
-  weights from `init_dummy_weights`).
+  weights from `init_dummy_weights`);
+- a hub id `ORG/NAME` (`ORG/NAME:QUANT` or `--gguf-file` for a GGUF repo), fetched by
+  `hub.download` into the hub's cache and then read as a local path (with `--load-format
+  dummy` and no preset of that name, only its config and tokenizer are fetched).
 
-Nothing here downloads (the machines have no hub): every transformers call is local-only, and
-no code from a model directory runs unless `trust_remote_code` is set.
+Only `hub.py` reaches a network: every transformers call is local-only, and no code from a
+model directory runs unless `trust_remote_code` is set.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from asgl.config import EngineConfig
 from asgl.engine.contracts.errors import ModelLoadError
-from asgl.models import presets
+from asgl.models import hub, presets
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +88,15 @@ def resolve_model(cfg: EngineConfig) -> ModelSource:
         path = embedded_embedding_model_path() if cfg.is_embedding else embedded_model_path()
     expanded = os.path.expanduser(path)
     preset = presets.get_preset(path)
+    hub_ref = hub.parse_hub_id(path, cfg.gguf_file)
     if os.path.exists(expanded):
         source = _from_path(os.path.abspath(expanded), cfg)
     elif preset is not None and cfg.load_format == "dummy":
         source = _from_preset(preset, cfg)
+    elif hub_ref is not None:  # ORG/NAME: fetched into the hub cache (or found there)
+        local = hub.download(hub_ref, cfg.revision, config_only=cfg.load_format == "dummy")
+        source = _from_path(local, cfg.replace(gguf_file=None))
+        source.name = hub_ref.repo_id
     elif preset is not None:
         raise ModelLoadError(f"model path {path!r} is a built-in preset without weights: "
                              "add --load-format dummy for random weights")
@@ -96,7 +104,7 @@ def resolve_model(cfg: EngineConfig) -> ModelSource:
         raise ModelLoadError(
             f"model path {path!r} is not a directory, .gguf file, or known preset "
             f"(presets, with --load-format dummy: {', '.join(presets.preset_names())}); "
-            "models are never downloaded")
+            "nor a hub id ORG/NAME")
     if cfg.load_format == "dummy":
         source.is_dummy = True
         source.weight_files, source._tensor_counts = [], []
@@ -138,6 +146,11 @@ def embedded_embedding_model_path() -> str:
 
 # --------------------------------------------------------------------------- sources
 def _from_path(path: str, cfg: EngineConfig) -> ModelSource:
+    if os.path.isdir(path) and cfg.gguf_file:  # --gguf-file picks one of the directory's
+        path = os.path.join(path, cfg.gguf_file)
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"--gguf-file {cfg.gguf_file!r}: no such file in the model "
+                                 "directory")
     if os.path.isdir(path):
         ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
         has_config = os.path.isfile(os.path.join(path, "config.json"))

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from aiohttp import web
 
 from asgl.config import EngineConfig
-from asgl.server import (embeddings, lang_routes, native, rerank, responses_api,
+from asgl.server import (batch_api, embeddings, lang_routes, native, rerank, responses_api,
                          tokenize_routes)
 from asgl.server.metrics import CONTENT_TYPE, Metrics
 from asgl.server.middleware import auth_middleware, error_middleware, metrics_middleware
@@ -86,6 +86,7 @@ def build_app(engine: Any, config: EngineConfig, model_name: Optional[str] = Non
     native.add_routes(app)
     lang_routes.add_routes(app)  # the frontend's /concate_and_append_request
     embeddings.add_routes(app)  # /v1/embeddings, /encode
+    batch_api.add_routes(app, config)  # /v1/files, /v1/batches
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)

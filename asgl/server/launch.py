@@ -20,6 +20,7 @@ import asyncio
 import importlib.util
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -135,8 +136,10 @@ def check_model_path(config: EngineConfig) -> None:
         return
     if os.path.exists(os.path.expanduser(path)) or config.load_format == "dummy":
         return  # what the path holds, or which preset a dummy names, the loader checks
-    raise ConfigError(f"--model-path {path!r}: no such file or directory (a built-in preset "
-                      "needs --load-format dummy; models are never downloaded)")
+    if _HUB_ID.match(path) and not path.startswith((".", "~", "/")):
+        return  # a hub id: asgl/models/hub.py fetches it (or finds it cached) at load
+    raise ConfigError(f"--model-path {path!r}: no such file or directory, nor a hub id "
+                      "ORG/NAME (a built-in preset needs --load-format dummy)")
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -171,15 +174,20 @@ def warn_inapplicable_flags(config: EngineConfig, on_cpu: bool) -> Optional[str]
     return line
 
 
-# Accepted so that SGLang command lines run, but nothing here reads them.
+# Accepted so that SGLang command lines run, but nothing here reads them (--revision is
+# read for a hub --model-path only).
 _NO_EFFECT_FLAGS = ("revision", "schedule_conservativeness")
+# asgl/models/hub.py's rule (ORG/NAME[:TAG]), here so that preflight imports nothing
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*(?::[\w.\-]+)?$")
 
 
 def warn_no_effect_flags(config: EngineConfig) -> Optional[str]:
     """One warning line naming the SGLang flags given that asgl accepts but never uses."""
     defaults = EngineConfig()
+    hub = bool(config.model_path and _HUB_ID.match(config.model_path)
+               and not os.path.exists(os.path.expanduser(config.model_path)))
     given = [f"--{n.replace('_', '-')}" for n in _NO_EFFECT_FLAGS
-             if getattr(config, n) != getattr(defaults, n)]
+             if getattr(config, n) != getattr(defaults, n) and not (hub and n == "revision")]
     if not given:
         return None
     line = (f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} nothing in asgl "
@@ -355,6 +363,8 @@ async def _serve_until_stopped(engine: Any, config: EngineConfig, sock: socket.s
         site = web.SockSite(runner, sock)
         await site.start()
         port = sock.getsockname()[1]
+        from asgl.server.batch_api import start_runner
+        await start_runner(app, sock)  # /v1/batches resumed and run through this socket
         logger.info(phases.summary())
         logger.info(ready_message(config.host, port, app[state_key].model_name,
                                   engine.context_len))

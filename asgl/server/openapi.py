@@ -42,6 +42,17 @@ ROUTES = [
     ("post", "/v1/rerank", RerankRequest, "rerank documents (cross-encoders, --is-embedding)"),
     ("post", "/v1/score", ScoreRequest, "score text pairs (cross-encoders, --is-embedding)"),
     ("get", "/server_info", None, "SGLang's name for /get_server_info"),
+    # the Files and Batch APIs (docs/batch.md): OpenAI's shapes, multipart upload
+    ("post", "/v1/files", None, "upload a file (multipart: file, purpose)"),
+    ("get", "/v1/files", None, "list files"),
+    ("get", "/v1/files/{file_id}", None, "a file's object"),
+    ("delete", "/v1/files/{file_id}", None, "delete a file"),
+    ("get", "/v1/files/{file_id}/content", None, "a file's bytes"),
+    ("post", "/v1/batches", None, "create a batch (input_file_id, endpoint, "
+                                  "completion_window)"),
+    ("get", "/v1/batches", None, "list batches"),
+    ("get", "/v1/batches/{batch_id}", None, "a batch's status and counts"),
+    ("post", "/v1/batches/{batch_id}/cancel", None, "cancel a batch"),
 ]
 
 _REF = "#/components/schemas/{name}"
