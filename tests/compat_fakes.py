@@ -79,6 +79,11 @@ class ScriptedEngine:
         self.aborted.append(rid)
         return False
 
+    async def generate_into(self, deliver, prompt=None, sampling_params=None, **kwargs):
+        """The server's path (Engine.generate_into): each chunk handed to `deliver`."""
+        async for chunk in self.generate_stream(prompt, sampling_params, **kwargs):
+            deliver(chunk)
+
     async def generate_stream(self, prompt=None, sampling_params=None, *, input_ids=None,
                               rid: Optional[str] = None, return_logprob: bool = False,
                               logprob_start_len: int = -1, top_logprobs_num: int = 0):

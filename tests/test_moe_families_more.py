@@ -179,7 +179,7 @@ def test_plain_config_only_for_our_architectures(tmp_path):
     serve its architecture; a known model_type stays with transformers' own class."""
     import json
 
-    from asgl.models.loader import _plain_config
+    from asgl.models.loader import _native_remote_config as _plain_config
 
     def write(**fields):
         (tmp_path / "config.json").write_text(json.dumps(fields))

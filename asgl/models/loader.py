@@ -214,8 +214,12 @@ def _native_remote_config(path: str) -> PretrainedConfig | None:
     for one of its architectures; None otherwise. The checkpoint's code never runs."""
     from asgl.models.registry import supported_architectures
 
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
     data = _read_json(os.path.join(path, "config.json"))
     if not data or not set(data.get("architectures") or []) & set(supported_architectures()):
+        return None
+    if data.get("model_type") in CONFIG_MAPPING:  # transformers' own class, its own error
         return None
     data = {k: v for k, v in data.items() if k not in ("auto_map", "model_type")}
     config = PretrainedConfig(**data)
