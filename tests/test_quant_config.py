@@ -1,0 +1,171 @@
+"""Choosing a quantization method: an unknown or unsupported one (`--quantization bogus`, an
+AWQ/GPTQ checkpoint, a compressed-tensors INT8 one, a bad --torchao-config) fails at start-up
+with a message naming it, before any weight is read; the FP8 kernels' CPU paths match their
+torch references; the fused-layer ignore rules."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from asgl.config import ConfigError, EngineConfig
+from asgl.engine.contracts.errors import ModelLoadError
+from asgl.layers.quantization import QuantizationError, resolve_quantization
+from asgl.models.loader import resolve_model
+from asgl.server.launch import preflight
+
+TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64,
+               "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "num_key_value_heads": 2}
+
+
+def _checkpoint(tmp_path, quantization_config) -> str:
+    """A model directory whose only weight file is garbage: reading any weight fails, so an
+    error naming the method proves it came first."""
+    cfg = dict(TINY_CONFIG, quantization_config=quantization_config)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json")
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("flag,words", [("bogus", ["unknown", "'bogus'", "fp8"]),
+                                         ("awq", ["awq", "later"]), ("gptq", ["gptq"])])
+def test_flag_refused_in_preflight(flag, words):
+    with pytest.raises(ConfigError) as e:
+        preflight(EngineConfig(quantization=flag), bind=False)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_preflight_imports_no_torch():
+    code = ("import sys; from asgl.config import EngineConfig, ConfigError\n"
+            "from asgl.server.launch import preflight\n"
+            "try:\n    preflight(EngineConfig(quantization='bogus'), bind=False)\n"
+            "except ConfigError as e:\n    print('refused', e)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=60)
+    assert "refused unknown --quantization 'bogus'" in out.stdout, out.stderr
+    assert out.stdout.strip().endswith("False")
+
+
+@pytest.mark.parametrize("qc,words", [
+    ({"quant_method": "awq", "bits": 4, "group_size": 128}, ["'awq'", "later"]),
+    ({"quant_method": "gptq", "bits": 4}, ["'gptq'"]),
+    ({"quant_method": "mystery"}, ["unknown method 'mystery'"]),
+    ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, ["modelopt NVFP4"]),
+    ({"quant_method": "compressed-tensors", "format": "int-quantized",
+      "config_groups": {}}, ["int-quantized"]),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {
+        "g": {"targets": ["Linear"], "weights": {"type": "int", "num_bits": 8}}}},
+     ["type int"]),
+])
+def test_checkpoint_method_refused_before_weights(tmp_path, qc, words):
+    path = _checkpoint(tmp_path, qc)
+    with pytest.raises(ModelLoadError) as e:
+        resolve_model(EngineConfig(model_path=path))
+    for w in words:
+        assert w in str(e.value)
+    assert "corrupt" not in str(e.value)
+    with pytest.raises(ConfigError) as e2:  # and `asgl serve` refuses it in preflight
+        preflight(EngineConfig(model_path=path), bind=False)
+    assert words[0] in str(e2.value)
+
+
+def test_flag_must_agree_with_checkpoint(tmp_path):
+    path = _checkpoint(tmp_path, {"quant_method": "fbgemm_fp8"})
+    with pytest.raises(ModelLoadError, match="--quantization modelopt, but the checkpoint is "
+                                             "quantized with 'fbgemm_fp8'"):
+        resolve_model(EngineConfig(model_path=path, quantization="modelopt"))
+    # fp8 names the family: accepted for any FP8 checkpoint
+    assert resolve_quantization("fp8", {"quant_method": "fbgemm_fp8"}).name == "fbgemm_fp8"
+
+
+def test_checkpoint_scheme_needs_checkpoint():
+    with pytest.raises(QuantizationError, match="needs a checkpoint quantized with modelopt"):
+        resolve_quantization("modelopt", None)
+    assert resolve_quantization("fp8", None).name == "fp8"
+    assert resolve_quantization(None, None) is None
+
+
+def test_modelopt_hf_quant_config(tmp_path):
+    from asgl.layers.quantization import read_checkpoint_config
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps(
+        {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "FP8",
+                                                            "kv_cache_quant_algo": "FP8"}}))
+    qc = read_checkpoint_config(str(tmp_path))
+    assert resolve_quantization(None, qc).name == "modelopt"
+
+
+@pytest.mark.parametrize("value,quant,words", [
+    ("int4wo-100", None, ["group size"]), ("int3", None, ["unknown --torchao-config 'int3'"]),
+    ("int8wo", "fp8", ["cannot be combined", "fp8"])])
+def test_torchao_flag_refused(value, quant, words):
+    with pytest.raises(ConfigError) as e:
+        preflight(EngineConfig(torchao_config=value, quantization=quant), bind=False)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_fused_layer_ignore_rules():
+    from asgl.layers.quantization.fp8 import layer_is_ignored
+
+    assert layer_is_ignored("model.layers.0.mlp.gate_up_proj", ["re:.*mlp.*"])
+    assert not layer_is_ignored("model.layers.0.mlp.gate_up_proj", ["lm_head"])
+    assert layer_is_ignored("model.layers.1.self_attn.qkv_proj", ["model.layers.1.self_attn*"])
+    with pytest.raises(QuantizationError, match="only some of"):
+        layer_is_ignored("model.layers.0.self_attn.qkv_proj", ["model.layers.0.self_attn.q_proj"])
+
+
+# ---------------------------------------------------------------- kernels vs torch references
+def test_rowwise_quantization_roundtrip():
+    from asgl.layers.quantization.fp8_kernels import FP8, quantize_rowwise
+
+    x = torch.randn(7, 96) * torch.linspace(0.01, 30, 7)[:, None]
+    q, s = quantize_rowwise(x)
+    assert q.dtype == FP8 and s.shape == (7, 1)
+    # e4m3 keeps 3 mantissa bits: relative error at most 2^-4 per element (normal range)
+    err = (q.float() * s - x).abs() / x.abs().amax(1, keepdim=True)
+    assert float(err.max()) <= 2 ** -4
+    assert float((q.float().abs().amax(1) - 448).abs().max()) == 0  # the row max maps to 448
+
+
+def test_block_gemm_triton_matches_reference():
+    """The Triton block-scaled GEMM (run by its interpreter on the CPU) against the float32
+    dequantize-and-matmul reference, ragged M and a partial last N block."""
+    from asgl.layers.quantization.fp8_kernels import (FP8, quantize_groupwise,
+                                                      w8a8_block_matmul,
+                                                      w8a8_block_matmul_reference)
+
+    gen = torch.Generator().manual_seed(3)
+    M, N, K = 19, 320, 256
+    x = torch.randn(M, K, generator=gen)
+    w = (torch.randn(N, K, generator=gen) * 0.05).to(FP8)
+    ws = torch.rand(3, 2, generator=gen) + 0.5
+    xq, xs = quantize_groupwise(x, 128)
+    ref = w8a8_block_matmul_reference(xq, w, xs, ws, (128, 128), torch.float32)
+    out = w8a8_block_matmul(xq, w, xs, ws, (128, 128), torch.float32)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_linear_paths_equal_dequantized_matmul():
+    from asgl.layers.quantization.fp8_kernels import (apply_fp8_block, apply_fp8_rowwise,
+                                                      quantize_weight_per_channel)
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 256, generator=gen)
+    w = torch.randn(128, 256, generator=gen) * 0.1
+    q, s = quantize_weight_per_channel(w)
+    bias = torch.randn(128, generator=gen)
+    ref = x @ (q.float() * s[:, None]).T + bias
+    torch.testing.assert_close(apply_fp8_rowwise(x, q, s, None, bias), ref)
+    sb = torch.rand(1, 2, generator=gen) + 0.5
+    refb = x @ (q.float() * sb.repeat_interleave(128, 0).repeat_interleave(128, 1)).T
+    torch.testing.assert_close(apply_fp8_block(x, q, sb, (128, 128)), refb)
