@@ -60,8 +60,9 @@ class FlashInferBackend(AttentionBackend):
         if dtype not in (torch.float16, torch.bfloat16):
             raise NotImplementedError(f"flashinfer attention needs fp16/bf16, not {dtype}")
         kv_dtype = kv_dtype or dtype
-        if kv_dtype != dtype:
-            raise NotImplementedError("flashinfer backend: KV cache dtype must equal the model's")
+        if kv_dtype != dtype and kv_dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise NotImplementedError("flashinfer backend: the KV cache is the model's dtype "
+                                      f"or FP8, not {kv_dtype}")
         self._wrapper_cls = BatchPrefillWithPagedKVCacheWrapper
         self.device = device
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -82,8 +83,6 @@ class FlashInferBackend(AttentionBackend):
             raise NotImplementedError("flashinfer backend: every layer must share head shapes")
         if spec.v_dim != spec.head_dim or not spec.causal:
             raise NotImplementedError("flashinfer backend: causal attention, v_dim == head_dim")
-        if spec.k_scale is not None or spec.v_scale is not None:
-            raise NotImplementedError("flashinfer backend: no scaled (fp8) KV cache yet")
         self._add_variant(_variant(spec))
 
     def _add_variant(self, variant: tuple[int, float, float]) -> None:
@@ -119,7 +118,7 @@ class FlashInferBackend(AttentionBackend):
         T = q.shape[0]
         pool.set_kv(spec.layer_id, batch.out_cache_loc,
                     k.view(T, spec.num_kv_heads, spec.head_dim),
-                    v.view(T, spec.num_kv_heads, spec.head_dim))
+                    v.view(T, spec.num_kv_heads, spec.head_dim), spec.k_scale, spec.v_scale)
         k_buf, v_buf = pool.get_kv(spec.layer_id)
         q = q.view(T, spec.num_heads, spec.head_dim)
         wrapper = batch.attn_state.get(_variant(spec))
@@ -132,7 +131,10 @@ class FlashInferBackend(AttentionBackend):
             self._plan(wrapper, _variant(spec), *self._plan_args)
             batch.attn_state[_variant(spec)] = wrapper
         # [slots, kv_heads, dim] is NHD paged layout with page size 1: add the page axis
-        out = wrapper.run(q, (k_buf.unsqueeze(1), v_buf.unsqueeze(1)))
+        # FP8 KV (stored = k / k_scale): the kernel folds k_scale into the softmax scale and
+        # multiplies the output by v_scale; plain Python floats, so graphs capture them
+        out = wrapper.run(q, (k_buf.unsqueeze(1), v_buf.unsqueeze(1)), k_scale=spec.k_scale,
+                          v_scale=spec.v_scale)
         return out.view(T, spec.num_heads * spec.head_dim)
 
     # ------------------------------------------------------------------ CUDA graphs
