@@ -169,3 +169,58 @@ def test_cpu_linear_paths_equal_dequantized_matmul():
     sb = torch.rand(1, 2, generator=gen) + 0.5
     refb = x @ (q.float() * sb.repeat_interleave(128, 0).repeat_interleave(128, 1)).T
     torch.testing.assert_close(apply_fp8_block(x, q, sb, (128, 128)), refb)
+
+
+# ---------------------------------------------------------------- the fused-MoE hook
+@pytest.mark.parametrize("kind", ["dynamic", "tensor", "block"])
+def test_fp8_moe_method_matches_dequantized_experts(kind):
+    """The MoE hook's FP8 method against the Mixtral expert equation on the dequantized
+    weights: out = sum_k w_k * W2_e (silu(W1_e x) * W3_e x) over each token's top-k."""
+    from torch import nn
+
+    from asgl.layers.quantization.fp8 import Fp8Config, Fp8Layout
+    from asgl.layers.quantization.fp8_kernels import dequantize_block
+
+    E, H, I, T = 4, 128, 256, 6
+    layout = {"dynamic": Fp8Layout("dynamic"), "tensor": Fp8Layout("tensor"),
+              "block": Fp8Layout("block", block=(128, 128), scale_name="weight_scale_inv")}[kind]
+    layer = nn.Module()
+    method = Fp8Config(layout).get_moe_method(layer, "model.layers.0.mlp.experts")
+    method.create_weights(layer, E, H, I, torch.float32, lambda *a: None)
+    gen = torch.Generator().manual_seed(5)
+    w13 = torch.randn(E, 2 * I, H, generator=gen) * 0.05
+    w2 = torch.randn(E, H, I, generator=gen) * 0.05
+    with torch.no_grad():
+        if kind == "dynamic":
+            layer.w13_weight.copy_(w13)
+            layer.w2_weight.copy_(w2)
+        else:
+            layer.w13_weight.copy_((w13 * 100).to(torch.float8_e4m3fn))
+            layer.w2_weight.copy_((w2 * 100).to(torch.float8_e4m3fn))
+            for name in ("w13", "w2"):
+                scale = getattr(layer, f"{name}_{layout.scale_name}")
+                scale.copy_(torch.rand(scale.shape, generator=gen) * 0.02 + 0.005)
+    raw = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    method.process_weights_after_loading(layer)
+
+    def deq(name: str, e: int) -> torch.Tensor:
+        w = getattr(layer, f"{name}_weight")[e].float()
+        if kind == "block":
+            return dequantize_block(w, raw[f"{name}_weight_scale_inv"][e], (128, 128))
+        if kind == "tensor":
+            s = raw[f"{name}_weight_scale"][e]
+            return w * (s.repeat_interleave(I)[:, None] if name == "w13" else s)
+        return w * layer.__getattr__(f"{name}_weight_scale")[e][:, None]
+
+    x = torch.randn(T, H, generator=gen)
+    topk_ids = torch.stack([torch.randperm(E, generator=gen)[:2] for _ in range(T)])
+    topk_w = torch.rand(T, 2, generator=gen)
+    ref = torch.zeros(T, H)
+    for t in range(T):
+        for k in range(2):
+            e = int(topk_ids[t, k])
+            gate, up = (deq("w13", e) @ x[t]).chunk(2)
+            ref[t] += topk_w[t, k] * (deq("w2", e) @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(method.apply(layer, x, topk_w, topk_ids), ref, rtol=1e-4,
+                               atol=1e-5)
+    assert layer.w13_weight.dtype == torch.float8_e4m3fn
