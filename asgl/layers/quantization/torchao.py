@@ -1,6 +1,6 @@
 """`--torchao-config`: quantize the loaded model's linear layers with the torchao library, as
 SGLang does. Values: int4wo-<group> (int4 weights, groups of <group> columns; 32, 64, 128,
-256), int8wo (int8 weights), int8dq (int8 weights and dynamic int8 activations), fp8wo (FP8
+256; CUDA and bf16 only: tinygemm's packing), int8wo (int8 weights), int8dq (int8 weights and dynamic int8 activations), fp8wo (FP8
 weights), fp8dq (FP8 weights and dynamic per-row FP8 activations; sm89+).
 
 torchao swaps each 16-bit weight for one of its tensor subclasses, whose F.linear runs its
@@ -36,6 +36,11 @@ def check_torchao_config(value: Optional[str], quantization: Optional[str] = Non
     elif value not in CHOICES:
         raise QuantizationError(f"unknown --torchao-config {value!r} (known: "
                                 f"{', '.join(CHOICES)})")
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise QuantizationError(f"--torchao-config {value} needs the torchao library, which is "
+                                "not installed: pip install torchao")
     if quantization is not None:
         raise QuantizationError(f"--torchao-config {value} quantizes a 16-bit model: it "
                                 f"cannot be combined with the {quantization} quantization")
@@ -54,9 +59,11 @@ def _config(value: str, device_type: str) -> Any:
     m = _INT4.match(value)
     if m is not None:
         group = int(m.group(1))
-        if device_type == "cpu":  # the CUDA tile packing has no CPU kernel
-            return Int4WeightOnlyConfig(group_size=group, int4_packing_format="opaque")
-        return Int4WeightOnlyConfig(group_size=group)
+        if device_type != "cuda":
+            raise QuantizationError(f"--torchao-config {value} runs on CUDA only (torchao has "
+                                    "no CPU int4 kernel); on the CPU use int8wo or int8dq")
+        # tinygemm's layout (torch's own _weight_int4pack_mm): bf16, no extra kernels library
+        return Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d")
     return {"int8wo": Int8WeightOnlyConfig, "int8dq": Int8DynamicActivationInt8WeightConfig,
             "fp8wo": Float8WeightOnlyConfig,
             "fp8dq": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
