@@ -14,6 +14,8 @@ One file per scheme:
   (per-tensor scales, or 128x128 blocks with `weight_scale_inv`, DeepSeek V3 style);
 - modelopt.py (NVIDIA ModelOpt FP8), fbgemm.py (`fbgemm_fp8`), compressed_tensors.py
   (llmcompressor's `float-quantized`): other FP8 checkpoint layouts, same method;
+- base.py: QuantizationError, QuantSpec, Fp8Layout (shared, torch-free);
+- fp8_moe.py: the FP8 fused-MoE method (layers/quant.py's MoE hook);
 - fp8_kernels.py: the GEMMs (torch._scaled_mm, a Triton block-scaled GEMM, the dequantized
   paths); kv_scales.py: FP8 KV-cache scales from checkpoints; torchao.py: `--torchao-config`.
 """
@@ -22,8 +24,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from asgl.layers.quantization.base import QuantizationError, QuantSpec
+from asgl.layers.quantization.ct_schemes import check_compressed_tensors
 
 # Schemes that run here: name -> module under asgl.layers.quantization.
 SUPPORTED = {
@@ -53,20 +57,6 @@ NOT_YET = {
 # What `--quantization` can ask of a 16-bit checkpoint (quantize while loading).
 _ON_LOAD = ("fp8",)
 _FP8_CHECKPOINTS = ("fp8", "modelopt", "fbgemm_fp8", "compressed-tensors")
-
-
-class QuantizationError(ValueError):
-    """A quantization method that cannot run; the message names it."""
-
-
-@dataclass
-class QuantSpec:
-    """The scheme a model runs with: `name` (a key of SUPPORTED) and its config dict
-    (the checkpoint's `quantization_config`, or {} for quantize-on-load)."""
-
-    name: str
-    config: dict = field(default_factory=dict)
-    from_checkpoint: bool = False
 
 
 def known_methods() -> list[str]:
@@ -122,7 +112,6 @@ def checkpoint_method(qc: dict) -> str:
         if algo != "FP8":
             raise QuantizationError(f"{where} uses modelopt {algo}: only modelopt FP8 runs")
     if method == "compressed-tensors":
-        from asgl.layers.quantization.ct_schemes import check_compressed_tensors
         check_compressed_tensors(qc)
     return method
 

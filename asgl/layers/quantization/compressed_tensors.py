@@ -5,9 +5,10 @@ activations, `input_scale`. The config is read by ct_schemes.py; the layer is fp
 
 from __future__ import annotations
 
-from asgl.layers.quantization import QuantSpec
+from asgl.layers.quantization.base import Fp8Layout, QuantSpec
+from asgl.layers.quantization.base import Fp8Layout, QuantSpec
 from asgl.layers.quantization.ct_schemes import parse_compressed_tensors
-from asgl.layers.quantization.fp8 import Fp8Config, Fp8Layout
+from asgl.layers.quantization.fp8 import Fp8Config
 
 
 class CompressedTensorsFp8Config(Fp8Config):

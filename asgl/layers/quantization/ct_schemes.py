@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from asgl.layers.quantization import QuantizationError
+from asgl.layers.quantization.base import QuantizationError
 
 _WHERE = "compressed-tensors checkpoint"
 

@@ -5,8 +5,8 @@ run time, their row maximum capped at `activation_scale_ub`; `modules_to_not_con
 
 from __future__ import annotations
 
-from asgl.layers.quantization import QuantSpec
-from asgl.layers.quantization.fp8 import Fp8Config, Fp8Layout
+from asgl.layers.quantization.base import Fp8Layout, QuantSpec
+from asgl.layers.quantization.fp8 import Fp8Config
 
 
 class FbgemmFp8Config(Fp8Config):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -36,7 +35,7 @@ from torch import nn
 
 from asgl.layers.quant import (FusedMoEMethodBase, LinearMethodBase, QuantizationConfig,
                                UnquantizedLinearMethod)
-from asgl.layers.quantization import QuantizationError, QuantSpec
+from asgl.layers.quantization.base import Fp8Layout, QuantizationError, QuantSpec
 from asgl.layers.quantization.fp8_kernels import (FP8, apply_fp8_block, apply_fp8_rowwise,
                                                   dequantize_block, dequantize_rowwise,
                                                   quantize_weight_per_channel)
@@ -45,15 +44,6 @@ from asgl.layers.utils import set_weight_attrs
 # Our fused layers and the checkpoint pieces they hold (ignore lists name the pieces).
 _FUSED_PIECES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"),
                  "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-@dataclass(frozen=True)
-class Fp8Layout:
-    weight: str = "dynamic"  # dynamic | tensor | channel | block
-    activation: str = "dynamic"  # dynamic | static
-    block: Optional[tuple[int, int]] = None  # (bn, bk) for block weights
-    scale_name: str = "weight_scale"  # block scales: weight_scale_inv (HF) or weight_scale
-    activation_ub: Optional[float] = None  # fbgemm: activation amax clamped to this
 
 
 def _param(shape, dtype, attrs: dict) -> nn.Parameter:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asgl.layers.quant import FusedMoEMethodBase
-from asgl.layers.quantization.fp8 import Fp8Layout
+from asgl.layers.quantization.base import Fp8Layout
 from asgl.layers.quantization.fp8_kernels import (FP8, apply_fp8_block, apply_fp8_rowwise,
                                                   quantize_weight_per_channel)
 from asgl.layers.utils import set_weight_attrs

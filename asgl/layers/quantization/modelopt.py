@@ -5,8 +5,8 @@ static per-tensor `input_scale` per layer; `exclude_modules` (or `ignore`) stay 
 
 from __future__ import annotations
 
-from asgl.layers.quantization import QuantSpec
-from asgl.layers.quantization.fp8 import Fp8Config, Fp8Layout
+from asgl.layers.quantization.base import Fp8Layout, QuantSpec
+from asgl.layers.quantization.fp8 import Fp8Config
 
 
 class ModelOptFp8Config(Fp8Config):

@@ -16,7 +16,7 @@ import logging
 import re
 from typing import Any, Optional
 
-from asgl.layers.quantization import QuantizationError
+from asgl.layers.quantization.base import QuantizationError
 
 logger = logging.getLogger(__name__)
 
