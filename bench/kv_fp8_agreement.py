@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     ref = generate("auto", ids, args.tokens, **options)
     report = {"prompts": args.prompts, "tokens": args.tokens, "device": args.device,
               "attention_backend": args.attention_backend}
-    for kv in args.kv_dtypes.split(","):
+    # control: the full-precision cache itself, teacher forced (prefill vs decode numerics)
+    control, total = teacher_forced("auto", ids, ref, **options)
+    report["auto_teacher_forced_percent"] = round(100.0 * control / total, 2)
+    for kv in [k for k in args.kv_dtypes.split(",") if k]:
         same, total = agreement(ref, generate(kv, ids, args.tokens, **options))
         forced, _ = teacher_forced(kv, ids, ref, **options)
         report[kv] = {"free_running_identical": same, "teacher_forced_identical": forced,
