@@ -1,6 +1,7 @@
 """FP8 GEMM checks and speed on a GPU (sm89+), at the Llama-3.1-8B linear shapes.
 
 For each (M tokens, N, K), on fresh random inputs:
+- the one-launch Triton activation quantizer equals the torch one bit for bit;
 - row-wise W8A8 (`apply_fp8_rowwise`: per-token activation quantization + torch._scaled_mm)
   against its torch reference: the same FP8 operands dequantized to float32 and multiplied;
 - block-wise W8A8 (`apply_fp8_block`: 1 x 128 activation groups + the Triton kernel) against
@@ -28,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from asgl.layers.quantization.fp8_kernels import (  # noqa: E402
     FP8, apply_fp8_block, apply_fp8_rowwise, dequantize_rowwise, quantize_groupwise,
-    quantize_rowwise, quantize_weight_per_channel, w8a8_block_matmul_reference)
+    quantize_rowwise, quantize_rowwise_fused, quantize_weight_per_channel,
+    w8a8_block_matmul_reference)
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
@@ -62,6 +64,9 @@ def check(M: int, N: int, K: int, gen: torch.Generator) -> dict:
     rec = {"M": M, "N": N, "K": K}
     # row-wise W8A8 vs the float32 product of the same quantized operands
     xq, xs = quantize_rowwise(x)
+    fq, fs = quantize_rowwise_fused(x)  # the one-launch Triton form used by the layers
+    rec["fused_quant_equal"] = bool(torch.equal(fq.view(torch.uint8), xq.view(torch.uint8))
+                                    and torch.allclose(fs, xs, rtol=1e-6, atol=0))
     ref = (xq.float() * xs) @ dequantize_rowwise(wq, ws).T
     rec["rowwise_rel_err"] = _rel(apply_fp8_rowwise(x, wq, ws), ref)
     # weight-only fallback vs the bf16 input times the dequantized weight
@@ -81,8 +86,8 @@ def check(M: int, N: int, K: int, gen: torch.Generator) -> dict:
     rec.update({"bf16_ms": t_bf16, "fp8_rowwise_ms": t_row, "fp8_block_ms": t_block,
                 "bf16_tflops": flop / t_bf16 / 1e9, "fp8_rowwise_tflops": flop / t_row / 1e9,
                 "rowwise_speedup": t_bf16 / t_row, "block_speedup": t_bf16 / t_block})
-    rec["ok"] = all(rec[k] < TOL for k in ("rowwise_rel_err", "weight_only_rel_err",
-                                             "block_rel_err"))
+    rec["ok"] = rec["fused_quant_equal"] and all(
+        rec[k] < TOL for k in ("rowwise_rel_err", "weight_only_rel_err", "block_rel_err"))
     return rec
 
 

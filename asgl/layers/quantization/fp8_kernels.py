@@ -43,6 +43,26 @@ def quantize_rowwise(x: torch.Tensor,
     return q, scale
 
 
+def quantize_rowwise_fused(x: torch.Tensor,
+                           ub: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rowwise` in one Triton launch (the GPU path: a decode step quantizes the
+    activations of every linear layer, where seven small launches each would cost more than
+    the FP8 GEMM saves)."""
+    import triton
+
+    from asgl.layers.quantization._block_fp8_triton import per_token_quant_kernel
+
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=FP8, device=x.device)
+    s = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+    if M:
+        block = triton.next_power_of_2(K)
+        per_token_quant_kernel[(M,)](x, q, s, K, x.stride(0), float(ub or 0.0),
+                                     HAS_UB=ub is not None, BLOCK=block,
+                                     num_warps=min(16, max(4, block // 1024)))
+    return q, s
+
+
 def quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x quantized with one given scale (a checkpoint's static `input_scale`)."""
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
@@ -110,7 +130,7 @@ def apply_fp8_rowwise(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     x2 = x.reshape(-1, shape[-1])
     if _scaled_mm_ok(x2, weight):
         if input_scale is None:
-            xq, xs = quantize_rowwise(x2, activation_ub)
+            xq, xs = quantize_rowwise_fused(x2.contiguous(), activation_ub)
         else:
             xq = quantize_static(x2, input_scale)
             xs = input_scale.float().reshape(1, 1).expand(x2.shape[0], 1).contiguous()
