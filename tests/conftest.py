@@ -166,7 +166,8 @@ SLOW_FILES = frozenset({
 
 # Parametrizations of fast-tier files that run with the slow tier: (file, id part). The
 # default tier keeps the file's first configuration (test_engine_hf: overlap + radix).
-SLOW_PARAMS = frozenset({("test_engine_hf.py", "no-overlap+no-radix+chunk16")})
+SLOW_PARAMS = frozenset({("test_engine_hf.py", "no-overlap+no-radix+chunk16"),
+                         ("test_kv_fp8.py", "fp8_e5m2"), ("test_kv_fp8.py", "smollm2")})
 
 
 def _is_slow(item: pytest.Item) -> bool:

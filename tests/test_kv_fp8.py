@@ -27,16 +27,17 @@ PREFIX = ("You are a careful assistant. Answer in one sentence, plainly, without
 def test_radix_and_chunked_prefill_reuse_fp8_kv(kv):
     questions = [PREFIX + q for q in ("What is the capital of France?", "Why is the sky blue?",
                                       "How do bees make honey?")]
+    short = {**GREEDY, "max_new_tokens": 8}
     with make_llm(kv_cache_dtype=kv, chunked_prefill_size=8) as llm:
-        first = llm.generate(questions[:1], GREEDY)  # caches the shared prefix
-        cached = llm.generate(questions, GREEDY)
+        first = llm.generate(questions[:1], short)  # caches the shared prefix
+        cached = llm.generate(questions, short)
         assert llm.engine.runner.kv_pool.dtype.itemsize == 1
         note = llm.engine.runner.kv_scale_note
     assert "no K/V scales: using 1.0" in note
     assert all(o.cached_tokens > 0 for o in cached)
     assert cached[0].output_ids == first[0].output_ids
     with make_llm(kv_cache_dtype=kv, disable_radix_cache=True, chunked_prefill_size=-1) as llm:
-        fresh = llm.generate(questions, GREEDY)
+        fresh = llm.generate(questions, short)
     assert all(o.cached_tokens == 0 for o in fresh)
     assert [o.output_ids for o in cached] == [o.output_ids for o in fresh]
 
