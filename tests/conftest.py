@@ -160,7 +160,7 @@ SLOW_FILES = frozenset({
     "test_server_load.py", "test_server_native.py", "test_server_readme.py",
     "test_server_structured.py", "test_torch_compile.py", "test_tp_comm.py",
     "test_tp_engine.py", "test_tp_multinode.py", "test_triton_kernels.py",
-    "test_watchdog.py",
+    "test_watchdog.py", "test_quant_tp.py",
 })
 
 

@@ -38,9 +38,9 @@ TINY = dict(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_l
             bos_token_id=1, eos_token_id=2)
 
 
-def tiny_model(seed: int = 0) -> transformers.LlamaForCausalLM:
+def tiny_model(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
     """A tiny random Llama in float32 (weights scaled up so logits have clear gaps)."""
-    config = transformers.LlamaConfig(**TINY)
+    config = transformers.LlamaConfig(**{**TINY, **overrides})
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
