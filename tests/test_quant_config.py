@@ -241,3 +241,30 @@ def test_fused_per_token_quant_matches_torch(ub):
     q_ref, s_ref = quantize_rowwise(x, ub)
     torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def test_memory_plan_counts_what_fp8_frees():
+    """The start-up note's numbers: FP8 weights take 1 byte where float32 took 4, plus
+    their float32 row scales; everything else is counted as it is."""
+    import transformers
+
+    from asgl.layers.linear import LinearBase
+    from asgl.layers.quantization import get_quant_config, resolve_quantization
+    from asgl.layers.quantization.loading import (describe_savings, process_after_loading,
+                                                  weight_bytes)
+    from asgl.models.dummy_weights import init_dummy_weights
+    from asgl.models.llama import LlamaForCausalLM
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2)
+    model = LlamaForCausalLM(config, get_quant_config(resolve_quantization("fp8", None)))
+    init_dummy_weights(model)
+    process_after_loading(model)
+    actual, full = weight_bytes(model, torch.float32)
+    linears = [m for m in model.modules() if isinstance(m, LinearBase)]
+    saved = sum(m.weight.numel() * 3 - m.weight_scale.numel() * 4 for m in linears)
+    assert all(m.weight.dtype == torch.float8_e4m3fn for m in linears)
+    assert full - actual == saved > 0
+    _, note = describe_savings(model, torch.float32, "fp8")
+    assert f"{(full - actual) / 2**20:.2f} MiB more for the KV pool" in note

@@ -109,6 +109,10 @@ class ModelRunner:
         self.kv_scale_note = kv_scales.apply(self.model, self.kv_dtype())
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
+            if scheme is not None:
+                # the 16-bit tensors quantization replaced sit in the caching allocator,
+                # which mem_get_info counts as used: give them back so the KV pool gets them
+                torch.cuda.empty_cache()
         logger.info("model %s loaded in %.1fs (%s, %s, %.2f GiB of weights%s)",
                     arch[0] if arch else "?", time.perf_counter() - t0, self.device,
                     str(self.dtype).replace("torch.", ""), self.weight_bytes / 2**30,

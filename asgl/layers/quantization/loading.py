@@ -78,6 +78,7 @@ def describe_savings(model: nn.Module, dtype: torch.dtype, scheme: Any) -> tuple
     if scheme is None or full <= actual:
         return actual, ""
     name = str(dtype).replace("torch.", "")
-    return actual, (f"; {scheme} weights {actual / 2**30:.2f} GiB instead of "
-                    f"{full / 2**30:.2f} GiB in {name}: {(full - actual) / 2**30:.2f} GiB more "
-                    "for the KV pool")
+    unit, div = ("GiB", 2**30) if full >= 2**30 else ("MiB", 2**20)
+    return actual, (f"; {scheme} weights {actual / div:.2f} {unit} instead of "
+                    f"{full / div:.2f} {unit} in {name}: {(full - actual) / div:.2f} {unit} "
+                    "more for the KV pool")
