@@ -133,8 +133,9 @@ class FlashInferBackend(AttentionBackend):
         # [slots, kv_heads, dim] is NHD paged layout with page size 1: add the page axis
         # FP8 KV (stored = k / k_scale): the kernel folds k_scale into the softmax scale and
         # multiplies the output by v_scale; plain Python floats, so graphs capture them
-        out = wrapper.run(q, (k_buf.unsqueeze(1), v_buf.unsqueeze(1)), k_scale=spec.k_scale,
-                          v_scale=spec.v_scale)
+        scales = {} if spec.k_scale is None and spec.v_scale is None else \
+            {"k_scale": spec.k_scale, "v_scale": spec.v_scale}
+        out = wrapper.run(q, (k_buf.unsqueeze(1), v_buf.unsqueeze(1)), **scales)
         return out.view(T, spec.num_heads * spec.head_dim)
 
     # ------------------------------------------------------------------ CUDA graphs
