@@ -8,6 +8,10 @@ of the sequence. Decode is the same kernel with one query per request (the tenso
 FlashInfer itself uses for grouped-query decode), so only one JIT module is ever built
 (~1-2 min on first use; reused from ~/.cache/flashinfer afterwards).
 
+FP8 KV cache (`--kv-cache-dtype fp8_*`): plans take the FP8 KV dtype with 16-bit queries;
+the pool stores k / k_scale and `run` gets the layer's K/V scales (a checkpoint's, or none
+for 1.0).
+
 Per step (`prepare`, once, reused by every layer): the host builds the two indptr arrays
 from the batch's host lengths; the page indices are gathered on the device from
 `req_to_token` (no host sync); `plan` runs on the host.
