@@ -27,6 +27,7 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     kv_cache_dtype: Literal["auto", "float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"] = "auto"
     quantization: Optional[str] = None
+    torchao_config: Optional[str] = None
     context_length: Optional[int] = None
     trust_remote_code: bool = False
     chat_template: Optional[str] = None
@@ -279,6 +280,7 @@ CLI_GROUPS: dict[str, str] = {
     **dict.fromkeys(["model_path", "tokenizer_path", "load_format", "dtype", "quantization",
                      "context_length", "trust_remote_code", "chat_template", "revision",
                      "skip_tokenizer_init", "is_embedding", "device", "model_impl", "gguf_file"], "model"),
+    "torchao_config": "model",
     **dict.fromkeys(["host", "port", "api_key", "admin_api_key", "max_request_body_mb",
                      "max_queued_requests", "shutdown_timeout", "watchdog_timeout",
                      "exit_on_stall", "file_storage_path", "max_batch_in_flight"], "serving"),
@@ -340,8 +342,13 @@ _HELP: dict[str, str] = {
                            "requests (default: 2 on the CPU, 32 on a GPU)",
     "load_format": "how to read weights; 'dummy' makes random weights for a preset config",
     "dtype": "weight and activation dtype; auto = bfloat16 on CUDA, float32 on the CPU",
-    "kv_cache_dtype": "KV cache dtype; auto = the model dtype",
-    "quantization": "weight quantization method (e.g. fp8)",
+    "kv_cache_dtype": "KV cache dtype; auto = the model dtype; fp8_e4m3 / fp8_e5m2 halve a "
+                      "16-bit cache (scales from the checkpoint, else 1.0)",
+    "quantization": "weight quantization: fp8 (quantize a 16-bit checkpoint on load), or the "
+                    "checkpoint's own (fp8, modelopt, fbgemm_fp8, compressed-tensors; read "
+                    "from its config without the flag); see docs/quantization.md",
+    "torchao_config": "quantize linear layers with torchao: int4wo-<group>, int8wo, int8dq, "
+                      "fp8wo, fp8dq",
     "context_length": "maximum tokens of prompt + output (default: the model's)",
     "trust_remote_code": "allow code from the model directory to run",
     "model_impl": "auto: asgl's own model file, else transformers' modelling code with asgl "

@@ -163,7 +163,7 @@ SLOW_FILES = frozenset({
     "test_server_load.py", "test_server_native.py", "test_server_readme.py",
     "test_server_structured.py", "test_torch_compile.py", "test_tp_comm.py",
     "test_tp_engine.py", "test_tp_multinode.py", "test_triton_kernels.py",
-    "test_watchdog.py",
+    "test_watchdog.py", "test_quant_tp.py",
     "test_mla_families.py", "test_mla_kernels.py",
     "test_moe_families.py", "test_moe_kernels.py",
     "test_vlm_lang.py",  # an in-process Runtime and an `asgl serve` of a tiny LLaVA (~60 s)
@@ -175,7 +175,8 @@ SLOW_FILES = frozenset({
 
 # Parametrizations of fast-tier files that run with the slow tier: (file, id part). The
 # default tier keeps the file's first configuration (test_engine_hf: overlap + radix).
-SLOW_PARAMS = frozenset({("test_engine_hf.py", "no-overlap+no-radix+chunk16")})
+SLOW_PARAMS = frozenset({("test_engine_hf.py", "no-overlap+no-radix+chunk16"),
+                         ("test_kv_fp8.py", "fp8_e5m2"), ("test_kv_fp8.py", "smollm2")})
 
 
 def _is_slow(item: pytest.Item) -> bool:

@@ -1,4 +1,4 @@
-"""The quantization hook of the linear layers.
+"""The quantization hook of the linear layers (and of fused-MoE expert weights).
 
 A linear layer does not own its weight layout: it asks its `LinearMethodBase` to create the
 parameters (`create_weights`) and to run the matmul (`apply`). FP8, INT4 (AWQ/GPTQ) and the
@@ -6,6 +6,19 @@ like are added as a `QuantizationConfig` that hands out their own methods, so mo
 change. Parameters a method creates carry `input_dim` / `output_dim` (which axis the layer
 shards along) and optionally `packed_dim` / `pack_factor` (several values per stored element),
 and the `weight_loader` the layer passed in; the layer's loader does the TP narrowing.
+Scales are parameters like any other: a per-channel scale carries `output_dim` (sharded with
+its rows), a block scale `output_dim`/`input_dim` plus `packed_dim`/`pack_factor` (one value
+per block of rows), a per-tensor scale neither (one value per fused piece, replicated).
+
+The concrete schemes (FP8 layouts, torchao, the names of what is refused) live in
+`asgl/layers/quantization/`; `get_quant_config` there picks one from `--quantization` and
+the checkpoint's `quantization_config`.
+
+MoE hook: a fused-MoE layer asks `quant_config.get_moe_method(layer, prefix)` for a
+`FusedMoEMethodBase` (None: unquantized) and lets it create the stacked expert weights
+`w13_weight` [E, 2I, H] / `w2_weight` [E, H, I] and their scales, post-process them after
+loading, and run the experts (`apply`). Expert scales are per expert (a leading E axis) and
+shard with their weights exactly as the linear layers' do.
 """
 
 from __future__ import annotations
@@ -51,6 +64,29 @@ class UnquantizedLinearMethod(LinearMethodBase):
         return F.linear(x, layer.weight, bias)
 
 
+class FusedMoEMethodBase(ABC):
+    """How a fused-MoE layer stores and runs its experts (the hook for the MoE layer).
+
+    `create_weights` registers `w13_weight` [E, 2 * I, H] (gate and up stacked) and
+    `w2_weight` [E, H, I] for this rank (I = intermediate size per rank) plus any scales,
+    each with the layer's `weight_loader`; `apply(layer, x, topk_weights, topk_ids)` returns
+    the weighted sum of the chosen experts' outputs, [T, H] in x's dtype."""
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype,
+                       weight_loader: Callable) -> None:
+        ...
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor) -> torch.Tensor:
+        ...
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Repack / quantize the expert weights once every expert is loaded."""
+
+
 class QuantizationConfig(ABC):
     """A checkpoint's quantization scheme; `get_quant_method` picks the method per layer."""
 
@@ -59,6 +95,11 @@ class QuantizationConfig(ABC):
     @abstractmethod
     def get_quant_method(self, layer: nn.Module, prefix: str) -> Optional[LinearMethodBase]:
         """The method for the layer named `prefix` (None: leave it unquantized)."""
+
+    def get_moe_method(self, layer: nn.Module, prefix: str) -> Optional[FusedMoEMethodBase]:
+        """The method for the fused-MoE layer named `prefix` (None: unquantized experts).
+        A scheme that cannot run experts raises NotImplementedError naming itself."""
+        raise NotImplementedError(f"quantization {self.name!r} has no fused-MoE method yet")
 
 
 def get_linear_method(quant_config: Optional[QuantizationConfig], layer: nn.Module,

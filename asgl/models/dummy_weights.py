@@ -40,7 +40,8 @@ def fill_dummy(name: str, data: torch.Tensor, generators: dict[torch.device, tor
     per device, created with `seed` on first use."""
     if name.endswith("bias"):
         data.zero_()
-    elif name.endswith("norm.weight") or data.dim() == 1:
+    elif name.endswith("norm.weight") or data.dim() == 1 or name.endswith(("_scale",
+                                                                           "_scale_inv")):
         data.fill_(1.0)
     elif not data.is_floating_point():
         data.zero_()  # packed integer (quantized) storage: any bit pattern is valid
@@ -62,8 +63,10 @@ def init_sharded_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     if config is None:
         raise NotImplementedError(f"{type(model).__name__} keeps no `config`: cannot build "
                                   "its unsharded shapes for dummy weights under TP")
+    quant_config = getattr(model, "quant_config", None)  # the same quantized layers
     with single_rank_view(), torch.device("meta"):
-        template = type(model)(config)
+        template = type(model)(config) if quant_config is None else \
+            type(model)(config, quant_config)
     params = dict(model.named_parameters())
     vocab_rows = {f"{mod_name}.{p_name}".lstrip("."): module.num_embeddings
                   for mod_name, module in model.named_modules()

@@ -27,7 +27,7 @@ import logging
 import os
 import struct
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from tqdm import tqdm
@@ -35,6 +35,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from asgl.config import EngineConfig
 from asgl.engine.contracts.errors import ModelLoadError
+from asgl.layers.quantization import (QuantizationError, QuantSpec, read_checkpoint_config,
+                                      resolve_quantization)
 from asgl.models import hub, presets
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,9 @@ class ModelSource:
     # Dummy presets borrow the embedded SmolLM2 tokenizer, whose vocabulary (49,152 ids) is
     # smaller than most models': ids past it decode to nothing.
     tokenizer_vocab_mismatch: bool = False
+    # the quantization scheme (--quantization / the checkpoint's), checked before any weight
+    # is read; None: unquantized
+    quantization: Optional[QuantSpec] = None
     _tensor_counts: list[int | None] = field(default_factory=list, repr=False)
 
     def iter_weights(self, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
@@ -198,6 +203,7 @@ def _from_hf_dir(path: str, cfg: EngineConfig, *, trust_remote_code: bool) -> Mo
         chat_template=read_chat_template(path),
         eos_token_ids=_eos_token_ids(path, hf_config),
         name=os.path.basename(path.rstrip(os.sep)), weights_dir=path)
+    source.quantization = check_quantization(cfg, read_checkpoint_config(path, hf_config))
     if cfg.load_format != "dummy":
         files, fmt = _find_weight_files(path, cfg.load_format)
         source.weight_files, source.weight_format = files, fmt
@@ -251,6 +257,8 @@ def _from_preset(preset: presets.Preset, cfg: EngineConfig) -> ModelSource:
     eos = _as_id_list(getattr(hf_config, "eos_token_id", None))
     source = ModelSource(model_path=preset.name, hf_config=hf_config, tokenizer_dir=None,
                          chat_template=None, eos_token_ids=eos, is_dummy=True, name=preset.name)
+    source.quantization = check_quantization(
+        cfg, read_checkpoint_config("", hf_config))
     if cfg.skip_tokenizer_init:
         return source
     try:
@@ -263,6 +271,20 @@ def _from_preset(preset: presets.Preset, cfg: EngineConfig) -> ModelSource:
     source.chat_template = embedded.chat_template
     source.tokenizer_vocab_mismatch = embedded.hf_config.vocab_size != hf_config.vocab_size
     return source
+
+
+def check_quantization(cfg: EngineConfig, checkpoint: Optional[dict]) -> Optional[QuantSpec]:
+    """The scheme from --quantization, --torchao-config and the checkpoint's config; a
+    ModelLoadError naming any method that cannot run (no weight has been read yet)."""
+    from asgl.layers.quantization.torchao import check_torchao_config
+
+    try:
+        spec = resolve_quantization(cfg.quantization, checkpoint)
+        check_torchao_config(getattr(cfg, "torchao_config", None),
+                             spec.name if spec is not None else None)
+    except QuantizationError as exc:
+        raise ModelLoadError(str(exc)) from None
+    return spec
 
 
 def _override_tokenizer(source: ModelSource, tokenizer_path: str) -> None:

@@ -63,6 +63,7 @@ def preflight(config: EngineConfig, bind: bool = True) -> Optional[socket.socket
     check_reasoning_parser(config.reasoning_parser)
     check_chat_template(config.chat_template)
     check_model_path(config)
+    check_quantization_flags(config)
     return bind_socket(config.host, config.port) if bind else None
 
 
@@ -140,6 +141,26 @@ def check_model_path(config: EngineConfig) -> None:
         return  # a hub id: asgl/models/hub.py fetches it (or finds it cached) at load
     raise ConfigError(f"--model-path {path!r}: no such file or directory, nor a hub id "
                       "ORG/NAME (a built-in preset needs --load-format dummy)")
+
+
+def check_quantization_flags(config: EngineConfig) -> None:
+    """--quantization and --torchao-config by name, and the checkpoint's quantization_config
+    when --model-path is a model directory: a method that cannot run is refused here, before
+    the engine starts (the loader checks again, for engines built from Python)."""
+    from asgl.layers.quantization import (QuantizationError, read_checkpoint_config,
+                                          resolve_quantization)
+    from asgl.layers.quantization.torchao import check_torchao_config
+
+    path = os.path.expanduser(config.model_path or "")
+    checkpoint = read_checkpoint_config(path) if os.path.isdir(path) else None
+    try:
+        spec = resolve_quantization(config.quantization, checkpoint) if checkpoint else None
+        if spec is None:
+            from asgl.layers.quantization import check_flag
+            check_flag(config.quantization)
+        check_torchao_config(config.torchao_config, spec.name if spec else config.quantization)
+    except QuantizationError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

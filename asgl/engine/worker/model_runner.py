@@ -61,8 +61,12 @@ def resolve_dtype(cfg: EngineConfig, device: torch.device) -> torch.dtype:
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, source: Any):
         from asgl.engine.sampling.sampler import Sampler
+        from asgl.layers.quantization import get_quant_config
+        from asgl.layers.quantization.kv_scales import KVScaleCollector
+        from asgl.layers.quantization.loading import (cast_unquantized, describe_savings,
+                                                      process_after_loading)
+        from asgl.layers.quantization.torchao import apply_torchao
         from asgl.models.dummy_weights import init_dummy_weights
-        from asgl.models.weights import cast_model
         from asgl.models.model_impl import resolve_model_class
 
         self.cfg = cfg
@@ -79,28 +83,44 @@ class ModelRunner:
         arch = list(getattr(hf_config, "architectures", None) or [])
         model_cls = resolve_model_class(hf_config, cfg.model_impl, is_embedding=cfg.is_embedding)
         t0 = time.perf_counter()
+        spec = getattr(source, "quantization", None)
+        self.quant_config = get_quant_config(spec)
         # Parameters are created directly on the device in the model dtype (torch.empty):
         # dummy weights are then drawn there, which takes well under a second for 8B.
         with torch.device(self.device):
             prev = torch.get_default_dtype()
             torch.set_default_dtype(self.dtype)
             try:
-                model = model_cls(hf_config)
+                model = (model_cls(hf_config) if self.quant_config is None
+                         else model_cls(hf_config, self.quant_config))
             finally:
                 torch.set_default_dtype(prev)
+        model.quant_config = self.quant_config  # TP dummy weights rebuild the same layers
+        kv_scales = KVScaleCollector()
         if source.is_dummy:
             init_dummy_weights(model, seed=cfg.random_seed or 0)
+            process_after_loading(model)  # e.g. --quantization fp8 quantizes the draws
         elif hasattr(model, "load_from_source"):  # a model that reads the directory itself
             model.load_from_source(source)
         else:
-            model.load_weights(source.iter_weights(progress=get_tp_rank() == 0))
-        self.model = cast_model(model, self.dtype).eval()
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            model.load_weights(kv_scales.filter(source.iter_weights(progress=get_tp_rank() == 0)))
+        self.model = cast_unquantized(model, self.dtype).eval()
+        scheme = spec.name if spec is not None else None
+        if cfg.torchao_config:
+            apply_torchao(self.model, cfg.torchao_config, self.device.type)
+            scheme = f"torchao {cfg.torchao_config}"
+        self.weight_bytes, self.quant_note = describe_savings(self.model, self.dtype, scheme)
+        self.kv_scale_note = kv_scales.apply(self.model, self.kv_dtype())
         if self.on_cuda:
             torch.cuda.synchronize(self.device)
-        logger.info("model %s loaded in %.1fs (%s, %s, %.2f GiB of weights)",
+            if scheme is not None:
+                # the 16-bit tensors quantization replaced sit in the caching allocator,
+                # which mem_get_info counts as used: give them back so the KV pool gets them
+                torch.cuda.empty_cache()
+        logger.info("model %s loaded in %.1fs (%s, %s, %.2f GiB of weights%s)",
                     arch[0] if arch else "?", time.perf_counter() - t0, self.device,
-                    str(self.dtype).replace("torch.", ""), self.weight_bytes / 2**30)
+                    str(self.dtype).replace("torch.", ""), self.weight_bytes / 2**30,
+                    f", {scheme}" if scheme else "")
         self.compiled = compiled_forward(cfg, self.model, self.device)
         text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()  # (VLMs)
         self.vocab_size = int(text_config.vocab_size)
@@ -194,9 +214,10 @@ class ModelRunner:
             tokens = int(budget // per_token)
             logger.info("GPU memory plan: %.1f GiB card, %.1f GiB in use (weights %.1f), "
                         "%.1f GiB reserved for activations/graphs (1 - %.2f), KV pool %.1f GiB "
-                        "= %d tokens (%d KiB each)", total / 2**30, used / 2**30,
+                        "= %d tokens (%d KiB each, %s)%s", total / 2**30, used / 2**30,
                         self.weight_bytes / 2**30, total * (1 - frac) / 2**30, frac,
-                        budget / 2**30, tokens, per_token // 1024)
+                        budget / 2**30, tokens, per_token // 1024,
+                        str(kv_dtype).replace("torch.", ""), self.quant_note)
             return tokens
         return int(self.cfg.cpu_kv_budget_gb * (1 << 30) // per_token)
 

@@ -8,6 +8,10 @@ of the sequence. Decode is the same kernel with one query per request (the tenso
 FlashInfer itself uses for grouped-query decode), so only one JIT module is ever built
 (~1-2 min on first use; reused from ~/.cache/flashinfer afterwards).
 
+FP8 KV cache (`--kv-cache-dtype fp8_*`): plans take the FP8 KV dtype with 16-bit queries;
+the pool stores k / k_scale and `run` gets the layer's K/V scales (a checkpoint's, or none
+for 1.0).
+
 Per step (`prepare`, once, reused by every layer): the host builds the two indptr arrays
 from the batch's host lengths; the page indices are gathered on the device from
 `req_to_token` (no host sync); `plan` runs on the host.
@@ -61,8 +65,9 @@ class FlashInferBackend(AttentionBackend):
         if dtype not in (torch.float16, torch.bfloat16):
             raise NotImplementedError(f"flashinfer attention needs fp16/bf16, not {dtype}")
         kv_dtype = kv_dtype or dtype
-        if kv_dtype != dtype:
-            raise NotImplementedError("flashinfer backend: KV cache dtype must equal the model's")
+        if kv_dtype != dtype and kv_dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise NotImplementedError("flashinfer backend: the KV cache is the model's dtype "
+                                      f"or FP8, not {kv_dtype}")
         self._wrapper_cls = BatchPrefillWithPagedKVCacheWrapper
         self.device = device
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
@@ -83,8 +88,6 @@ class FlashInferBackend(AttentionBackend):
             raise NotImplementedError("flashinfer backend: every layer must share head shapes")
         if spec.v_dim != spec.head_dim or not spec.causal:
             raise NotImplementedError("flashinfer backend: causal attention, v_dim == head_dim")
-        if spec.k_scale is not None or spec.v_scale is not None:
-            raise NotImplementedError("flashinfer backend: no scaled (fp8) KV cache yet")
         gap = flashinfer_gap(spec)
         if gap is not None:
             raise NotImplementedError(f"flashinfer backend: {gap}")
@@ -123,7 +126,7 @@ class FlashInferBackend(AttentionBackend):
         T = q.shape[0]
         pool.set_kv(spec.layer_id, batch.out_cache_loc,
                     k.view(T, spec.num_kv_heads, spec.head_dim),
-                    v.view(T, spec.num_kv_heads, spec.head_dim))
+                    v.view(T, spec.num_kv_heads, spec.head_dim), spec.k_scale, spec.v_scale)
         k_buf, v_buf = pool.get_kv(spec.layer_id)
         q = q.view(T, spec.num_heads, spec.head_dim)
         wrapper = batch.attn_state.get(_variant(spec))
@@ -136,7 +139,11 @@ class FlashInferBackend(AttentionBackend):
             self._plan(wrapper, _variant(spec), *self._plan_args)
             batch.attn_state[_variant(spec)] = wrapper
         # [slots, kv_heads, dim] is NHD paged layout with page size 1: add the page axis
-        out = wrapper.run(q, (k_buf.unsqueeze(1), v_buf.unsqueeze(1)))
+        # FP8 KV (stored = k / k_scale): the kernel folds k_scale into the softmax scale and
+        # multiplies the output by v_scale; plain Python floats, so graphs capture them
+        scales = {} if spec.k_scale is None and spec.v_scale is None else \
+            {"k_scale": spec.k_scale, "v_scale": spec.v_scale}
+        out = wrapper.run(q, (k_buf.unsqueeze(1), v_buf.unsqueeze(1)), **scales)
         return out.view(T, spec.num_heads * spec.head_dim)
 
     # ------------------------------------------------------------------ CUDA graphs
