@@ -230,6 +230,16 @@ serve_profile() {
   tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
 }
 
+# A short A/B for a small device budget: the new tree on both backends (its loop sampled
+# during the native bench with PROFILE=1), the old one on the native backend only
+serve_quick() {
+  : "${BASELINE:?set BASELINE to the folder of the older tree}"
+  begin_call
+  SERVE_BACKENDS="asgl openai" serve_one after .
+  PROFILE= SERVE_BACKENDS=asgl serve_one baseline "$BASELINE"
+  tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
+}
+
 # The bars the serving figures are held to (also a mode of its own, MED=median running batch,
 # when serve_ab ran out of time for them)
 serve_bars() {
@@ -272,6 +282,7 @@ case $MODE in
   ab) ab ;;
   serve_ab) serve_ab ;;
   serve_profile) serve_profile ;;
+  serve_quick) serve_quick ;;
   serve_bars) serve_bars; tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS" ;;
-  *) echo "usage: $0 prepare|stage|run|ab|serve_ab|serve_profile|serve_bars"; exit 2 ;;
+  *) echo "usage: $0 prepare|stage|run|ab|serve_ab|serve_quick|serve_profile|serve_bars"; exit 2 ;;
 esac
