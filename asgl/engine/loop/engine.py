@@ -654,10 +654,14 @@ def _image_inputs(cfg: EngineConfig, source: Any) -> Any:
     from asgl.engine.loop.mm_inputs import ImageInputs
     from asgl.models.registry import get_model_class
 
-    if cfg.is_embedding:
+    if cfg.is_embedding or cfg.model_impl == "transformers":
         return None
     arch = list(getattr(source.hf_config, "architectures", None) or [])
-    images = ImageInputs.for_model(get_model_class(arch), source.hf_config,
+    try:
+        cls = get_model_class(arch)
+    except ValueError:  # no native file: transformers' code serves it (text only), or the
+        return None     # model runner reports the architecture
+    images = ImageInputs.for_model(cls, source.hf_config,
                                    source.weights_dir or source.model_path, cfg)
     if images is not None and cfg.tp_size > 1:
         images.shutdown()
