@@ -46,7 +46,7 @@ def commit_sha(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -54,22 +54,22 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-class StandinHub:
-    """`with StandinHub(repos) as hub:` serves on 127.0.0.1:<free port>; `hub.url`."""
+class StandinServer:
+    """A stand-in API (this one's and modelscope_standin.py's): `with Server(...) as s:`
+    serves on 127.0.0.1:<free port> from a daemon thread, at `s.url`; every request is
+    recorded in `requests` ("METHOD path"). Subclasses give `_handler()`, a `RoutedHandler`."""
 
-    def __init__(self, repos: dict[str, Repo], cut: Optional[dict[str, int]] = None):
-        self.repos = repos
-        # path in repo -> bytes: the first GET of that file breaks off after so many bytes
-        self.cut = dict(cut or {})
+    def __init__(self) -> None:
         self.requests: list[str] = []
-        self.ranges: list[tuple[str, int]] = []  # (path, first byte) of each Range request
-        self._digests: dict[str, str] = {}
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "StandinHub":
+    def _handler(self) -> type:
+        raise NotImplementedError
+
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -81,27 +81,56 @@ class StandinHub:
             self._server.shutdown()
         self._server.server_close()
 
+
+class RoutedHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1, quiet; GET and HEAD both go to `_route(head)`."""
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: object) -> None:  # quiet
+        pass
+
+    def do_HEAD(self) -> None:
+        self._route(head=True)
+
+    def do_GET(self) -> None:
+        self._route(head=False)
+
+    def _route(self, head: bool) -> None:
+        raise NotImplementedError
+
+    def _send(self, status: int, body: bytes, ctype: str,
+              headers: tuple[tuple[str, str], ...] = ()) -> None:
+        """A whole response (its body left out for HEAD)."""
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+
+class StandinHub(StandinServer):
+    """`with StandinHub(repos) as hub:` serves on 127.0.0.1:<free port>; `hub.url`."""
+
+    def __init__(self, repos: dict[str, Repo], cut: Optional[dict[str, int]] = None):
+        self.repos = repos
+        # path in repo -> bytes: the first GET of that file breaks off after so many bytes
+        self.cut = dict(cut or {})
+        self.ranges: list[tuple[str, int]] = []  # (path, first byte) of each Range request
+        self._digests: dict[str, str] = {}
+        super().__init__()
+
     def digest(self, path: str) -> str:
         if path not in self._digests:
-            self._digests[path] = _sha256(path)
+            self._digests[path] = file_sha256(path)
         return self._digests[path]
 
     def _handler(self) -> type:
         hub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:  # quiet
-                pass
-
-            def do_HEAD(self) -> None:
-                self._route(head=True)
-
-            def do_GET(self) -> None:
-                self._route(head=False)
-
-            # ------------------------------------------------------------ routing
+        class Handler(RoutedHandler):
             def _route(self, head: bool) -> None:
                 hub.requests.append(f"{self.command} {self.path}")
                 path = unquote(urlparse(self.path).path)
@@ -182,21 +211,7 @@ class StandinHub:
                         self.wfile.write(block)
 
             def _error(self, status: int, code: str, message: str) -> None:
-                self.send_response(status)
-                self.send_header("X-Error-Code", code)
-                self.send_header("X-Error-Message", message)
-                body = json.dumps({"error": message}).encode()
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-            def _send(self, status: int, body: bytes, ctype: str) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self._send(status, json.dumps({"error": message}).encode(), "application/json",
+                           (("X-Error-Code", code), ("X-Error-Message", message)))
 
         return Handler

@@ -9,57 +9,23 @@ same `Repo`/`Revision` tables as hub_standin.py's; every request is recorded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlparse
 
-from hub_standin import Repo
+from hub_standin import Repo, RoutedHandler, StandinServer, file_sha256
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-class StandinModelScope:
+class StandinModelScope(StandinServer):
     def __init__(self, repos: dict[str, Repo]):
         self.repos = repos
-        self.requests: list[str] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "StandinModelScope":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__()
 
     def _handler(self) -> type:
         ms = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                self._route(head=True)
-
-            def do_GET(self) -> None:
-                self._route(head=False)
-
+        class Handler(RoutedHandler):
             def _route(self, head: bool) -> None:
                 ms.requests.append(f"{self.command} {self.path}")
                 url = urlparse(self.path)
@@ -83,7 +49,7 @@ class StandinModelScope:
                                             "Message": f"revision {rev} not found"})
                 if rest == "/repo/files":
                     files = [{"Name": os.path.basename(p), "Path": p, "Type": "blob",
-                              "Size": os.path.getsize(f), "Sha256": _sha256(f),
+                              "Size": os.path.getsize(f), "Sha256": file_sha256(f),
                               "Revision": found.commit}
                              for p, f in sorted(found.files.items())]
                     return self._json(200, {"Code": 200, "Data": {"Files": files}})
@@ -114,12 +80,6 @@ class StandinModelScope:
                         self.wfile.write(f.read())
 
             def _json(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
+                self._send(status, json.dumps(body).encode(), "application/json")
 
         return Handler

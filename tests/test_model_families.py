@@ -11,7 +11,8 @@ serves it in float32 on the CPU with chunked prefill (chunks of 8 tokens), and:
 - the end-of-turn id listed in generation_config.json's eos_token_id (Gemma's
   <end_of_turn>, Phi-3's <|end|>, ...) stops generation.
 
-Prompts are longer than the sliding window of the families that have one (window 6).
+Prompts are longer than the sliding window of the families that have one (window 6). The
+checks shared with the other family tests live in tests/family_harness.py.
 """
 
 from __future__ import annotations
@@ -23,15 +24,17 @@ import pytest
 import torch
 import transformers
 
+from family_harness import (EOS, MAX_NEW, VOCAB, LogitsTap, check_billions, check_cold_prompt,
+                            check_hf_tp2, check_through_engine, finish_gguf, first_prompt,
+                            gguf_base_ints, gguf_tensor_name, hf_greedy, hf_logits, make_family_llm,
+                            meta_model, random_hf_model)
 from helpers import rel_err
-from tests.conftest import make_llm, reference_threads
+from tests.conftest import make_llm
 
-VOCAB = 160
-EOS = VOCAB - 1
+# test_model_impl.py and bench/gpu_mla.py take these from here
+_LogitsTap, _hf_logits = LogitsTap, hf_logits
+
 WINDOW = 6
-CHUNK = 8
-MAX_NEW = 6
-TIE_GAP = 1e-3
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             max_position_embeddings=256, initializer_range=0.1, bos_token_id=1,
@@ -88,75 +91,7 @@ def _config(family: str):
 
 
 def _hf_model(family: str):
-    config = _config(family)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():  # HF zero-inits biases and norm offsets: make them count
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model.float().eval()
-
-
-def _hf_logits(model, ids: list[int]) -> torch.Tensor:
-    with torch.no_grad(), reference_threads():
-        return model(torch.tensor([ids])).logits[0].float()
-
-
-def _hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
-    """HF's greedy continuation (full forward per step, no EOS) and each step's top-2 gap."""
-    ids, gaps = list(prompt), []
-    for _ in range(n):
-        last = _hf_logits(model, ids)[-1]
-        top2 = torch.topk(last, 2).values
-        gaps.append(float(top2[0] - top2[1]))
-        ids.append(int(last.argmax()))
-    return ids[len(prompt):], gaps
-
-
-def _check_greedy(got: list[int], ref: list[int], gaps: list[float], what: str) -> int:
-    """How many leading tokens agree; a difference anywhere but after a near-tie fails."""
-    for i, (a, b) in enumerate(zip(got, ref)):
-        if a != b:
-            assert gaps[i] < TIE_GAP, (f"{what}: token {i} is {a}, HF {b}, top-2 gap "
-                                       f"{gaps[i]:.2e}\n got {got}\n ref {ref}")
-            return i
-    assert len(got) == len(ref), f"{what}: {len(got)} tokens vs HF {len(ref)}"
-    return len(got)
-
-
-def _check_cold_prompt(llm, hf, prompt: list[int], what: str) -> int:
-    """Greedy tokens and every logits row of one fresh prompt against HF; returns how many
-    generated tokens agree."""
-    ref, gaps = _hf_greedy(hf, prompt, MAX_NEW)
-    tap = _LogitsTap(llm.engine.runner.model)
-    out = llm.generate(prompt, {"temperature": 0.0, "max_new_tokens": MAX_NEW, "ignore_eos": True},
-                       return_logprob=True, logprob_start_len=0)
-    agree = _check_greedy(out.output_ids, ref, gaps, what)
-    got = tap.take()
-    want = _hf_logits(hf, (prompt + out.output_ids)[:-1])
-    assert got.shape == want.shape, (got.shape, want.shape)
-    n = len(prompt) + agree  # rows before a near-tie divergence
-    assert rel_err(got[:n], want[:n]) < 1e-4, (what, rel_err(got[:n], want[:n]))
-    return agree
-
-
-class _LogitsTap:
-    """Records every logits tensor the engine's model computes (rows in step order)."""
-
-    def __init__(self, model):
-        self.rows: list[torch.Tensor] = []
-        inner = model.compute_logits
-
-        def compute_logits(hidden):
-            out = inner(hidden)
-            self.rows.append(out.detach().clone())
-            return out
-        model.compute_logits = compute_logits
-
-    def take(self) -> torch.Tensor:
-        out, self.rows = torch.cat(self.rows), []
-        return out
+    return random_hf_model(_config(family))
 
 
 # The Triton kernels (under TRITON_INTERPRET on the CPU) where the attention itself changes:
@@ -167,9 +102,8 @@ CASES = [(f, "torch") for f in FAMILIES] + [("gemma2", "triton")]
 @pytest.mark.parametrize("family,backend", CASES, ids=[f"{f}-{b}" for f, b in CASES])
 def test_family_matches_hf_through_engine(family, backend, tmp_path):
     hf = _hf_model(family)
-    gen = torch.Generator().manual_seed(7)
-    prompt = torch.randint(2, VOCAB - 1, (21,), generator=gen).tolist()
-    ref, gaps = _hf_greedy(hf, prompt, MAX_NEW)
+    prompt, gen = first_prompt()
+    ref, gaps = hf_greedy(hf, prompt, MAX_NEW)
     # an end-of-turn id next to EOS in generation_config, as chat checkpoints list them
     stop_at = next(i for i, t in enumerate(ref) if t in (EOS, ref[3]))
     hf.save_pretrained(tmp_path)
@@ -178,37 +112,14 @@ def test_family_matches_hf_through_engine(family, backend, tmp_path):
     if family in WINDOWED:
         assert len(prompt) > 3 * WINDOW
 
-    llm = make_llm(model_path=str(tmp_path), dtype="float32", device="cpu",
-                   chunked_prefill_size=CHUNK, skip_tokenizer_init=True, max_total_tokens=1024,
-                   disable_overlap_schedule=True, attention_backend=backend)
+    llm = make_family_llm(tmp_path, attention_backend=backend)
     try:
-        tap = _LogitsTap(llm.engine.runner.model)
-        greedy = {"temperature": 0.0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
-
-        # 1. cold prompt: prompt logprobs make the engine compute logits for every row
-        out = llm.generate(prompt, greedy, return_logprob=True, logprob_start_len=0)
-        agree = _check_greedy(out.output_ids, ref, gaps, f"{family} cold")
-        got = tap.take()
-        seq = prompt + out.output_ids
-        want = _hf_logits(hf, seq[:-1])
-        assert got.shape == want.shape, (got.shape, want.shape)
-        n = len(prompt) + agree  # rows before a near-tie divergence
-        assert rel_err(got[:n], want[:n]) < 1e-4, rel_err(got[:n], want[:n])
-
-        # 2. a prompt sharing 16 tokens: served partly from the radix cache
-        prompt2 = prompt[:16] + torch.randint(2, VOCAB - 1, (7,), generator=gen).tolist()
-        ref2, gaps2 = _hf_greedy(hf, prompt2, MAX_NEW)
-        out2 = llm.generate(prompt2, greedy)
-        assert out2.cached_tokens >= CHUNK, out2.cached_tokens
-        agree2 = _check_greedy(out2.output_ids, ref2, gaps2, f"{family} cached")
-        got2 = tap.take()  # last prompt row, then one row per decode step
-        want2 = _hf_logits(hf, prompt2 + out2.output_ids[:-1])[len(prompt2) - 1:]
-        assert got2.shape == want2.shape
-        assert rel_err(got2[:agree2 + 1], want2[:agree2 + 1]) < 1e-4
-
-        # 3. the end-of-turn id from generation_config stops generation
+        # a cold prompt, then one sharing 16 tokens (served partly from the radix cache)
+        cold = check_through_engine(llm, lambda ids: hf_logits(hf, ids), prompt, ref, gaps,
+                                    gen, family)
+        # the end-of-turn id from generation_config stops generation
         out3 = llm.generate(prompt, {"temperature": 0.0, "max_new_tokens": MAX_NEW})
-        if agree > stop_at:
+        if cold.agree > stop_at:
             assert out3.output_ids == ref[:stop_at + 1]
             assert out3.finish_reason["type"] == "stop"
     finally:
@@ -224,13 +135,8 @@ PRESET_SIZES = {"gemma-2-9b": 9.24, "gemma-2-2b": 2.61, "gemma-7b": 8.54, "gemma
 @pytest.mark.parametrize("name", list(PRESET_SIZES))
 def test_dummy_preset_shapes(name):
     from asgl.models import presets
-    from asgl.models.registry import get_model_class
 
-    config = presets.get_preset(name).hf_config()
-    with torch.device("meta"):  # shapes only, no memory
-        model = get_model_class(config.architectures)(config)
-    billions = sum(p.numel() for p in model.parameters()) / 1e9
-    assert abs(billions - PRESET_SIZES[name]) / PRESET_SIZES[name] < 0.01, billions
+    check_billions(meta_model(presets.get_preset(name).hf_config()), PRESET_SIZES[name])
 
 
 # ---------------------------------------------------------------------------- TP
@@ -241,28 +147,7 @@ def test_tensor_parallel_2_ranks_match_hf(tmp_path):
     """Two gloo ranks, each with half the heads: per-head q/k norms (RMS, Gemma's 1 + w,
     and LayerNorm with a weight per head, loaded whole or one head at a time), windows,
     per-layer-type RoPE, tied heads."""
-    from types import SimpleNamespace
-
-    from asgl.models.registry import get_model_class
-    from helpers import tp_worker
-
-    plans = [[10, 7, 1, 1], [6, 1, 1, 1], [0, 9, 1, 1]]
-    gen = torch.Generator().manual_seed(5)
-    seqs = [torch.randint(2, VOCAB - 1, (sum(p),), generator=gen).tolist() for p in plans]
-    jobs, refs = [], []
-    for family in TP_FAMILIES:
-        hf = _hf_model(family)
-        # a plain namespace: the ranks need not import transformers (slow to start)
-        config = SimpleNamespace(**hf.config.to_dict())
-        jobs.append((get_model_class([type(hf).__name__]), config, dict(hf.state_dict()),
-                     plans, seqs))
-        refs.append([_hf_logits(hf, ids) for ids in seqs])
-    out = tmp_path / "logits.pt"
-    torch.multiprocessing.spawn(tp_worker, args=(2, str(tmp_path / "init"), jobs, str(out)),
-                                nprocs=2, join=True)
-    for family, got, ref in zip(TP_FAMILIES, torch.load(out), refs):
-        for g, r in zip(got, ref):
-            assert rel_err(g, r) < 1e-4, family
+    check_hf_tp2(tmp_path, _hf_model, TP_FAMILIES)
 
 
 # ---------------------------------------------------------------------------- GGUF
@@ -303,12 +188,7 @@ def _write_gguf(hf, arch: str, path) -> None:
     put = lambda key, value, vtype: w.add_key_value(f"{arch}.{key}", value, vtype)  # noqa: E731
     U32, F32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
     head_dim = c.head_dim
-    for key, value in [("vocab_size", c.vocab_size), ("context_length", c.max_position_embeddings),
-                       ("embedding_length", c.hidden_size), ("block_count", c.num_hidden_layers),
-                       ("feed_forward_length", c.intermediate_size),
-                       ("attention.head_count", c.num_attention_heads),
-                       ("attention.head_count_kv", c.num_key_value_heads),
-                       ("attention.key_length", head_dim), ("attention.value_length", head_dim)]:
+    for key, value in gguf_base_ints(c):
         put(key, value, U32)
     from asgl.layers.rotary import rope_parameters
     params = rope_parameters(c, "full_attention" if arch == "gemma3" else None)
@@ -331,30 +211,17 @@ def _write_gguf(hf, arch: str, path) -> None:
         for kind in ("long", "short"):
             w.add_tensor(f"rope_factors_{kind}.weight",
                          np.array(params[f"{kind}_factor"], dtype=np.float32))
-    for key, value in [("bos_token_id", 1), ("eos_token_id", EOS), ("padding_token_id", 0)]:
-        w.add_key_value(f"tokenizer.ggml.{key}", value, U32)
 
     inverse = {hf_part: gg for gg, hf_part in gguf_arch.LAYER_NAMES[arch].items()}
-    globals_ = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
-                "lm_head": "output"}
     for name, tensor in hf.state_dict().items():
         if any(h in name for h in _HF_ONLY) or (name == "lm_head.weight"
                                                 and c.tie_word_embeddings):
             continue
-        base, _, suffix = name.rpartition(".")
-        if base in globals_:
-            gg = f"{globals_[base]}.{suffix}"
-        else:
-            layer, part = base.removeprefix("model.layers.").split(".", 1)
-            gg = f"blk.{layer}.{inverse[part]}.{suffix}"
         data = tensor.float()
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             data = data + 1.0  # llama.cpp's Gemma converter stores 1 + w
-        w.add_tensor(gg, data.numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+        w.add_tensor(gguf_tensor_name(name, inverse), data.numpy())
+    finish_gguf(w)
 
 
 @pytest.mark.parametrize("arch", list(GGUF_CASES))
@@ -388,10 +255,9 @@ def test_gguf_family_matches_hf(arch, tmp_path, monkeypatch):
     # GGUF vocabulary); these files have none. Gemma 3 270M's test converts a real one.
     monkeypatch.setattr(gguf_loader, "_save_tokenizer", lambda *a, **k: None)
     monkeypatch.setenv("ASGL_CACHE_DIR", str(tmp_path / "cache"))
-    llm = make_llm(model_path=str(path), dtype="float32", device="cpu", chunked_prefill_size=CHUNK,
-                   skip_tokenizer_init=True, max_total_tokens=1024, disable_overlap_schedule=True)
+    llm = make_family_llm(path)
     try:
-        _check_cold_prompt(llm, hf, prompt, f"gguf {arch}")
+        check_cold_prompt(llm, hf, prompt, f"gguf {arch}")
     finally:
         llm.shutdown()
 
@@ -432,7 +298,7 @@ def test_gpu_backend_matches_torch_backend(backend, tmp_path):
                        context_length=512, disable_cuda_graph=not graphs, skip_tokenizer_init=True)
         try:
             assert type(llm.engine.runner.attn_backend).name == attn  # no silent fallback
-            tap = _LogitsTap(llm.engine.runner.model)
+            tap = LogitsTap(llm.engine.runner.model)
             outs = [llm.generate(p, params) for p in prompts]  # one at a time: rows in order
             logits = tap.take()
             batch = llm.generate(prompts, params)  # together: batched decode

@@ -1,6 +1,6 @@
 """MoE families against HF transformers, through the whole engine (`asgl.LLM`).
 
-The checks of tests/test_model_families.py (its helpers are reused): a tiny random-weight
+The checks of tests/test_model_families.py (tests/family_harness.py): a tiny random-weight
 checkpoint written by `save_pretrained` in the published layout (one tensor per expert and
 projection), served in float32 on the CPU with 8-token prefill chunks; every logits row
 within 1e-4 relative of HF's, greedy tokens equal (up to a near-tie), a second prompt
@@ -15,12 +15,15 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from safetensors import safe_open
 
+from family_harness import (CHUNK, EOS, MAX_NEW, VOCAB, LogitsTap, check_billions,
+                            check_cold_prompt, check_every_tensor_consumed, check_hf_tp2,
+                            check_through_engine, checkpoint_names, finish_gguf, first_prompt,
+                            gguf_base_ints, gguf_tensor_name, hf_greedy, hf_logits, make_family_llm,
+                            meta_model, random_hf_model)
 from helpers import rel_err
 from tests.conftest import make_llm
-from tests.test_model_families import (CHUNK, EOS, MAX_NEW, TINY, VOCAB, _check_greedy,
-                                       _hf_greedy, _hf_logits, _LogitsTap)
+from tests.test_model_families import TINY
 
 MOE = {
     # 4 experts, top-2, renormalized
@@ -53,14 +56,7 @@ _NOT_DBRX = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_atten
 def _hf_moe(family: str):
     cls_name, extra = MOE[family]
     base = {k: v for k, v in TINY.items() if k not in _NOT_DBRX} if family == "dbrx" else TINY
-    config = getattr(transformers, cls_name)(**{**base, **extra})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():  # HF zero-inits biases and norm offsets: make them count
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model.float().eval()
+    return random_hf_model(getattr(transformers, cls_name)(**{**base, **extra}))
 
 
 # the Triton grouped GEMM in the engine (under the interpreter on the CPU, float32)
@@ -79,70 +75,25 @@ def test_moe_family_matches_hf_through_engine(family, triton_experts, tmp_path, 
         monkeypatch.setattr(kernel, "fused_experts",
                             lambda *a, **k: calls.append(a[0].shape[0]) or inner(*a, **k))
     hf = _hf_moe(family)
-    gen = torch.Generator().manual_seed(7)
-    prompt = torch.randint(2, VOCAB - 1, (21,), generator=gen).tolist()
-    ref, gaps = _hf_greedy(hf, prompt, MAX_NEW)
+    prompt, gen = first_prompt()
+    ref, gaps = hf_greedy(hf, prompt, MAX_NEW)
     hf.save_pretrained(tmp_path)
-    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        names = list(f.keys())
+    names = checkpoint_names(tmp_path)
     if family != "dbrx":
         assert any(".experts.1." in n for n in names)  # the published per-expert layout
 
-    llm = make_llm(model_path=str(tmp_path), dtype="float32", device="cpu",
-                   chunked_prefill_size=CHUNK, skip_tokenizer_init=True, max_total_tokens=1024,
-                   disable_overlap_schedule=True, attention_backend="torch")
+    llm = make_family_llm(tmp_path, attention_backend="torch")
     try:
         model = llm.engine.runner.model
         experts = [m for m in model.modules() if type(m).__name__ == "FusedMoE"]
         assert experts, "no MoE layer built"
-        _check_every_tensor_consumed(type(model), hf.config, tmp_path, names)
-
-        tap = _LogitsTap(model)
-        greedy = {"temperature": 0.0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
-        out = llm.generate(prompt, greedy, return_logprob=True, logprob_start_len=0)
-        agree = _check_greedy(out.output_ids, ref, gaps, f"{family} cold")
-        got = tap.take()
-        want = _hf_logits(hf, (prompt + out.output_ids)[:-1])
-        assert got.shape == want.shape, (got.shape, want.shape)
-        n = len(prompt) + agree
-        assert rel_err(got[:n], want[:n]) < 1e-4, rel_err(got[:n], want[:n])
-
-        prompt2 = prompt[:16] + torch.randint(2, VOCAB - 1, (7,), generator=gen).tolist()
-        ref2, gaps2 = _hf_greedy(hf, prompt2, MAX_NEW)
-        out2 = llm.generate(prompt2, greedy)
-        assert out2.cached_tokens >= CHUNK, out2.cached_tokens
-        agree2 = _check_greedy(out2.output_ids, ref2, gaps2, f"{family} cached")
-        got2 = tap.take()
-        want2 = _hf_logits(hf, prompt2 + out2.output_ids[:-1])[len(prompt2) - 1:]
-        assert got2.shape == want2.shape
-        assert rel_err(got2[:agree2 + 1], want2[:agree2 + 1]) < 1e-4
+        check_every_tensor_consumed(type(model), hf.config, tmp_path, names)
+        check_through_engine(llm, lambda ids: hf_logits(hf, ids), prompt, ref, gaps, gen,
+                             family)
         if triton_experts:  # every MoE layer of every step ran the kernel
             assert len(calls) >= 2 * (len(prompt) // CHUNK + MAX_NEW), len(calls)
     finally:
         llm.shutdown()
-
-
-def _check_every_tensor_consumed(cls, config, path, names: list[str]) -> None:
-    """Loading the checkpoint into a fresh model maps every stored tensor to a parameter
-    (`assign_weights` raises on a tensor without one, and on a parameter or an expert
-    piece left unfilled), and the expert tensors fill the stacked expert weights exactly."""
-    model = cls(config)
-    seen: list[str] = []
-    inner = model._map_weights
-
-    def spy(weights):
-        for item in inner(weights):
-            seen.append(item[0])
-            yield item
-    model._map_weights = spy
-    with safe_open(str(path / "model.safetensors"), "pt") as f:
-        tensors = {n: f.get_tensor(n) for n in names}
-    model.load_weights(tensors.items())
-    assert sorted(seen) == sorted(names)
-    stored = sum(t.numel() for n, t in tensors.items() if ".experts." in n)
-    assert stored
-    ours = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    assert ours == stored
 
 
 # Published parameter counts (model cards), in billions: the dummy presets have the real shapes.
@@ -152,40 +103,16 @@ PRESET_SIZES = {"mixtral-8x7b": 46.7, "qwen3-30b-a3b": 30.5}
 @pytest.mark.parametrize("name", list(PRESET_SIZES))
 def test_dummy_moe_preset_shapes(name):
     from asgl.models import presets
-    from asgl.models.registry import get_model_class
 
-    config = presets.get_preset(name).hf_config()
-    with torch.device("meta"):
-        model = get_model_class(config.architectures)(config)
-    billions = sum(p.numel() for p in model.parameters()) / 1e9
-    assert abs(billions - PRESET_SIZES[name]) / PRESET_SIZES[name] < 0.01, billions
+    check_billions(meta_model(presets.get_preset(name).hf_config()), PRESET_SIZES[name])
 
 
 def test_tensor_parallel_2_ranks_match_hf(tmp_path):
     """Two gloo ranks, each with half of every expert's intermediate dim (and half the
     shared expert's), loaded from transformers 5's in-memory state dict (stacked expert
     tensors, shard id None): logits equal HF's."""
-    from types import SimpleNamespace
-
-    from asgl.models.registry import get_model_class
-    from helpers import tp_worker
-
-    plans = [[10, 7, 1, 1], [6, 1, 1, 1]]
-    gen = torch.Generator().manual_seed(5)
-    seqs = [torch.randint(2, VOCAB - 1, (sum(p),), generator=gen).tolist() for p in plans]
-    jobs, refs = [], []
-    for family in ("qwen2_moe", "qwen3_moe"):
-        hf = _hf_moe(family)
-        config = SimpleNamespace(**hf.config.to_dict())
-        jobs.append((get_model_class([type(hf).__name__]), config, dict(hf.state_dict()),
-                     plans, seqs))
-        refs.append([_hf_logits(hf, ids) for ids in seqs])
-    out = tmp_path / "logits.pt"
-    torch.multiprocessing.spawn(tp_worker, args=(2, str(tmp_path / "init"), jobs, str(out)),
-                                nprocs=2, join=True)
-    for got, ref in zip(torch.load(out), refs):
-        for g, r in zip(got, ref):
-            assert rel_err(g, r) < 1e-4
+    check_hf_tp2(tmp_path, _hf_moe, ["qwen2_moe", "qwen3_moe"],
+                 [[10, 7, 1, 1], [6, 1, 1, 1]])
 
 
 # ---------------------------------------------------------------------------- CUDA
@@ -219,7 +146,7 @@ def test_gpu_triton_experts_match_torch_experts(tmp_path, monkeypatch):
                        chunked_prefill_size=64, max_total_tokens=4096, context_length=512,
                        disable_cuda_graph=not graphs, skip_tokenizer_init=True)
         try:
-            tap = _LogitsTap(llm.engine.runner.model)
+            tap = LogitsTap(llm.engine.runner.model)
             outs = [llm.generate(p, params) for p in prompts]
             logits = tap.take()
             batch = llm.generate(prompts, params)
@@ -271,14 +198,9 @@ def _write_moe_gguf(hf, arch: str, path) -> None:
     U32, F32 = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32
     mixtral = arch == "llama"
     moe_inter = c.intermediate_size if mixtral else c.moe_intermediate_size
-    ints = [("vocab_size", c.vocab_size), ("context_length", c.max_position_embeddings),
-            ("embedding_length", c.hidden_size), ("block_count", c.num_hidden_layers),
-            ("feed_forward_length", c.intermediate_size),
-            ("attention.head_count", c.num_attention_heads),
-            ("attention.head_count_kv", c.num_key_value_heads),
-            ("attention.key_length", c.head_dim), ("attention.value_length", c.head_dim),
-            ("expert_count", c.num_local_experts if mixtral else c.num_experts),
-            ("expert_used_count", c.num_experts_per_tok)]
+    ints = gguf_base_ints(c) + [
+        ("expert_count", c.num_local_experts if mixtral else c.num_experts),
+        ("expert_used_count", c.num_experts_per_tok)]
     if not mixtral:
         ints.append(("expert_feed_forward_length", moe_inter))
     if arch == "qwen2moe":
@@ -287,10 +209,6 @@ def _write_moe_gguf(hf, arch: str, path) -> None:
         w.add_key_value(f"{arch}.{key}", value, U32)
     w.add_key_value(f"{arch}.rope.freq_base", float(c.rope_parameters["rope_theta"]), F32)
     w.add_key_value(f"{arch}.attention.layer_norm_rms_epsilon", float(c.rms_norm_eps), F32)
-    for key, value in [("bos_token_id", 1), ("eos_token_id", EOS), ("padding_token_id", 0)]:
-        w.add_key_value(f"tokenizer.ggml.{key}", value, U32)
-    globals_ = {"model.embed_tokens": "token_embd", "model.norm": "output_norm",
-                "lm_head": "output"}
     I = moe_inter
     for name, tensor in hf.state_dict().items():
         data = tensor.float()
@@ -306,25 +224,16 @@ def _write_moe_gguf(hf, arch: str, path) -> None:
         if name.endswith("experts.down_proj"):
             w.add_tensor(f"blk.{name.split('.')[2]}.ffn_down_exps.weight", data.numpy())
             continue
-        base, _, suffix = name.rpartition(".")
-        if base in globals_:
-            gg = f"{globals_[base]}.{suffix}"
-        else:
-            layer, part = base.removeprefix("model.layers.").split(".", 1)
-            gg = f"blk.{layer}.{_GGUF_DENSE[part]}.{suffix}"
+        gg = gguf_tensor_name(name, _GGUF_DENSE)
         if gg.endswith("ffn_gate_inp_shexp.weight"):
             data = data.reshape(-1)  # llama.cpp stores the [1, H] gate as [H]
         w.add_tensor(gg, data.numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
 
 
 @pytest.mark.parametrize("arch", list(GGUF_MOE))
 def test_gguf_moe_matches_hf(arch, tmp_path, monkeypatch):
     from asgl.models import gguf_loader
-    from tests.test_model_families import _check_cold_prompt
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     family = GGUF_MOE[arch]
@@ -352,10 +261,9 @@ def test_gguf_moe_matches_hf(arch, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_loader, "_save_tokenizer", lambda *a, **k: None)
     monkeypatch.setenv("ASGL_CACHE_DIR", str(tmp_path / "cache"))
     prompt = torch.randint(2, VOCAB - 1, (21,), generator=torch.Generator().manual_seed(9)).tolist()
-    llm = make_llm(model_path=str(path), dtype="float32", device="cpu", chunked_prefill_size=CHUNK,
-                   skip_tokenizer_init=True, max_total_tokens=1024, disable_overlap_schedule=True)
+    llm = make_family_llm(path)
     try:
         assert any(type(m).__name__ == "FusedMoE" for m in llm.engine.runner.model.modules())
-        _check_cold_prompt(llm, hf, prompt, f"gguf {arch}")
+        check_cold_prompt(llm, hf, prompt, f"gguf {arch}")
     finally:
         llm.shutdown()

@@ -7,21 +7,21 @@ published layout (one tensor per expert and projection, the published names, a c
 with the published `model_type` and `auto_map`, no remote code beside it: the loader reads it
 as a plain config), served in float32 on the CPU with 8-token prefill chunks; every logits
 row within 1e-4 relative of the reference's, greedy tokens equal (up to a near-tie), a second
-prompt served partly from the radix cache, and every checkpoint tensor consumed by our loader.
+prompt served partly from the radix cache, and every checkpoint tensor consumed by our loader
+(tests/family_harness.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
 
+from family_harness import (CHUNK, EOS, MAX_NEW, VOCAB, LogitsTap, check_billions,
+                            check_every_tensor_consumed, check_through_engine, checkpoint_names,
+                            first_prompt, hf_greedy, hf_logits, make_family_llm, meta_model)
 from helpers import rel_err
 from moe_references import DeepseekV1Reference, Grok1Reference, XverseMoeReference
 from tests.conftest import make_llm
-from tests.test_model_families import (CHUNK, EOS, MAX_NEW, VOCAB, _check_greedy, _hf_greedy,
-                                       _hf_logits, _LogitsTap)
-from tests.test_moe_families import _check_every_tensor_consumed
 
 _BASE = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1,
@@ -81,17 +81,13 @@ def test_moe_family_matches_reference_through_engine(family, triton_experts, tmp
                             lambda *a, **k: calls.append(k.get("activation")) or inner(*a, **k))
     cls, config = FAMILIES[family]
     ref = cls(config)
-    gen = torch.Generator().manual_seed(7)
-    prompt = torch.randint(2, VOCAB - 1, (21,), generator=gen).tolist()
-    want_tokens, gaps = _hf_greedy(ref, prompt, MAX_NEW)
+    prompt, gen = first_prompt()
+    want_tokens, gaps = hf_greedy(ref, prompt, MAX_NEW)
     ref.save(str(tmp_path))
-    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        names = list(f.keys())
+    names = checkpoint_names(tmp_path)
     assert any(".experts.1." in n for n in names)  # the published per-expert layout
 
-    llm = make_llm(model_path=str(tmp_path), dtype="float32", device="cpu",
-                   chunked_prefill_size=CHUNK, skip_tokenizer_init=True, max_total_tokens=1024,
-                   disable_overlap_schedule=True, attention_backend="torch")
+    llm = make_family_llm(tmp_path, attention_backend="torch")
     try:
         model = llm.engine.runner.model
         assert type(model).__name__ == config["architectures"][0]
@@ -100,29 +96,11 @@ def test_moe_family_matches_reference_through_engine(family, triton_experts, tmp
             assert len(moe_layers) == 2  # layers 2 and 4
         else:
             assert len(moe_layers) == config["num_hidden_layers"]
-        _check_every_tensor_consumed(type(model), model.config, tmp_path, names)
-
-        tap = _LogitsTap(model)
-        greedy = {"temperature": 0.0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
-        out = llm.generate(prompt, greedy, return_logprob=True, logprob_start_len=0)
-        agree = _check_greedy(out.output_ids, want_tokens, gaps, f"{family} cold")
-        got = tap.take()
-        want = _hf_logits(ref, (prompt + out.output_ids)[:-1])
-        assert got.shape == want.shape, (got.shape, want.shape)
-        n = len(prompt) + agree
-        assert rel_err(got[:n], want[:n]) < 1e-4, rel_err(got[:n], want[:n])
+        check_every_tensor_consumed(type(model), model.config, tmp_path, names)
+        cold = check_through_engine(llm, lambda ids: hf_logits(ref, ids), prompt, want_tokens,
+                                    gaps, gen, family)
         # float32 agreement is ~1e-7 here: 1e-5 still catches Grok's GELU in its tanh form
-        assert rel_err(got[:n], want[:n]) < 1e-5, rel_err(got[:n], want[:n])
-
-        prompt2 = prompt[:16] + torch.randint(2, VOCAB - 1, (7,), generator=gen).tolist()
-        want2_tokens, gaps2 = _hf_greedy(ref, prompt2, MAX_NEW)
-        out2 = llm.generate(prompt2, greedy)
-        assert out2.cached_tokens >= CHUNK, out2.cached_tokens
-        agree2 = _check_greedy(out2.output_ids, want2_tokens, gaps2, f"{family} cached")
-        got2 = tap.take()
-        want2 = _hf_logits(ref, prompt2 + out2.output_ids[:-1])[len(prompt2) - 1:]
-        assert got2.shape == want2.shape
-        assert rel_err(got2[:agree2 + 1], want2[:agree2 + 1]) < 1e-4
+        assert rel_err(cold.got, cold.want) < 1e-5, rel_err(cold.got, cold.want)
         if triton_experts:  # every MoE layer of every step ran the kernel, with GELU
             assert len(calls) >= 2 * (len(prompt) // CHUNK + MAX_NEW), len(calls)
             assert set(calls) == {"gelu"}, set(calls)
@@ -156,13 +134,8 @@ PRESET_SIZES = {"grok-1": 314.0, "deepseek-moe-16b-base": 16.4}
 @pytest.mark.parametrize("name", list(PRESET_SIZES))
 def test_dummy_moe_preset_shapes(name):
     from asgl.models import presets
-    from asgl.models.registry import get_model_class
 
-    config = presets.get_preset(name).hf_config()
-    with torch.device("meta"):
-        model = get_model_class(config.architectures)(config)
-    billions = sum(p.numel() for p in model.parameters()) / 1e9
-    assert abs(billions - PRESET_SIZES[name]) / PRESET_SIZES[name] < 0.01, billions
+    check_billions(meta_model(presets.get_preset(name).hf_config()), PRESET_SIZES[name])
 
 
 def test_registry_names():
@@ -209,14 +182,14 @@ def test_gpu_bf16_matches_reference(family, tmp_path):
                    chunked_prefill_size=64, max_total_tokens=4096, context_length=512,
                    skip_tokenizer_init=True)
     try:
-        tap = _LogitsTap(llm.engine.runner.model)
+        tap = LogitsTap(llm.engine.runner.model)
         params = {"temperature": 0.0, "max_new_tokens": 4, "ignore_eos": True}
         for i, prompt in enumerate(prompts):
             out = llm.generate(prompt, params)
             if i == 2:
                 assert out.cached_tokens >= 64, out.cached_tokens
             # the rows of the prompt's last token and of each decode step
-            want = _hf_logits(ref, prompt + out.output_ids[:-1])[len(prompt) - 1:]
+            want = hf_logits(ref, prompt + out.output_ids[:-1])[len(prompt) - 1:]
             got = tap.take()[-want.shape[0]:].float().cpu()
             assert rel_err(got, want) < 5e-2, (family, i, rel_err(got, want))
             last = want[0]

@@ -25,7 +25,8 @@ fields (including the `auto_map` that points at code asgl must ignore). Referenc
 Every tensor of the written checkpoint is consumed by the loader (only the rotary caches
 the published files store are skipped), and through `asgl.LLM` (float32, CPU, 8-token
 prefill chunks): every logits row within 1e-4 relative of the reference, equal greedy
-tokens, and a second prompt sharing 16 tokens served partly from the radix cache.
+tokens, and a second prompt sharing 16 tokens served partly from the radix cache (the
+checks of tests/family_harness.py).
 """
 
 from __future__ import annotations
@@ -42,14 +43,12 @@ import transformers
 from safetensors.torch import save_file
 
 import published_refs
+from family_harness import (EOS, TP_PLANS, VOCAB, check_billions, check_through_engine, check_tp2,
+                            first_prompt, hf_logits, make_family_llm, meta_model, random_hf_model,
+                            reference_greedy, tp_sequences)
 from helpers import rel_err
 from tests.conftest import make_llm, reference_threads
 
-VOCAB = 160
-EOS = VOCAB - 1
-CHUNK = 8
-MAX_NEW = 6
-TIE_GAP = 1e-3
 BAICHUAN2_VOCAB = 125696
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -59,14 +58,7 @@ AUTO_MAP = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "mo
 
 
 def _hf(cls_name: str, **fields) -> transformers.PreTrainedModel:
-    config = getattr(transformers, cls_name)(**{**BASE, **fields})
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    with torch.no_grad():  # biases and norms start at 0 / 1: make them count
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-    return model.float().eval()
+    return random_hf_model(getattr(transformers, cls_name)(**{**BASE, **fields}))
 
 
 @dataclass
@@ -307,45 +299,7 @@ def _write(case: Case, path) -> None:
 
 
 def _ref_logits(case: Case, ids: list[int]) -> torch.Tensor:
-    if case.ref is not None:
-        return case.ref(ids)
-    with torch.no_grad(), reference_threads():
-        return case.model(torch.tensor([ids])).logits[0].float()
-
-
-def _ref_greedy(case: Case, prompt: list[int]) -> tuple[list[int], list[float]]:
-    ids, gaps = list(prompt), []
-    for _ in range(MAX_NEW):
-        last = _ref_logits(case, ids)[-1]
-        top2 = torch.topk(last, 2).values
-        gaps.append(float(top2[0] - top2[1]))
-        ids.append(int(last.argmax()))
-    return ids[len(prompt):], gaps
-
-
-def _agree(got: list[int], ref: list[int], gaps: list[float], what: str) -> int:
-    for i, (a, b) in enumerate(zip(got, ref)):
-        if a != b:  # batched and unbatched fp32 matmuls differ in the last bits: near-ties
-            assert gaps[i] < TIE_GAP, f"{what}: token {i} is {a}, ref {b}\n{got}\n{ref}"
-            return i
-    assert len(got) == len(ref)
-    return len(got)
-
-
-class _LogitsTap:
-    def __init__(self, model):
-        self.rows: list[torch.Tensor] = []
-        inner = model.compute_logits
-
-        def compute_logits(hidden):
-            out = inner(hidden)
-            self.rows.append(out.detach().clone())
-            return out
-        model.compute_logits = compute_logits
-
-    def take(self) -> torch.Tensor:
-        out, self.rows = torch.cat(self.rows), []
-        return out
+    return case.ref(ids) if case.ref is not None else hf_logits(case.model, ids)
 
 
 def _consumed(path, case: Case) -> None:
@@ -376,34 +330,16 @@ def test_family_matches_reference_through_engine(family, tmp_path):
     case = CASES[family]()
     _write(case, tmp_path)
     _consumed(tmp_path, case)
-    gen = torch.Generator().manual_seed(7)
-    prompt = torch.randint(2, VOCAB - 1, (21,), generator=gen).tolist()
+    prompt, gen = first_prompt()
+    ref_logits = lambda ids: _ref_logits(case, ids)  # noqa: E731
     if family in PUBLISHED:
         with torch.no_grad():
             published = PUBLISHED[family](case.tensors, case.config, prompt)
-        assert rel_err(published, _ref_logits(case, prompt)) < 1e-5
-    ref, gaps = _ref_greedy(case, prompt)
-    llm = make_llm(model_path=str(tmp_path), dtype="float32", device="cpu",
-                   chunked_prefill_size=CHUNK, skip_tokenizer_init=True, max_total_tokens=1024,
-                   disable_overlap_schedule=True, model_impl="native")
+        assert rel_err(published, ref_logits(prompt)) < 1e-5
+    ref, gaps = reference_greedy(ref_logits, prompt)
+    llm = make_family_llm(tmp_path, model_impl="native")
     try:
-        tap = _LogitsTap(llm.engine.runner.model)
-        greedy = {"temperature": 0.0, "max_new_tokens": MAX_NEW, "ignore_eos": True}
-        out = llm.generate(prompt, greedy, return_logprob=True, logprob_start_len=0)
-        agree = _agree(out.output_ids, ref, gaps, f"{family} cold")
-        got, want = tap.take(), _ref_logits(case, (prompt + out.output_ids)[:-1])
-        assert got.shape == want.shape, (got.shape, want.shape)
-        n = len(prompt) + agree
-        assert rel_err(got[:n], want[:n]) < 1e-4, rel_err(got[:n], want[:n])
-
-        prompt2 = prompt[:16] + torch.randint(2, VOCAB - 1, (7,), generator=gen).tolist()
-        ref2, gaps2 = _ref_greedy(case, prompt2)
-        out2 = llm.generate(prompt2, greedy)
-        assert out2.cached_tokens >= CHUNK, out2.cached_tokens
-        agree2 = _agree(out2.output_ids, ref2, gaps2, f"{family} cached")
-        got2 = tap.take()
-        want2 = _ref_logits(case, prompt2 + out2.output_ids[:-1])[len(prompt2) - 1:]
-        assert rel_err(got2[:agree2 + 1], want2[:agree2 + 1]) < 1e-4
+        check_through_engine(llm, ref_logits, prompt, ref, gaps, gen, family)
     finally:
         llm.shutdown()
 
@@ -416,14 +352,10 @@ PRESET_SIZES = {"internlm2-7b": 7.74, "chatglm3-6b": 6.24}
 def test_dummy_preset_shapes(name):
     from asgl.config import EngineConfig
     from asgl.models.loader import resolve_model
-    from asgl.models.registry import get_model_class
 
     config = resolve_model(EngineConfig(model_path=name, load_format="dummy",
                                         skip_tokenizer_init=True)).hf_config
-    with torch.device("meta"):  # shapes only, no memory
-        model = get_model_class(config.architectures)(config)
-    billions = sum(p.numel() for p in model.parameters()) / 1e9
-    assert abs(billions - PRESET_SIZES[name]) / PRESET_SIZES[name] < 0.01, billions
+    check_billions(meta_model(config), PRESET_SIZES[name])
 
 
 # ---------------------------------------------------------------------------- TP
@@ -437,25 +369,17 @@ def test_tensor_parallel_2_ranks_match_reference(tmp_path):
     from types import SimpleNamespace
 
     from asgl.models.registry import get_model_class
-    from helpers import tp_worker
 
-    plans = [[10, 7, 1, 1], [6, 1, 1, 1], [0, 9, 1, 1]]
-    gen = torch.Generator().manual_seed(5)
-    seqs = [torch.randint(2, VOCAB - 1, (sum(p),), generator=gen).tolist() for p in plans]
+    seqs = tp_sequences(TP_PLANS)
     jobs, refs = [], []
     for family in TP_FAMILIES:
         case = CASES[family]()
         config = SimpleNamespace(**case.config)  # the ranks need not import transformers
         cls = get_model_class(case.config["architectures"])
         tensors = {k: v for k, v in case.tensors.items() if k not in case.skipped}
-        jobs.append((cls, config, tensors, plans, seqs))
+        jobs.append((cls, config, tensors, TP_PLANS, seqs))
         refs.append([_ref_logits(case, ids) for ids in seqs])
-    out = tmp_path / "logits.pt"
-    torch.multiprocessing.spawn(tp_worker, args=(2, str(tmp_path / "init"), jobs, str(out)),
-                                nprocs=2, join=True)
-    for family, got, ref in zip(TP_FAMILIES, torch.load(out), refs):
-        for g, r in zip(got, ref):
-            assert rel_err(g, r) < 1e-4, family
+    check_tp2(tmp_path, jobs, refs, TP_FAMILIES)
 
 
 # ---------------------------------------------------------------------------- CUDA
