@@ -235,7 +235,7 @@ serve_profile() {
 serve_quick() {
   : "${BASELINE:?set BASELINE to the folder of the older tree}"
   begin_call
-  SERVE_BACKENDS="asgl openai" serve_one after .
+  SERVE_BACKENDS="${AFTER_BACKENDS:-asgl openai}" serve_one after .
   PROFILE= SERVE_BACKENDS=asgl serve_one baseline "$BASELINE"
   tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"
 }
