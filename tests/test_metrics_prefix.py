@@ -107,3 +107,38 @@ def test_unknown_prefix_is_a_config_error():
     with pytest.raises(SystemExit):
         Cfg.from_cli(["--metrics-prefix", "tgi"])
     assert Cfg.from_cli(["--metrics-prefix", "vllm"]).metrics_prefix == "vllm"
+
+
+def test_buffered_itl_exports_what_per_value_observes_export():
+    """The inter-token histogram counts its values at render time (a list append per
+    chunk on the event loop); the exposition equals prometheus_client's own observe."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from asgl.server.metrics import BufferedHistogram
+
+    buckets = (0.001, 0.005, 0.01, 0.05, 0.1, 1.0)
+    ra, rb = CollectorRegistry(), CollectorRegistry()
+    plain = Histogram("itl", "d", ["model_name"], buckets=buckets, registry=ra).labels("m")
+    buffered = BufferedHistogram(
+        Histogram("itl", "d", ["model_name"], buckets=buckets, registry=rb).labels("m"))
+    rng = random.Random(0)
+    # on a bound (le is inclusive), below the first, above the last, and many in between
+    values = [0.005, 0.0, 1.0, 3.0] + [rng.random() ** 3 for _ in range(5000)]
+    for v in values:
+        plain.observe(v)
+        buffered.observe(v)  # 4,096 of them are counted by the automatic flush
+    buffered.flush()
+    def series(r):
+        out = {}
+        for line in generate_latest(r).decode().splitlines():
+            if line and not line.startswith("#") and "_created" not in line:
+                name, value = line.rsplit(" ", 1)
+                out[name] = float(value)
+        return out
+
+    a, b = series(ra), series(rb)
+    assert a.keys() == b.keys() and len(a) == len(buckets) + 3  # +Inf, _count, _sum
+    for name in a:  # counts exact; the sum up to summation order
+        assert a[name] == pytest.approx(b[name], rel=1e-12, abs=0), name
