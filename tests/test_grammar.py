@@ -374,3 +374,36 @@ def test_fuzzed_schemas_only_raise_invalid_request(backend, schema):
         backend.compile_sync("json_schema", json.dumps(schema))
     except InvalidRequest as e:
         assert e.param == "json_schema" and not re.search(r"\.cc:\d+", str(e))
+
+
+@pytest.mark.parametrize("n", [2, 6])  # below and above the batched filler's row count
+def test_a_failing_matcher_ends_only_its_request(backend, n):
+    from asgl.engine.grammar.backend import GrammarStep
+
+    class _Broken:  # a matcher whose mask filling raises (an xgrammar bug, say)
+        def __init__(self, matcher):
+            self._m = matcher
+
+        def __getattr__(self, name):
+            if name.startswith("_"):  # the batched filler reads xgrammar's handle: none here
+                raise AttributeError(name)
+            return getattr(self._m, name)
+
+        def fill_next_token_bitmask(self, *args):
+            raise RuntimeError("matcher state corrupted")
+
+    reqs = []
+    for i in range(n):
+        r = Req(rid=f"r{i}", prompt_ids=[1], sampling=SamplingParams(), seed=0)
+        r.grammar = backend.new_state(backend.compile_sync("regex", r"ab+"), jump_forward=False)
+        reqs.append(r)
+    reqs[1].grammar.matcher = _Broken(reqs[1].grammar.matcher)
+    reference = torch.empty((1, backend.words), dtype=torch.int32)
+    backend.fill_rows(reference, [0], [reqs[0].grammar])
+    step = GrammarStep(backend, reqs, pinned=False)
+    ended = {r.rid: reason for r, reason in step.fill()}
+    assert list(ended) == ["r1"] and ended["r1"].kind == "abort"
+    assert "grammar error" in ended["r1"].message
+    assert (step.bitmask[1] == -1).all()  # its row stays samplable
+    for row in [0, *range(2, n)]:  # the others keep their real masks
+        assert torch.equal(step.bitmask[row], reference[0])

@@ -276,7 +276,8 @@ class GrammarStep:
     def fill(self) -> list[tuple[Req, FinishReason]]:
         """Fill the masks; returns the requests the grammar ends now: complete with nothing
         but a stop token allowed (finished as "stop" without another step), or with no
-        token allowed at all (cannot be satisfied: "abort")."""
+        token allowed at all (cannot be satisfied: "abort"). A matcher that raises ends its
+        own request ("abort", grammar error); the others keep their masks."""
         ended: list[tuple[Req, FinishReason]] = []
         try:
             live = [(i, r) for i, r in enumerate(self.reqs)
@@ -284,7 +285,14 @@ class GrammarStep:
             if not live:
                 return ended
             rows = [i for i, _ in live]
-            self.backend.fill_rows(self.bitmask, rows, [r.grammar for _, r in live])
+            try:
+                self.backend.fill_rows(self.bitmask, rows, [r.grammar for _, r in live])
+            except Exception:  # one matcher's fault, probably: find it, keep the others
+                logger.exception("filling grammar masks failed: filling row by row")
+                live = self._fill_each(live, ended)
+                rows = [i for i, _ in live]
+                if not live:
+                    return ended
             masks = self.bitmask if len(rows) == len(self.reqs) else self.bitmask[rows]
             any_token = masks.any(dim=1).tolist()  # (int32 words: no temporaries)
             not_stop = self.backend.not_stop
@@ -306,6 +314,20 @@ class GrammarStep:
         finally:
             self._ready.set()
         return ended
+
+    def _fill_each(self, live: list, ended: list) -> list:
+        """Fill the rows one at a time; a request whose matcher raises is ended with a
+        grammar error (its row left samplable). Returns the rows that filled."""
+        filled = []
+        for row, req in live:
+            try:
+                req.grammar.matcher.fill_next_token_bitmask(self.bitmask, row)
+                filled.append((row, req))
+            except Exception as exc:  # noqa: BLE001 - this request's grammar only
+                self.bitmask[row] = -1
+                ended.append((req, FinishReason(
+                    "abort", message=f"grammar error: {type(exc).__name__}")))
+        return filled
 
     def apply(self, logits: torch.Tensor) -> None:
         """Worker thread: wait for the masks, then set disallowed logits to -inf."""
