@@ -202,3 +202,20 @@ async def test_a_bug_mid_stream_is_reported_in_band_with_the_request_id(monkeypa
         assert engine.memory_state()["running"] == 0
     finally:
         await engine.shutdown()
+
+
+def test_stream_interval_below_one_is_refused_naming_the_flag():
+    from asgl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--stream-interval must be >= 1, got 0"):
+        EngineConfig(stream_interval=0)
+    assert EngineConfig(stream_interval=3).stream_interval == 3
+
+
+def test_serve_refuses_a_bad_stream_interval_at_start_up():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "asgl.cli", "serve", "--stream-interval", "-2"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--stream-interval must be >= 1" in r.stderr
