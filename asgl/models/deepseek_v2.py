@@ -36,7 +36,7 @@ from asgl.layers.norm import RMSNorm
 from asgl.layers.quant import QuantizationConfig
 from asgl.layers.rotary import RotaryEmbedding, get_rope, rope_parameters
 from asgl.layers.utils import divide
-from asgl.models.llama import LlamaMLP
+from asgl.models.llama import LlamaMLP, run_decoder_stack
 from asgl.models.weights import assign_weights
 
 # HF's MLA norms (q_a_layernorm, kv_a_layernorm) keep RMSNorm's default eps, not rms_norm_eps
@@ -171,13 +171,7 @@ class DeepseekV2Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, batch)
-        return self.norm(x, residual)[0]
+        return run_decoder_stack(self, input_ids, positions, batch, input_embeds)
 
 
 class DeepseekV2ForCausalLM(nn.Module):

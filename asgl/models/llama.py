@@ -250,13 +250,21 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: ForwardBatch,
                 input_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids) if input_embeds is None else input_embeds
-        if self.embed_scale != 1.0:
-            x = x * self.embed_scale
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(positions, x, residual, batch)
-        return self.norm(x, residual)[0]
+        return run_decoder_stack(self, input_ids, positions, batch, input_embeds)
+
+
+def run_decoder_stack(model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
+                      batch: ForwardBatch, input_embeds: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
+    """Embed (scaled), the layers with the residual carried between them, the final norm:
+    the body of every decoder stack (`embed_tokens`, `embed_scale`, `layers`, `norm`)."""
+    x = model.embed_tokens(input_ids) if input_embeds is None else input_embeds
+    if model.embed_scale != 1.0:
+        x = x * model.embed_scale
+    residual = None
+    for layer in model.layers:
+        x, residual = layer(positions, x, residual, batch)
+    return model.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
